@@ -1,0 +1,134 @@
+"""Training (Trainer, gradient accumulation, checkpointing) and I/O (safetensors, trust_remote_code)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+from conftest import tiny_config
+from modeling_diff import DiffTransformerForCausalLM
+
+
+class PatternDataset(Dataset):
+    """Sequences that repeat a short random motif: learnable in a few dozen steps."""
+
+    def __init__(self, n=64, length=24, vocab=97, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for _ in range(n):
+            motif = torch.randint(3, vocab, (4,), generator=g)
+            self.items.append(motif.repeat(length // 4))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.items[i], "labels": self.items[i]}
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_trainer_lowers_loss_with_gradient_accumulation(tmp_path, version):
+    model = DiffTransformerForCausalLM(tiny_config(version))
+    data = PatternDataset()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=120, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        learning_rate=1e-2, logging_steps=10, warmup_steps=10, report_to=[], save_strategy="no", disable_tqdm=True,
+        use_cpu=True, seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_loss_uses_num_items_in_batch_for_accumulation():
+    """Micro-batches with different numbers of real labels, accumulated, equal the gradient of the full batch."""
+    model = DiffTransformerForCausalLM(tiny_config(1))
+    ids = torch.randint(3, 97, (4, 10))
+    labels = ids.clone()
+    labels[0, :7] = -100  # uneven padding: micro-batch 1 has fewer real labels than micro-batch 2
+    labels[1, :5] = -100
+    full = model(ids, labels=labels).loss
+    full.backward()
+    full_grad = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    n_items = (labels[:, 1:] != -100).sum()
+    for part in (slice(0, 2), slice(2, 4)):
+        model(ids[part], labels=labels[part], num_items_in_batch=n_items).loss.backward()
+    torch.testing.assert_close(model.lm_head.weight.grad, full_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_gradient_checkpointing_gives_the_same_gradients(version):
+    model = DiffTransformerForCausalLM(tiny_config(version)).train()
+    ids = torch.randint(3, 97, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.model.layers[0].gradient_checkpointing
+    model(ids, labels=ids).loss.backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, plain[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert all(plain[n].abs().sum() > 0 for n in plain if "lambda" in n)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_safetensors_round_trip(tmp_path, version):
+    model = DiffTransformerForCausalLM(tiny_config(version)).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "diff_transformer" and config["diff_version"] == version
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_diff_transformer.DiffTransformerForCausalLM"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(3, 97, (2, 9))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+BLOCK_AND_LOAD = textwrap.dedent(
+    """
+    import sys, torch
+    sys.modules["modeling_diff"] = None   # this process cannot import the package
+    try:
+        import modeling_diff
+        raise SystemExit("modeling_diff was importable")
+    except ImportError:
+        pass
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    ids = torch.load(sys.argv[2])
+    with torch.no_grad():
+        torch.save(model(ids).logits, sys.argv[3])
+    print(type(model).__module__)
+    """
+)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_saved_folder_loads_with_trust_remote_code_without_the_package(tmp_path, version):
+    model = DiffTransformerForCausalLM(tiny_config(version)).eval()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    assert (folder / "modeling_diff_transformer.py").exists()
+    assert (folder / "configuration_diff_transformer.py").exists()
+    ids = torch.randint(3, 97, (2, 9))
+    torch.save(ids, tmp_path / "ids.pt")
+    script = tmp_path / "load.py"
+    script.write_text(BLOCK_AND_LOAD)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
+    result = subprocess.run(
+        [sys.executable, str(script), str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "transformers_modules" in result.stdout  # the class came from the copied code files
+    with torch.no_grad():
+        expected = model(ids).logits
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
