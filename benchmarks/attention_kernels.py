@@ -270,7 +270,7 @@ def markdown(results, differences, args, profile_text: str = "") -> str:
         for values in results.values():
             seconds = values[scheme]
             unit = f"{seconds * 1e3:.1f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.0f} µs"
-            cells.append(f"{seconds / values['llama']:.2f}× · {unit}")
+            cells.append(f"{seconds / values['llama']:.3g}× · {unit}")
         lines.append(f"| {DESCRIPTIONS[scheme]} | " + " | ".join(cells) + " |")
     lines += ["", "Max |difference| to (d) on a 64-token causal problem and a decode step (all schemes compute "
               "the same function):", ""]

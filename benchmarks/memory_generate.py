@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from concurrent.futures import ThreadPoolExecutor
 import sys
 from pathlib import Path
 
@@ -41,6 +42,9 @@ def parse_args(argv=None):
     parser.add_argument("--vocab", type=int, default=8192, help="vocabulary size (default: 8192)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="fresh processes per model, the median is reported (default: 3)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="processes run at the same time; each has its own peak RSS, so this only changes the "
+                        "wall time (default: 1; --quick uses 4)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: 2)")
     parser.add_argument("--attn", default="sdpa", help="attn_implementation (default: sdpa)")
     parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES,
@@ -55,6 +59,7 @@ def parse_args(argv=None):
     if args.quick:
         args.hidden, args.layers, args.intermediate, args.vocab = 64, 2, 176, 256
         args.prompt_len, args.new_tokens, args.repeats = 64, 2, 1
+        args.jobs = max(args.jobs, 4)
     if "llama" not in args.models:
         parser.error("--models must include llama: every ratio is to Llama")
     return args
@@ -76,11 +81,14 @@ def main(argv=None) -> dict:
     numbers = numbers_for(args)
     raw = {name: [] for name in args.models}
     runs = [(repetition, name) for repetition in range(args.repeats) for name in args.models]
-    for repetition, name in tqdm(runs, desc=f"generate() after {args.prompt_len} tokens, fresh process each",
-                                 unit="proc"):
-        spec = dict(model=name, numbers=numbers, seq_len=args.prompt_len, new_tokens=args.new_tokens,
-                    threads=args.threads, task="generate", attn_implementation=args.attn)
-        raw[name].append(measure_in_subprocess(spec))
+    specs = [dict(model=name, numbers=numbers, seq_len=args.prompt_len, new_tokens=args.new_tokens,
+                  threads=args.threads, task="generate", attn_implementation=args.attn) for _, name in runs]
+    # Peak RSS is per process, so parallel workers do not disturb each other's numbers (only the wall time).
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        measured = list(tqdm(pool.map(measure_in_subprocess, specs), total=len(specs), unit="proc",
+                             desc=f"generate() after {args.prompt_len} tokens, fresh process each"))
+    for (_, name), values in zip(runs, measured):
+        raw[name].append(values)
     results = {
         name: {key: statistics.median(run[key] for run in runs_) for key in ("peak_increase_mib", "peak_rss_mib",
                                                                                "rss_before_mib")}

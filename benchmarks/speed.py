@@ -45,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -269,11 +270,13 @@ def median(values: list[float]) -> float:
 def fmt(value: float, unit: str) -> str:
     """Human formatting of one absolute value."""
     if unit == "s":
+        if value < 0.01:
+            return f"{value * 1000:.2f} ms"
         return f"{value * 1000:.0f} ms" if value < 10 else f"{value:.1f} s"
     if unit == "tok/s":
         return f"{value:.1f} tok/s"
     if unit == "MiB":
-        return f"{value:.0f} MiB"
+        return f"{value:.1f} MiB" if abs(value) < 10 else f"{value:.0f} MiB"
     if unit == "B":
         return f"{value / 2**20:.2f} MiB"
     if unit == "M":
@@ -368,7 +371,8 @@ def markdown(rows, checks, info, args) -> str:
                 cells.append("n/a")
                 continue
             value = row["values"][name]
-            ratio = f"{value / base:.3f}× · " if base else ""
+            ratio = f"{value / base:.3f}× · " if base and value / base >= 0.01 else (
+                f"{value / base:.3g}× · " if base else "")
             cells.append(ratio + fmt(value, row["unit"]))
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     lines += ["", "## Targets (issue 6), ratios to Llama in this run", "", "| target | measured | verdict |",
@@ -431,6 +435,9 @@ def parse_args(argv=None):
     parser.add_argument("--memory-seq-lens", type=int, nargs="*", default=None,
                         help="T values of the peak-memory measure, one subprocess per model and T "
                         "(default: the --seq-lens; pass nothing after the flag to skip memory)")
+    parser.add_argument("--memory-jobs", type=int, default=1,
+                        help="memory subprocesses run at the same time; each has its own peak RSS, so this only "
+                        "changes the wall time (default: 1; --quick uses 4)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: 2)")
     parser.add_argument("--attn", default="sdpa", help="attn_implementation of every model (default: sdpa)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -453,6 +460,7 @@ def parse_args(argv=None):
         args.hidden, args.heads, args.kv_heads, args.layers = 64, 8, 4, 2
         args.intermediate, args.vocab, args.max_positions = 176, 256, 128
         args.seq_lens, args.prompt_len, args.new_tokens, args.repeats = [32, 64], 16, 8, 1
+        args.memory_jobs = max(args.memory_jobs, 4)
         if args.memory_seq_lens is None:
             args.memory_seq_lens = [32]
     if args.memory_seq_lens is None:
@@ -521,10 +529,13 @@ def main(argv=None) -> dict:
 
     del models
     memory_runs = [(t, name) for t in args.memory_seq_lens for name in args.models]
-    for seq_len, name in tqdm(memory_runs, desc="peak memory (fresh subprocess each)", unit="proc"):
-        spec = dict(model=name, numbers=numbers, seq_len=seq_len, threads=args.threads, task="train",
-                    attn_implementation=args.attn)
-        measured = measure_in_subprocess(spec)
+    specs = [dict(model=name, numbers=numbers, seq_len=t, threads=args.threads, task="train",
+                  attn_implementation=args.attn) for t, name in memory_runs]
+    # Peak RSS is per process, so parallel workers do not disturb each other's numbers (only the wall time).
+    with ThreadPoolExecutor(max_workers=args.memory_jobs) as pool:
+        measured_all = list(tqdm(pool.map(measure_in_subprocess, specs), total=len(specs),
+                                 desc="peak memory (fresh subprocess each)", unit="proc"))
+    for (seq_len, name), measured in zip(memory_runs, measured_all):
         results[name][f"mem_{seq_len}"] = measured["peak_increase_mib"]
         results[name][f"memabs_{seq_len}"] = measured["peak_rss_mib"]
         raw[name][f"mem_{seq_len}"] = measured
