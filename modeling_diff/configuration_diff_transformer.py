@@ -66,6 +66,9 @@ class DiffTransformerConfig(PreTrainedConfig):
         lambda_init (`float`, *optional*): V1 only. A constant λ_init for every layer. `None` uses the paper's
             schedule `0.8 - 0.6 * exp(-0.3 * layer_idx)`.
         lambda_std_dev (`float`, defaults to 0.1): V1 only. Std of the normal init of the four λ vectors.
+        lambda_scale (`float`, defaults to 1.0): Multiplies the subtracted map's weight (V1: λ, V2: sigmoid(λ(x))).
+            1.0 is the model as published; `diff-transformer train --lambda-warmup-steps` ramps it from 0 to 1 to
+            introduce the subtraction gradually into a converted V1 model.
 
     Example:
 
@@ -109,6 +112,7 @@ class DiffTransformerConfig(PreTrainedConfig):
     diff_version: int = 1
     lambda_init: float | None = None
     lambda_std_dev: float = 0.1
+    lambda_scale: float = 1.0
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:

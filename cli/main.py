@@ -1,0 +1,65 @@
+"""The `diff-transformer` command: convert, train, generate, eval, push, demo.
+
+A thin layer over `conversion/` (modeling_diff_conversion) and `modeling_diff/`. Bad input prints one line
+`error: ...` and exits with status 2; add --debug to see the traceback instead.
+"""
+
+import argparse
+import os
+import sys
+
+from . import convert_cmd, demo, evaluate, generate, push, train
+
+COMMANDS = {
+    "demo": (demo, "the whole workflow on SmolLM2-135M (embedded, offline): convert, fine-tune, evaluate, chat, save"),
+    "convert": (convert_cmd, "convert a Llama or DiffLlama checkpoint into a DiffTransformer folder"),
+    "train": (train, "fine-tune or distil a model with the HF Trainer (resumable; works under torchrun/accelerate)"),
+    "generate": (generate, "stream a completion or a chat answer"),
+    "eval": (evaluate, "perplexity and λ, or the paper's needle / attention-noise / outlier measurements"),
+    "push": (push, "upload a model folder to the Hugging Face Hub (or --dry-run to list the files)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diff-transformer",
+        description="The Differential Transformer (paper V1 and DIFF V2) for Hugging Face Transformers.",
+        epilog="Start with `diff-transformer demo`. Each command has its own --help.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback when something fails")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+                                 parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(command)
+        command.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of `diff-transformer`; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        from modeling_diff_conversion import ConversionError
+
+        from .common import CLIError
+
+        if isinstance(err, (CLIError, ConversionError)):
+            print(f"error: {err}", file=sys.stderr)
+        else:
+            print(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+                  "(run again with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

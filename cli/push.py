@@ -1,0 +1,64 @@
+"""`diff-transformer push`: upload a model folder to the Hugging Face Hub (or list what would go, --dry-run)."""
+
+from pathlib import Path
+
+from .common import WEIGHT_FILES, CLIError
+
+
+def add_arguments(parser):
+    parser.add_argument("model_dir", help="the folder to upload (e.g. one written by convert, train or demo)")
+    parser.add_argument("repo_id", help="the Hub repository, as user/name or org/name (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--revision", default=None, help="branch to push to (default: main)")
+    parser.add_argument("--commit-message", default="Upload DiffTransformer model", help="the commit's message")
+    parser.add_argument("--dry-run", action="store_true", help="list every file and its size, upload nothing")
+
+
+def files_to_upload(folder: Path) -> list[tuple[str, int]]:
+    """(relative path, bytes) of every file that would be uploaded, hidden files and folders excluded."""
+    files = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+            files.append((rel.as_posix(), path.stat().st_size))
+    return files
+
+
+def human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def run(args) -> int:
+    folder = Path(args.model_dir).expanduser()
+    if not folder.is_dir():
+        raise CLIError(f"{args.model_dir} is not a folder")
+    if not (folder / "config.json").is_file() or not any((folder / f).is_file() for f in WEIGHT_FILES):
+        raise CLIError(f"{args.model_dir} is not a model folder: it needs config.json and weights")
+    if args.repo_id.count("/") != 1:
+        raise CLIError(f"repo id {args.repo_id!r} must look like user/name")
+    files = files_to_upload(folder)
+    total = sum(size for _, size in files)
+    for name, size in files:
+        print(f"{human(size):>10}  {name}")
+    print(f"{len(files)} files, {human(total)} -> https://huggingface.co/{args.repo_id}"
+          + (f" (revision {args.revision})" if args.revision else ""))
+    if args.dry_run:
+        print("dry run: nothing was uploaded")
+        return 0
+
+    from huggingface_hub import HfApi
+
+    api = HfApi()  # the token comes from HF_TOKEN or `hf auth login`, as usual
+    try:
+        api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+        if args.revision:
+            api.create_branch(args.repo_id, branch=args.revision, exist_ok=True)
+        info = api.upload_folder(folder_path=str(folder), repo_id=args.repo_id, revision=args.revision,
+                                 commit_message=args.commit_message, ignore_patterns=[".*", "**/.*"])
+    except Exception as err:
+        raise CLIError(f"upload to {args.repo_id} failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+    print(f"uploaded: {getattr(info, 'commit_url', info)}")
+    return 0

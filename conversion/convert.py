@@ -1,0 +1,322 @@
+"""Convert a Llama or DiffLlama checkpoint into a DiffTransformer folder, tensor by tensor.
+
+    from modeling_diff_conversion import convert
+    report = convert("path/or/hub-id", "out-dir", variant="v2")
+    print(report.summary())
+
+The output folder holds sharded safetensors, `config.json` with an `auto_map`, the modeling code files (so it loads
+with `trust_remote_code=True` without this package), `generation_config.json`, the source's tokenizer and a
+`README.md` model card. Everything is written into a temporary sibling folder that is renamed at the very end, so an
+interrupted or failed conversion leaves nothing behind.
+"""
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import modeling_diff
+from modeling_diff import DiffTransformerConfig
+
+from .mapping import map_diffllama_to_v1, map_llama_to_v1, map_llama_to_v2
+from .source import ConversionError, Source, open_source
+from .verify import VerificationResult, verify
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO_MAP = {
+    "AutoConfig": "configuration_diff_transformer.DiffTransformerConfig",
+    "AutoModel": "modeling_diff_transformer.DiffTransformerModel",
+    "AutoModelForCausalLM": "modeling_diff_transformer.DiffTransformerForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_diff_transformer.DiffTransformerForSequenceClassification",
+}
+CODE_FILES = ["configuration_diff_transformer.py", "modeling_diff_transformer.py"]
+COPIED_FIELDS = [
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "head_dim", "hidden_act",
+    "max_position_embeddings", "initializer_range", "rms_norm_eps", "rope_parameters", "tie_word_embeddings",
+    "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id",
+]
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did and how its verification went."""
+
+    source: str
+    output_dir: str
+    variant: str
+    architecture: str
+    preserves_function: bool  # whether this mapping is meant to compute the source's function exactly
+    dtype: str
+    n_tensors: int = 0
+    n_shards: int = 0
+    seconds: float = 0.0
+    verification: VerificationResult | None = None
+    notes: list[str] = field(default_factory=list)
+    license: str | None = None  # the source's licence, when known
+    base_model: str | None = None  # the source's Hub id, when known
+
+    def summary(self) -> str:
+        lines = [
+            f"converted {self.architecture} {self.source} -> DiffTransformer {self.variant} at {self.output_dir}",
+            f"  {self.n_tensors} tensors in {self.n_shards} shard(s), dtype {self.dtype}, {self.seconds:.1f} s",
+        ]
+        if self.verification is not None:
+            lines += ["  " + line for line in self.verification.lines()]
+        lines += ["  note: " + note for note in self.notes]
+        return "\n".join(lines)
+
+
+def target_config(source: Source, variant: str) -> DiffTransformerConfig:
+    """The DiffTransformerConfig a source converts into (heads counted as Llama counts them)."""
+    cfg = source.config
+    values = {name: getattr(cfg, name) for name in COPIED_FIELDS if getattr(cfg, name, None) is not None}
+    values["head_dim"] = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    if variant == "v2":
+        # every Llama head becomes a pair of query heads: twice the query heads, the same KV heads
+        return DiffTransformerConfig(diff_version=2, num_attention_heads=2 * heads, num_key_value_heads=kv_heads,
+                                     **values)
+    if kv_heads % 2:
+        raise ConversionError(
+            f"variant v1 pairs KV heads as (k1, k2), but this {source.architecture} has {kv_heads} KV heads "
+            f"(odd); use --variant v2, which keeps the model's function exactly"
+        )
+    extra = {"lambda_std_dev": cfg.lambda_std_dev} if source.architecture == "DiffLlamaForCausalLM" else {}
+    return DiffTransformerConfig(diff_version=1, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                 **values, **extra)
+
+
+def expected_shapes(cfg) -> dict[str, tuple]:
+    """Every tensor a Llama/DiffLlama checkpoint with config `cfg` must contain, with its shape."""
+    h, d = cfg.hidden_size, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    q, kv, inter = cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.intermediate_size
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter),
+        })
+        if getattr(cfg, "attention_bias", False):
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,), p + "self_attn.o_proj.bias": (h,)})
+        if getattr(cfg, "mlp_bias", False):
+            shapes.update({p + "mlp.gate_proj.bias": (inter,), p + "mlp.up_proj.bias": (inter,),
+                           p + "mlp.down_proj.bias": (h,)})
+        if cfg.model_type == "diffllama":
+            shapes.update({p + f"self_attn.lambda_{n}": (d,) for n in ("q1", "k1", "q2", "k2")})
+    return shapes
+
+
+class ShardWriter:
+    """Collects output tensors and writes a safetensors shard whenever `max_bytes` would be exceeded."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.buffer_bytes = 0
+        self.files: list[tuple[Path, list[str]]] = []
+
+    def add(self, name: str, tensor: torch.Tensor):
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.buffer and self.buffer_bytes + nbytes > self.max_bytes:
+            self.flush()  # the buffer never holds more than one shard
+        self.buffer[name] = tensor.contiguous()
+        self.buffer_bytes += nbytes
+
+    def flush(self):
+        from safetensors.torch import save_file
+
+        if not self.buffer:
+            return
+        path = self.folder / f"shard-{len(self.files):05d}.safetensors"
+        save_file(self.buffer, str(path), metadata={"format": "pt"})
+        path.chmod(0o644)
+        self.files.append((path, list(self.buffer)))
+        self.buffer, self.buffer_bytes = {}, 0
+
+    def finish(self) -> int:
+        """Name the shards as transformers does, write the index, and return the number of shards."""
+        self.flush()
+        if len(self.files) == 1:
+            self.files[0][0].rename(self.folder / "model.safetensors")
+            return 1
+        weight_map, total = {}, 0
+        for i, (path, names) in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors"
+            total += path.stat().st_size
+            path.rename(self.folder / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return len(self.files)
+
+
+def lambda_vector_factory(config: DiffTransformerConfig, seed: int = 0):
+    """The four λ vectors of each V1 layer, drawn N(0, lambda_std_dev) from a fixed seed (reproducible)."""
+
+    def vectors(layer: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed * 100003 + layer)
+        return {f"lambda_{n}": torch.randn(config.head_dim, generator=g) * config.lambda_std_dev
+                for n in ("q1", "k1", "q2", "k2")}
+
+    return vectors
+
+
+def convert(
+    source: str,
+    output_dir: str,
+    variant: str | None = None,
+    dtype: str = "auto",
+    gguf_file: str | None = None,
+    verify_output: bool = True,
+    force: bool = False,
+    max_shard_bytes: int | None = None,
+    progress: bool = True,
+) -> ConversionReport:
+    """Convert SOURCE into a DiffTransformer folder at OUTPUT_DIR and return a `ConversionReport`.
+
+    Args:
+        source: a local model folder, a Hub id (resolved through the HF cache) or a `.gguf` file.
+        output_dir: where the converted model goes; must not exist or be empty unless `force`.
+        variant: "v2" (default for Llama: keeps the function exactly) or "v1" (the paper's layout; the default
+            and the only choice for DiffLlama, converted exactly).
+        dtype: "auto" keeps the source dtype; or "float32", "bfloat16", "float16".
+        gguf_file: the name of a GGUF file inside a folder or Hub repo given as `source`.
+        verify_output: reload the output and compare it with the source (logits, greedy tokens, perplexity).
+        force: replace a non-empty `output_dir`.
+        max_shard_bytes: the largest output shard; defaults to the source's largest shard (at least 64 MiB), which
+            keeps peak memory near two source shards.
+        progress: show a progress bar over tensors.
+
+    Raises:
+        ConversionError: a one-line message about bad input, or a function-preserving conversion that failed
+            verification. Nothing is left at `output_dir` in either case.
+    """
+    started = time.perf_counter()
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ConversionError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    output = Path(output_dir).expanduser().resolve()
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
+        raise ConversionError(f"{output_dir} exists and is not empty; pass --force to replace it")
+
+    src = open_source(source, gguf_file)
+    if variant is None:
+        variant = "v1" if src.architecture == "DiffLlamaForCausalLM" else "v2"
+    if variant not in ("v1", "v2"):
+        raise ConversionError(f"unknown variant {variant!r}; choose v2 or v1")
+    if src.architecture == "DiffLlamaForCausalLM" and variant != "v1":
+        raise ConversionError("DiffLlama converts to --variant v1 only (it already is the paper's V1 attention)")
+    if getattr(src.config, "attention_dropout", 0.0):
+        raise ConversionError("the source has attention_dropout > 0; set it to 0 in its config.json first")
+    config = target_config(src, variant)
+    preserves = variant == "v2" or src.architecture == "DiffLlamaForCausalLM"
+
+    report = ConversionReport(source=source, output_dir=str(output), variant=variant, architecture=src.architecture,
+                              preserves_function=preserves, dtype=dtype, license=src.license,
+                              base_model=src.base_model)
+    if not preserves:
+        report.notes.append(
+            "v1 from Llama cannot preserve the function: two Llama heads now share one map pair and one "
+            "per-head norm. Fine-tune it (diff-transformer train ... --distill-from SOURCE) before use."
+        )
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary folder
+    try:
+        report.n_tensors, report.n_shards, out_dtype = _write_weights(src, config, variant, dtype, tmp,
+                                                                       max_shard_bytes, progress)
+        report.dtype = str(out_dtype).replace("torch.", "")
+        _write_metadata(src, config, tmp, out_dtype)
+        if verify_output:
+            report.verification = verify(src, tmp, preserves_function=preserves, weight_dtype=out_dtype)
+        from .model_card import write_model_card
+
+        write_model_card(tmp / "README.md", report, src, config)
+        if report.verification is not None and preserves and not report.verification.passed:
+            raise ConversionError(
+                f"verification failed: the converted model does not compute the source's function "
+                f"(max |Δlogit| {report.verification.max_abs_logit_diff:.3g}, greedy agreement "
+                f"{report.verification.greedy_agreement:.1%}); nothing was written"
+            )
+        if output.exists():
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        tmp.rename(output)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _write_weights(src: Source, config, variant, dtype, folder: Path, max_shard_bytes, progress):
+    expected = expected_shapes(src.config)
+    seen = set()
+    if src.architecture == "DiffLlamaForCausalLM":
+        mapper = lambda name, t: map_diffllama_to_v1(name, t, src.config)  # noqa: E731
+    elif variant == "v2":
+        mapper = lambda name, t: map_llama_to_v2(name, t, src.config)  # noqa: E731
+    else:
+        lambdas = lambda_vector_factory(config)
+        mapper = lambda name, t: map_llama_to_v1(name, t, src.config, lambdas)  # noqa: E731
+
+    # Shards no larger than the source's keep peak memory near two source shards. A GGUF source is dequantised
+    # in memory anyway, so its output uses transformers' usual shard size.
+    default = 2 * 2**30 if src.gguf_file else max(src.largest_shard_bytes, 64 * 2**20)
+    max_bytes = max_shard_bytes or default
+    writer = ShardWriter(folder, max_bytes)
+    out_dtype = None
+    bar = tqdm(total=len(expected), desc="converting tensors", unit="tensor", disable=not progress)
+    for name, tensor in src.tensors():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if name == "lm_head.weight" and src.config.tie_word_embeddings:
+            continue  # tied: the embedding is the LM head
+        if name not in expected:
+            raise ConversionError(f"unexpected tensor {name!r} for a {src.architecture} with this config.json")
+        if tuple(tensor.shape) != expected[name]:
+            raise ConversionError(
+                f"tensor {name} has shape {tuple(tensor.shape)} but config.json implies {expected[name]}: "
+                "the weights do not match the config"
+            )
+        if dtype != "auto" and tensor.is_floating_point():
+            tensor = tensor.to(DTYPES[dtype])
+        out_dtype = out_dtype or tensor.dtype
+        for out_name, out_tensor in mapper(name, tensor).items():
+            writer.add(out_name, out_tensor)
+        seen.add(name)
+        bar.update(1)
+    bar.close()
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise ConversionError(f"the checkpoint lacks {len(missing)} tensor(s) its config implies, e.g. {missing[0]}")
+    return len(seen), writer.finish(), out_dtype
+
+
+def _write_metadata(src: Source, config: DiffTransformerConfig, folder: Path, out_dtype):
+    config.dtype = out_dtype
+    config.architectures = ["DiffTransformerForCausalLM"]
+    config.auto_map = dict(AUTO_MAP)
+    config.save_pretrained(folder)
+    code_dir = Path(modeling_diff.__file__).parent
+    for name in CODE_FILES:
+        shutil.copy(code_dir / name, folder / name)
+
+    from transformers import GenerationConfig
+
+    generation = src.load_generation_config() or GenerationConfig.from_model_config(config)
+    generation.save_pretrained(folder)
+    tokenizer = src.load_tokenizer()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)

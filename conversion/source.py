@@ -1,0 +1,223 @@
+"""Open a source checkpoint (local folder, Hub id or .gguf file) and stream its tensors one at a time."""
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SUPPORTED = {"LlamaForCausalLM": "llama", "DiffLlamaForCausalLM": "diffllama"}
+SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed from the config
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json"]
+
+
+class ConversionError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+@dataclass
+class Source:
+    """An opened source checkpoint. `tensors()` streams (name, tensor) pairs without loading everything."""
+
+    name: str  # what the user passed, used for `base_model` in the model card
+    config: object  # LlamaConfig or DiffLlamaConfig
+    architecture: str  # "LlamaForCausalLM" or "DiffLlamaForCausalLM"
+    folder: Path | None = None  # where tokenizer, generation_config and README live
+    shards: list[Path] = field(default_factory=list)  # safetensors or .bin files, in order
+    gguf_file: str | None = None
+    in_memory_model: object = None  # the dequantised model of a GGUF source
+    license: str | None = None
+    base_model: str | None = None  # Hub id of the source, when it can be known (model card metadata)
+
+    @property
+    def largest_shard_bytes(self) -> int:
+        return max((p.stat().st_size for p in self.shards), default=0)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        if self.in_memory_model is not None:
+            yield from self.in_memory_model.state_dict().items()
+            return
+        for shard in self.shards:
+            yield from _read_shard(shard)
+
+    def load_model(self, dtype: torch.dtype):
+        """The source as a transformers model, for verification."""
+        if self.in_memory_model is not None:
+            return self.in_memory_model.to(dtype)
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.folder, dtype=dtype)
+
+    def load_tokenizer(self):
+        """The source tokenizer, or None when the source has none."""
+        from transformers import AutoTokenizer
+
+        if self.gguf_file is not None:
+            return AutoTokenizer.from_pretrained(self.folder, gguf_file=self.gguf_file)
+        if self.folder is not None and any((self.folder / f).exists() for f in TOKENIZER_FILES):
+            return AutoTokenizer.from_pretrained(self.folder)
+        return None
+
+    def load_generation_config(self):
+        from transformers import GenerationConfig
+
+        if self.folder is not None and (self.folder / "generation_config.json").exists():
+            return GenerationConfig.from_pretrained(self.folder)
+        return None
+
+
+def _read_shard(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    if path.suffix == ".bin":
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as err:
+            raise ConversionError(f"cannot read {path.name}: it is truncated or not a torch checkpoint ({err})")
+        for name in list(state):
+            yield name, state.pop(name)
+        return
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    except SafetensorError as err:
+        raise ConversionError(f"cannot read {path.name}: it is truncated or corrupt ({err})")
+
+
+def open_source(source: str, gguf_file: str | None = None) -> Source:
+    """Resolve SOURCE (folder, Hub id or .gguf path) into a `Source`, or raise a one-line `ConversionError`."""
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConversionError(f"no such GGUF file: {source}")
+        return _open_gguf(source, path.parent, path.name)
+    if path.is_dir():
+        folder = path
+    elif path.exists():
+        raise ConversionError(f"{source} is a file; SOURCE must be a model folder, a Hub id or a .gguf file")
+    else:
+        folder = _download(source, gguf_file)
+    if gguf_file is not None:
+        if not (folder / gguf_file).is_file():
+            raise ConversionError(f"no GGUF file named {gguf_file} in {source}")
+        opened = _open_gguf(source, folder, gguf_file)
+    else:
+        opened = _open_folder(source, folder)
+    if not path.exists():  # a Hub id names the base model exactly
+        opened.base_model = source
+    return opened
+
+
+def _download(repo_id: str, gguf_file: str | None) -> Path:
+    """A Hub id resolved the usual way: the HF cache first, the network if allowed (HF_HUB_OFFLINE=1 forbids it)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    patterns = [gguf_file] if gguf_file else ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja",
+                                              "README.md"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except HFValidationError:
+        raise ConversionError(f"{repo_id!r} is neither an existing folder, a .gguf file nor a valid Hub id")
+    except Exception as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        hint = "it is not in the local HF cache and HF_HUB_OFFLINE=1 forbids downloads" if offline else (
+            "it is not in the local HF cache and the Hub could not be reached")
+        raise ConversionError(f"cannot resolve Hub id {repo_id!r}: {hint} ({type(err).__name__})")
+
+
+def _check_architecture(architecture: str, where: str):
+    if architecture not in SUPPORTED:
+        raise ConversionError(
+            f"{where} is a {architecture}; supported architectures are {', '.join(SUPPORTED)}"
+        )
+
+
+def _open_folder(name: str, folder: Path) -> Source:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ConversionError(f"no config.json in {folder}: is this a Transformers model folder?")
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{config_path} is not valid JSON ({err})")
+    architecture = (raw.get("architectures") or [None])[0] or {
+        "llama": "LlamaForCausalLM", "diffllama": "DiffLlamaForCausalLM"}.get(raw.get("model_type"), raw.get("model_type"))
+    _check_architecture(str(architecture), name)
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    index = folder / "model.safetensors.index.json"
+    bin_index = folder / "pytorch_model.bin.index.json"
+    if index.is_file():
+        shards = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    elif (folder / "model.safetensors").is_file():
+        shards = [folder / "model.safetensors"]
+    elif bin_index.is_file():
+        shards = sorted({folder / f for f in json.loads(bin_index.read_text())["weight_map"].values()})
+    elif (folder / "pytorch_model.bin").is_file():
+        shards = [folder / "pytorch_model.bin"]
+    else:
+        raise ConversionError(f"no weights in {folder}: expected model.safetensors, a sharded index or pytorch_model.bin")
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing:
+        raise ConversionError(f"the shard index of {folder} names missing files: {', '.join(missing)}")
+    return Source(name=name, config=config, architecture=architecture, folder=folder, shards=shards,
+                  license=_license_from_readme(folder / "README.md"))
+
+
+def _open_gguf(name: str, folder: Path, gguf_file: str) -> Source:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ConversionError("reading a .gguf file needs the gguf package: pip install gguf")
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    except ValueError as err:  # transformers' words for an architecture it cannot read from GGUF
+        raise ConversionError(f"cannot load {gguf_file}: {str(err).splitlines()[0]}")
+    architecture = type(model).__name__
+    _check_architecture(architecture, name)
+    license_name, base_model = _gguf_provenance(folder / gguf_file)
+    return Source(name=name, config=model.config, architecture=architecture, folder=folder, gguf_file=gguf_file,
+                  in_memory_model=model, license=license_name, base_model=base_model, shards=[folder / gguf_file])
+
+
+def _license_from_readme(readme: Path) -> str | None:
+    if not readme.is_file():
+        return None
+    lines = readme.read_text(errors="replace").splitlines()
+    if not lines or lines[0].strip() != "---":
+        return None
+    for line in lines[1:]:
+        if line.strip() == "---":
+            break
+        if line.startswith("license:"):
+            return line.split(":", 1)[1].strip() or None
+    return None
+
+
+def _gguf_provenance(path: Path) -> tuple[str | None, str | None]:
+    """(licence, likely Hub id) from GGUF metadata: `general.organization` + the file name before its quant tag.
+
+    For example HuggingFaceTB + SmolLM2-135M-Instruct.Q4_1.gguf -> HuggingFaceTB/SmolLM2-135M-Instruct.
+    """
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(str(path)).fields
+
+        def text(key):
+            f = fields.get(key)
+            return bytes(f.parts[f.data[0]]).decode() if f is not None else None
+
+        org, stem = text("general.organization"), path.name.split(".")[0]
+        return text("general.license"), (f"{org}/{stem}" if org else None)
+    except Exception:  # provenance is a nicety for the model card, never a reason to fail
+        return None, None
