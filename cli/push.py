@@ -49,15 +49,17 @@ def run(args) -> int:
         print("dry run: nothing was uploaded")
         return 0
 
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi()  # the token comes from HF_TOKEN or `hf auth login`, as usual
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name, _ in files]
     try:
         api.create_repo(args.repo_id, private=args.private, exist_ok=True)
         if args.revision:
             api.create_branch(args.repo_id, branch=args.revision, exist_ok=True)
-        info = api.upload_folder(folder_path=str(folder), repo_id=args.repo_id, revision=args.revision,
-                                 commit_message=args.commit_message, ignore_patterns=[".*", "**/.*"])
+        # one commit with exactly the files listed above
+        info = api.create_commit(args.repo_id, operations=operations, commit_message=args.commit_message,
+                                 revision=args.revision)
     except Exception as err:
         raise CLIError(f"upload to {args.repo_id} failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
     print(f"uploaded: {getattr(info, 'commit_url', info)}")

@@ -195,8 +195,8 @@ def convert(
         gguf_file: the name of a GGUF file inside a folder or Hub repo given as `source`.
         verify_output: reload the output and compare it with the source (logits, greedy tokens, perplexity).
         force: replace a non-empty `output_dir`.
-        max_shard_bytes: the largest output shard; defaults to the source's largest shard (at least 64 MiB), which
-            keeps peak memory near two source shards.
+        max_shard_bytes: the largest output shard; defaults to half the source's largest shard (at least
+            16 MiB), which keeps peak memory near 1.5 source shards.
         progress: show a progress bar over tensors.
 
     Raises:
@@ -271,9 +271,10 @@ def _write_weights(src: Source, config, variant, dtype, folder: Path, max_shard_
         lambdas = lambda_vector_factory(config)
         mapper = lambda name, t: map_llama_to_v1(name, t, src.config, lambdas)  # noqa: E731
 
-    # Shards no larger than the source's keep peak memory near two source shards. A GGUF source is dequantised
-    # in memory anyway, so its output uses transformers' usual shard size.
-    default = 2 * 2**30 if src.gguf_file else max(src.largest_shard_bytes, 64 * 2**20)
+    # Peak memory is one source shard (its mmapped pages) + the output buffer + one tensor in flight. Output shards
+    # of half the largest source shard keep that near 1.5 source shards (benchmarks/convert_memory.py measures
+    # it). A GGUF source is dequantised in memory anyway, so its output uses transformers' usual shard size.
+    default = 2 * 2**30 if src.gguf_file else max(src.largest_shard_bytes // 2, 16 * 2**20)
     max_bytes = max_shard_bytes or default
     writer = ShardWriter(folder, max_bytes)
     out_dtype = None
