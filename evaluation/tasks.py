@@ -180,7 +180,8 @@ def activation_outliers(model, tokenizer, texts=None, seq_len=256, batch_size=4,
 
     Attention logits: every valid (causal) entry of ``q·kᵀ/√d`` of every layer and head, captured through the
     attention interface (for V1, the per-map q1·k1 and q2·k2 logits). Hidden states: every entry of every decoder
-    layer's output (`output_hidden_states`, the embeddings excluded). For each, the top-1 and top-10 magnitudes and
+    layer's output, i.e. the residual stream before the final norm (read by forward hooks on `model.model.layers`;
+    `output_hidden_states` would mix in the normalised last state). For each, the top-1 and top-10 magnitudes and
     their ratio to the median magnitude.
     """
     stream = token_stream(tokenizer, held_out_texts() if texts is None else texts)
@@ -193,12 +194,24 @@ def activation_outliers(model, tokenizer, texts=None, seq_len=256, batch_size=4,
         raise ValueError(f"the texts hold {len(stream)} tokens, fewer than one window of {seq_len}")
     logits, hidden = [], []
     device = _device(model)
-    with _eval_mode(model), capture_attention_logits(model) as captured:
-        for batch in _progress(batches, "outliers", progress):
-            out = model(input_ids=torch.tensor(batch, device=device), output_hidden_states=True)
-            hidden += [h.detach().float().reshape(-1).cpu() for h in out.hidden_states[1:]]
-            logits += captured
-            captured.clear()
+    layers = getattr(getattr(model, "model", model), "layers", None)
+    if layers is None:
+        raise ValueError("outliers needs a decoder with `model.model.layers` (Llama-style causal LMs)")
+
+    def record(module, args, output):
+        output = output[0] if isinstance(output, tuple) else output
+        hidden.append(output.detach().float().reshape(-1).cpu())
+
+    hooks = [layer.register_forward_hook(record) for layer in layers]
+    try:
+        with _eval_mode(model), capture_attention_logits(model) as captured:
+            for batch in _progress(batches, "outliers", progress):
+                model(input_ids=torch.tensor(batch, device=device))
+                logits += captured
+                captured.clear()
+    finally:
+        for hook in hooks:
+            hook.remove()
     return {"task": "outliers", "seq_len": seq_len, "windows": sum(len(b) for b in batches),
             "attention_logits": outlier_stats(torch.cat(logits), ks),
             "hidden_states": outlier_stats(torch.cat(hidden), ks)}
