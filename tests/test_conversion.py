@@ -230,3 +230,24 @@ def test_conversion_memory_benchmark_runs(tmp_path):
     assert data["shards"] > 2 and data["output_shards"] >= 1
     assert data["peak_rss_mb"] > data["baseline_rss_mb"] > 0
     assert "x the largest shard" in result.stdout
+
+
+def test_llama3_rope_scaling_converts_exactly(tmp_path):
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    llama = save_llama(tmp_path / "llama", 8, 2, True, 64, rope_parameters=rope)
+    report = convert(str(tmp_path / "llama"), str(tmp_path / "out"), progress=False)
+    assert report.verification.passed
+    diff = DiffTransformerForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert diff.config.rope_parameters["rope_type"] == "llama3"
+    ids = torch.randint(0, 120, (1, 100))  # longer than original_max_position_embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(diff(ids).logits, llama(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_cli_convert_happy_path(tmp_path):
+    save_llama(tmp_path / "llama", 8, 4, False, 64)
+    result = run_cli("convert", str(tmp_path / "llama"), str(tmp_path / "out"), "--dtype", "float32")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "PASS (same function)" in result.stdout and "max |Δlogit|" in result.stdout
+    assert (tmp_path / "out" / "model.safetensors").exists()
