@@ -10,7 +10,9 @@ with the cache layout of `modeling_diff`: one key of width 2d per KV group holdi
 
     llama       baseline: Llama's core with the same config numbers (H query heads, 2G KV heads, width d)
     (a) padded  what the model does: q1 zero-padded on the right and q2 on the left to 2d, so both maps come
-                from ONE sdpa call on the cache key/value as they are (QKᵀ at width 2d: 2× Llama's FLOPs)
+                from ONE sdpa call on the cache key/value as they are (QKᵀ at width 2d: 2× Llama's FLOPs);
+                the padded queries are built by one `torch.diag_embed`
+    (a')        the same, with the padded queries built by pad + pad + stack (the model's first version)
     (b) 4-call  the split-value scheme of the official `multihead_flashdiff_2.py`: q1/k1 with each half of v,
                 q2/k2 likewise, four sdpa calls at width d (QKᵀ computed twice per map: 2× Llama's FLOPs)
     (c) 2-call  q/k of width d against v of width 2d, one call per map (1.5× Llama's FLOPs if a kernel took it)
@@ -39,10 +41,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 HERE = Path(__file__).resolve().parent
-SCHEMES = ("llama", "padded", "4-call", "2-call", "maps")
+SCHEMES = ("llama", "padded", "padded-stack", "4-call", "2-call", "maps")
 DESCRIPTIONS = {
     "llama": "Llama core: 1 sdpa call, q/k/v width d (baseline)",
-    "padded": "(a) zero-padded q, 1 sdpa call at width 2d (the model's choice)",
+    "padded": "(a) zero-padded q (diag_embed), 1 sdpa call at width 2d (the model's choice)",
+    "padded-stack": "(a') as (a), q padded by pad+pad+stack (the model's first version)",
     "4-call": "(b) 4 sdpa calls at width d, split value (multihead_flashdiff_2)",
     "2-call": "(c) 2 sdpa calls, q/k width d, v width 2d",
     "maps": "(d) materialised maps in plain torch",
@@ -69,19 +72,30 @@ def merge_heads(out: torch.Tensor) -> torch.Tensor:
     return out.permute(0, 3, 1, 2, 4).reshape(batch, length, groups * per_group, width)
 
 
-def core_padded(q, key, value, lam, causal):
-    """(a) One sdpa call: [q1‖0] and [0‖q2] against the k1‖k2 key; the model's scheme."""
+def core_padded(q, key, value, lam, causal, build="diag_embed"):
+    """(a) One sdpa call: [q1‖0] and [0‖q2] against the k1‖k2 key; the model's scheme.
+
+    `build="diag_embed"` makes the padded queries in one kernel, as the model does; `build="pad+stack"` is the
+    model's first version (two `F.pad` and a `torch.stack`), kept to show what the change buys.
+    """
     batch, length, heads, dim = q.shape
     groups = key.shape[1]
     per_group = heads // (2 * groups)
     q = q.view(batch, length, groups, per_group, 2, dim)
-    q1 = F.pad(q[..., 0, :], (0, dim))
-    q2 = F.pad(q[..., 1, :], (dim, 0))
-    query = torch.stack((q1, q2), dim=3).view(batch, length, heads, 2 * dim).transpose(1, 2)
+    if build == "diag_embed":
+        query = torch.diag_embed(q.transpose(-1, -2), dim1=3, dim2=5)  # (B, T, G, 2, P, 2, d)
+    else:
+        query = torch.stack((F.pad(q[..., 0, :], (0, dim)), F.pad(q[..., 1, :], (dim, 0))), dim=3)
+    query = query.view(batch, length, heads, 2 * dim).transpose(1, 2)
     # the scale stays 1/√d: the zero half adds nothing to the product, so the width is still d
     out = F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=dim**-0.5, enable_gqa=True)
     out = out.view(batch, groups, 2, per_group, length, 2 * dim)
-    return merge_heads(out[:, :, 0] - lam * out[:, :, 1])
+    return merge_heads(torch.addcmul(out[:, :, 0], lam, out[:, :, 1], value=-1))
+
+
+def core_padded_stack(q, key, value, lam, causal):
+    """(a') As (a), with the padded queries built by pad + pad + stack (the model's first version)."""
+    return core_padded(q, key, value, lam, causal, build="pad+stack")
 
 
 def core_four_calls(q, key, value, lam, causal):
@@ -143,8 +157,8 @@ def core_llama(q, key, value, lam, causal):
     return out.transpose(1, 2)
 
 
-CORES = {"llama": core_llama, "padded": core_padded, "4-call": core_four_calls, "2-call": core_two_calls,
-         "maps": core_maps}
+CORES = {"llama": core_llama, "padded": core_padded, "padded-stack": core_padded_stack, "4-call": core_four_calls,
+         "2-call": core_two_calls, "maps": core_maps}
 
 
 # ----------------------------------------------------------------------------------------------------------------
