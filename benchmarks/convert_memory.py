@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -26,16 +25,25 @@ def make_checkpoint(folder: Path, hidden: int, layers: int, vocab: int, shard_mb
     """A random bfloat16 Llama saved in shards of at most `shard_mb` MB; returns its description."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75),
-                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256,
-                         dtype="bfloat16")
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.75),
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 256,
+        dtype="bfloat16",
+    )
     with torch.device("cpu"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder, max_shard_size=f"{shard_mb}MB")
     shards = sorted(folder.glob("*.safetensors"))
-    return {"parameters": sum(p.numel() for p in model.parameters()), "shards": len(shards),
-            "largest_shard_mb": max(p.stat().st_size for p in shards) / 2**20,
-            "total_mb": sum(p.stat().st_size for p in shards) / 2**20}
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "shards": len(shards),
+        "largest_shard_mb": max(p.stat().st_size for p in shards) / 2**20,
+        "total_mb": sum(p.stat().st_size for p in shards) / 2**20,
+    }
 
 
 def peak_rss_mb(command: list[str]) -> tuple[float, float]:
@@ -75,21 +83,38 @@ def main(argv=None):
         info = make_checkpoint(work / "llama", args.hidden, args.layers, args.vocab, args.shard_mb)
         # the constant: a process that imports what the converter imports, and does nothing else
         baseline_mb, _ = peak_rss_mb([sys.executable, "-c", BASELINE])
-        convert_mb, seconds = peak_rss_mb([
-            sys.executable, "-m", "modeling_diff_cli.main", "convert", str(work / "llama"), str(work / "out"),
-            "--variant", args.variant, "--no-verify",
-        ])
+        convert_mb, seconds = peak_rss_mb(
+            [
+                sys.executable,
+                "-m",
+                "modeling_diff_cli.main",
+                "convert",
+                str(work / "llama"),
+                str(work / "out"),
+                "--variant",
+                args.variant,
+                "--no-verify",
+            ]
+        )
         out_shards = len(list((work / "out").glob("*.safetensors")))
     result = {
-        **info, "variant": args.variant, "output_shards": out_shards, "baseline_rss_mb": baseline_mb,
-        "peak_rss_mb": convert_mb, "seconds": seconds,
+        **info,
+        "variant": args.variant,
+        "output_shards": out_shards,
+        "baseline_rss_mb": baseline_mb,
+        "peak_rss_mb": convert_mb,
+        "seconds": seconds,
         "above_baseline_over_largest_shard": (convert_mb - baseline_mb) / info["largest_shard_mb"],
     }
     ratio = result["above_baseline_over_largest_shard"]
-    print(f"synthetic Llama: {info['parameters'] / 1e6:.0f}M parameters, {info['shards']} shards, "
-          f"largest {info['largest_shard_mb']:.0f} MB, total {info['total_mb']:.0f} MB (bfloat16)")
-    print(f"convert --variant {args.variant} --no-verify: peak RSS {convert_mb:.0f} MB in {seconds:.1f} s; "
-          f"import-only baseline {baseline_mb:.0f} MB")
+    print(
+        f"synthetic Llama: {info['parameters'] / 1e6:.0f}M parameters, {info['shards']} shards, "
+        f"largest {info['largest_shard_mb']:.0f} MB, total {info['total_mb']:.0f} MB (bfloat16)"
+    )
+    print(
+        f"convert --variant {args.variant} --no-verify: peak RSS {convert_mb:.0f} MB in {seconds:.1f} s; "
+        f"import-only baseline {baseline_mb:.0f} MB"
+    )
     print(f"peak - baseline = {ratio:.2f} x the largest shard (target <= 2): {'PASS' if ratio <= 2 else 'MISS'}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -45,9 +45,11 @@ def evaluate(model, tokenizer) -> dict:
 
 def rows(name: str, r: dict) -> str:
     ppl, needle, noise, out = r["ppl"], r["needle"], r["attention-noise"], r["outliers"]
-    return (f"| {name} | {ppl['perplexity']:.3f} | {needle['accuracy']:.2f} | {noise['answer_share']:.4f} | "
-            f"{noise['noise_share']:.4f} | {noise['answer_to_noise']:.3f} | "
-            f"{out['attention_logits']['top1_ratio']:.2f} | {out['hidden_states']['top1_ratio']:.1f} |")
+    return (
+        f"| {name} | {ppl['perplexity']:.3f} | {needle['accuracy']:.2f} | {noise['answer_share']:.4f} | "
+        f"{noise['noise_share']:.4f} | {noise['answer_to_noise']:.3f} | "
+        f"{out['attention_logits']['top1_ratio']:.2f} | {out['hidden_states']['top1_ratio']:.1f} |"
+    )
 
 
 def main(argv=None):
@@ -77,8 +79,9 @@ def main(argv=None):
         "",
         f"Conversion check: {report.verification.lines()[1]}; {report.verification.lines()[2]}.",
         "",
-        "Settings, the same for both models: " + "; ".join(
-            f"{task}: " + ", ".join(f"{k}={v}" for k, v in options.items()) for task, options in TASKS.items()) + ".",
+        "Settings, the same for both models: "
+        + "; ".join(f"{task}: " + ", ".join(f"{k}={v}" for k, v in options.items()) for task, options in TASKS.items())
+        + ".",
         "",
         "Attention noise reads the last layer at the position that predicts the answer; for the Diff model it uses "
         "the differential map, which for a fresh V2 conversion is half the source's softmax map (sigmoid(0) = 1/2), "

@@ -1,15 +1,17 @@
 """Pieces the subcommands share: one-line errors, atomic output folders, loading models, λ statistics."""
 
-import contextlib
 import importlib.util
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+from modeling_diff_conversion.source import download_snapshot
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -28,25 +30,6 @@ def embedded_smollm2() -> Path:
     return path
 
 
-@contextlib.contextmanager
-def atomic_output_dir(path: str | Path, force: bool = False):
-    """Yield a temporary sibling folder that becomes `path` only if the block finishes without an error."""
-    final = Path(path).expanduser().resolve()
-    if final.exists() and (not final.is_dir() or any(final.iterdir())) and not force:
-        raise CLIError(f"{path} exists and is not empty; pass --force to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    tmp.chmod(0o755)
-    try:
-        yield tmp
-        if final.exists():
-            shutil.rmtree(final) if final.is_dir() else final.unlink()
-        tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def resolve_model_path(model: str) -> tuple[str, str | None]:
     """(folder or Hub id, gguf file name or None). Checks a local folder for a config and weights."""
     path = Path(model).expanduser()
@@ -62,21 +45,7 @@ def resolve_model_path(model: str) -> tuple[str, str | None]:
         return str(path), None
     if path.exists():
         raise CLIError(f"{model} is a file; give a model folder, a Hub id or a .gguf file")
-    return _hub_snapshot(model), None
-
-
-def _hub_snapshot(repo_id: str) -> str:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
-
-    try:
-        return snapshot_download(repo_id)
-    except HFValidationError:
-        raise CLIError(f"{repo_id!r} is neither a model folder, a .gguf file nor a valid Hub id")
-    except Exception as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        why = "HF_HUB_OFFLINE=1 forbids downloads" if offline else "the Hub could not be reached"
-        raise CLIError(f"cannot load {repo_id!r}: it is not in the local HF cache and {why} ({type(err).__name__})")
+    return str(download_snapshot(model)), None
 
 
 def load_model(model: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
@@ -115,12 +84,15 @@ def lambda_statistics(model, input_ids: torch.Tensor | None = None) -> list[dict
         return []
     layers = model.model.layers
     if config.diff_version == 1:
-        return [{"layer": i, "lambda": layer.self_attn.lambda_full().item(), "lambda_init": layer.self_attn.lambda_init}
-                for i, layer in enumerate(layers)]
+        return [
+            {"layer": i, "lambda": layer.self_attn.lambda_full().item(), "lambda_init": layer.self_attn.lambda_init}
+            for i, layer in enumerate(layers)
+        ]
     gates: dict[int, torch.Tensor] = {}
     hooks = [
         layer.self_attn.lambda_proj.register_forward_hook(
-            lambda module, args, out, i=i: gates.__setitem__(i, torch.sigmoid(out.float())))
+            lambda module, args, out, i=i: gates.__setitem__(i, torch.sigmoid(out.float()))
+        )
         for i, layer in enumerate(layers)
     ]
     try:
@@ -128,8 +100,9 @@ def lambda_statistics(model, input_ids: torch.Tensor | None = None) -> list[dict
     finally:
         for hook in hooks:
             hook.remove()
-    return [{"layer": i, "lambda": gates[i].mean().item(), "lambda_std": gates[i].std().item()}
-            for i in range(len(layers))]
+    return [
+        {"layer": i, "lambda": gates[i].mean().item(), "lambda_std": gates[i].std().item()} for i in range(len(layers))
+    ]
 
 
 def format_lambda_table(stats: list[dict]) -> str:
@@ -139,6 +112,8 @@ def format_lambda_table(stats: list[dict]) -> str:
     head = "| layer | λ | λ_init |" if v1 else "| layer | mean sigmoid(λ(x)) | std over tokens and heads |"
     rows = [head, "| --- | --- | --- |"]
     for s in stats:
-        rows.append(f"| {s['layer']} | {s['lambda']:.4f} | "
-                    + (f"{s['lambda_init']:.4f} |" if v1 else f"{s['lambda_std']:.4f} |"))
+        rows.append(
+            f"| {s['layer']} | {s['lambda']:.4f} | "
+            + (f"{s['lambda_init']:.4f} |" if v1 else f"{s['lambda_std']:.4f} |")
+        )
     return "\n".join(rows)

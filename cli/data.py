@@ -47,9 +47,9 @@ def _read_file(path: Path) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                raise CLIError(f"{path}:{n} is not a JSON line; a .jsonl corpus needs one {{\"text\": ...}} per line")
+                raise CLIError(f'{path}:{n} is not a JSON line; a .jsonl corpus needs one {{"text": ...}} per line')
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise CLIError(f"{path}:{n} has no string field \"text\"")
+                raise CLIError(f'{path}:{n} has no string field "text"')
             texts.append(record["text"])
         return texts
     return [block for block in path.read_text(errors="replace").split("\n\n") if block.strip()]
@@ -59,13 +59,17 @@ def _load_hf_dataset(name: str) -> list[str]:
     try:
         import datasets
     except ImportError:
-        raise CLIError(f"unknown dataset {name!r}: not a local file or folder, and the `datasets` package is not "
-                       "installed to look it up on the Hub (pip install datasets)")
+        raise CLIError(
+            f"unknown dataset {name!r}: not a local file or folder, and the `datasets` package is not "
+            "installed to look it up on the Hub (pip install datasets)"
+        )
     try:
         data = datasets.load_dataset(name, split="train")
     except Exception as err:
-        raise CLIError(f"unknown dataset {name!r}: not a local file or folder, and the Hub could not provide it "
-                       f"({type(err).__name__})")
+        raise CLIError(
+            f"unknown dataset {name!r}: not a local file or folder, and the Hub could not provide it "
+            f"({type(err).__name__})"
+        )
     column = "text" if "text" in data.column_names else data.column_names[0]
     return [str(t) for t in data[column]]
 
@@ -94,8 +98,10 @@ class TokenBlocks(Dataset):
         if max_blocks is not None:
             n = min(n, max_blocks)
         if n == 0:
-            raise CLIError(f"the corpus has {len(ids)} tokens, fewer than one block of --seq-len {seq_len}; "
-                           "give more text or a shorter --seq-len")
+            raise CLIError(
+                f"the corpus has {len(ids)} tokens, fewer than one block of --seq-len {seq_len}; "
+                "give more text or a shorter --seq-len"
+            )
         self.blocks = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
 
     def __len__(self):
@@ -105,8 +111,9 @@ class TokenBlocks(Dataset):
         return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
 
 
-def check_fits_in_memory(config, seq_len: int, batch_size: int, training: bool = True,
-                         gradient_checkpointing: bool = False):
+def check_fits_in_memory(
+    config, seq_len: int, batch_size: int, training: bool = True, gradient_checkpointing: bool = False
+):
     """Refuse a sequence length whose activations cannot fit in this machine's free memory (a rough estimate)."""
     if seq_len < 1 or batch_size < 1:
         raise CLIError("--seq-len and --batch-size must be positive")

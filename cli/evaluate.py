@@ -13,13 +13,20 @@ from .data import check_fits_in_memory, train_eval_texts
 
 def add_arguments(parser):
     parser.add_argument("model", help="model to evaluate: a folder, a Hub id or a .gguf file")
-    parser.add_argument("--task", default="ppl", choices=["ppl", "needle", "attention-noise", "outliers"],
-                        help="ppl: held-out perplexity, tokens/s and λ per layer (default); needle: multi-needle "
-                             "retrieval accuracy; attention-noise: attention share on the answer span vs the rest; "
-                             "outliers: top-1/top-10 activation magnitude over the median")
-    parser.add_argument("--dataset", default=None,
-                        help="text for ppl/outliers: a file, folder or HF datasets name (default: the held-out "
-                             "split of Python's reference docs)")
+    parser.add_argument(
+        "--task",
+        default="ppl",
+        choices=["ppl", "needle", "attention-noise", "outliers"],
+        help="ppl: held-out perplexity, tokens/s and λ per layer (default); needle: multi-needle "
+        "retrieval accuracy; attention-noise: attention share on the answer span vs the rest; "
+        "outliers: top-1/top-10 activation magnitude over the median",
+    )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="text for ppl/outliers: a file, folder or HF datasets name (default: the held-out "
+        "split of Python's reference docs)",
+    )
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per window for ppl and outliers")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     parser.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
@@ -35,8 +42,16 @@ def evaluate_ppl(model, tokenizer, texts=None, seq_len=256, batch_size=4, max_ba
     from modeling_diff_eval.tasks import run_task
 
     started = time.perf_counter()
-    result = run_task("ppl", model, tokenizer, texts=texts, seq_len=seq_len, batch_size=batch_size,
-                      max_batches=max_batches, progress=progress)
+    result = run_task(
+        "ppl",
+        model,
+        tokenizer,
+        texts=texts,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        max_batches=max_batches,
+        progress=progress,
+    )
     result["tokens_per_second"] = result["tokens"] / (time.perf_counter() - started)
     sample = torch.tensor([tokenizer(texts[0] if texts else "def main():\n    return 0\n").input_ids[:seq_len]])
     result["lambda"] = lambda_statistics(model, sample)
@@ -58,11 +73,20 @@ def run(args) -> int:
         print(f"\nλ per layer:\n{format_lambda_table(lambdas)}")
         result["lambda"] = lambdas
     else:
-        options = {k: v for k, v in dict(needles=args.needles, context_len=args.context_len, samples=args.samples,
-                                         seed=args.seed).items() if v is not None}
+        options = {
+            k: v
+            for k, v in dict(
+                needles=args.needles, context_len=args.context_len, samples=args.samples, seed=args.seed
+            ).items()
+            if v is not None
+        }
         if args.task == "outliers":
-            options = dict(texts=texts, seq_len=args.seq_len, batch_size=args.batch_size,
-                           **({"max_batches": args.max_batches} if args.max_batches else {}))
+            options = dict(
+                texts=texts,
+                seq_len=args.seq_len,
+                batch_size=args.batch_size,
+                **({"max_batches": args.max_batches} if args.max_batches else {}),
+            )
         try:
             result = run_task(args.task, model, tokenizer, **options)
         except ValueError as err:

@@ -12,8 +12,9 @@ def add_arguments(parser):
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--system", default=None, help="with --chat: a system message")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="how many tokens to generate at most")
-    parser.add_argument("--temperature", type=float, default=0.0,
-                        help="sampling temperature; 0 (the default) decodes greedily")
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature; 0 (the default) decodes greedily"
+    )
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability mass")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
 
@@ -22,8 +23,9 @@ def prompt_ids(tokenizer, prompt: str, chat: bool, system: str | None = None) ->
     """Token ids of a plain prompt, or of a chat turn ready for the assistant's answer."""
     if chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                             return_dict=True)["input_ids"]
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
     return tokenizer(prompt, return_tensors="pt").input_ids
 
 
@@ -31,9 +33,15 @@ def stream(model, tokenizer, ids: torch.Tensor, max_new_tokens=64, temperature=0
     """Generate from `ids`, printing tokens as they come; returns only the new token ids."""
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, streamer=streamer,
-                         pad_token_id=tokenizer.pad_token_id, **sampling)
-    return out[0, ids.shape[1]:]
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        streamer=streamer,
+        pad_token_id=tokenizer.pad_token_id,
+        **sampling,
+    )
+    return out[0, ids.shape[1] :]
 
 
 def run(args) -> int:

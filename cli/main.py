@@ -30,8 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show the full traceback when something fails")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
-        command = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
-                                 parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter)
+        command = sub.add_parser(
+            name,
+            help=help_text,
+            description=(module.__doc__ or help_text).strip(),
+            parents=[common],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         module.add_arguments(command)
         command.set_defaults(run=module.run)
     return parser
@@ -56,8 +61,11 @@ def main(argv=None) -> int:
         if isinstance(err, (CLIError, ConversionError)):
             print(f"error: {err}", file=sys.stderr)
         else:
-            print(f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
-                  "(run again with --debug for the traceback)", file=sys.stderr)
+            print(
+                f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+                "(run again with --debug for the traceback)",
+                file=sys.stderr,
+            )
         return 2
 
 

@@ -43,8 +43,10 @@ def run(args) -> int:
     total = sum(size for _, size in files)
     for name, size in files:
         print(f"{human(size):>10}  {name}")
-    print(f"{len(files)} files, {human(total)} -> https://huggingface.co/{args.repo_id}"
-          + (f" (revision {args.revision})" if args.revision else ""))
+    print(
+        f"{len(files)} files, {human(total)} -> https://huggingface.co/{args.repo_id}"
+        + (f" (revision {args.revision})" if args.revision else "")
+    )
     if args.dry_run:
         print("dry run: nothing was uploaded")
         return 0
@@ -58,8 +60,9 @@ def run(args) -> int:
         if args.revision:
             api.create_branch(args.repo_id, branch=args.revision, exist_ok=True)
         # one commit with exactly the files listed above
-        info = api.create_commit(args.repo_id, operations=operations, commit_message=args.commit_message,
-                                 revision=args.revision)
+        info = api.create_commit(
+            args.repo_id, operations=operations, commit_message=args.commit_message, revision=args.revision
+        )
     except Exception as err:
         raise CLIError(f"upload to {args.repo_id} failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
     print(f"uploaded: {getattr(info, 'commit_url', info)}")

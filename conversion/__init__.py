@@ -1,8 +1,8 @@
 """Llama / DiffLlama checkpoints -> DiffTransformer (installed as `modeling_diff_conversion`).
 
-    from modeling_diff_conversion import convert
-    report = convert("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-diff", variant="v2")
-    print(report.summary())
+from modeling_diff_conversion import convert
+report = convert("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-diff", variant="v2")
+print(report.summary())
 """
 
 from .convert import ConversionReport, convert, target_config

@@ -12,7 +12,6 @@ interrupted or failed conversion leaves nothing behind.
 
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,8 @@ import modeling_diff
 from modeling_diff import DiffTransformerConfig
 
 from .mapping import map_diffllama_to_v1, map_llama_to_v1, map_llama_to_v2
+from .model_card import write_model_card
+from .output import atomic_output_dir, check_output_dir
 from .source import ConversionError, Source, open_source
 from .verify import VerificationResult, verify
 
@@ -36,9 +37,22 @@ AUTO_MAP = {
 }
 CODE_FILES = ["configuration_diff_transformer.py", "modeling_diff_transformer.py"]
 COPIED_FIELDS = [
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "head_dim", "hidden_act",
-    "max_position_embeddings", "initializer_range", "rms_norm_eps", "rope_parameters", "tie_word_embeddings",
-    "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "rope_parameters",
+    "tie_word_embeddings",
+    "attention_bias",
+    "mlp_bias",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
 ]
 
 
@@ -79,16 +93,18 @@ def target_config(source: Source, variant: str) -> DiffTransformerConfig:
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     if variant == "v2":
         # every Llama head becomes a pair of query heads: twice the query heads, the same KV heads
-        return DiffTransformerConfig(diff_version=2, num_attention_heads=2 * heads, num_key_value_heads=kv_heads,
-                                     **values)
+        return DiffTransformerConfig(
+            diff_version=2, num_attention_heads=2 * heads, num_key_value_heads=kv_heads, **values
+        )
     if kv_heads % 2:
         raise ConversionError(
             f"variant v1 pairs KV heads as (k1, k2), but this {source.architecture} has {kv_heads} KV heads "
             f"(odd); use --variant v2, which keeps the model's function exactly"
         )
     extra = {"lambda_std_dev": cfg.lambda_std_dev} if source.architecture == "DiffLlamaForCausalLM" else {}
-    return DiffTransformerConfig(diff_version=1, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                                 **values, **extra)
+    return DiffTransformerConfig(
+        diff_version=1, num_attention_heads=heads, num_key_value_heads=kv_heads, **values, **extra
+    )
 
 
 def expected_shapes(cfg) -> dict[str, tuple]:
@@ -100,19 +116,32 @@ def expected_shapes(cfg) -> dict[str, tuple]:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-            p + "mlp.down_proj.weight": (h, inter),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (q, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, q),
+                p + "mlp.gate_proj.weight": (inter, h),
+                p + "mlp.up_proj.weight": (inter, h),
+                p + "mlp.down_proj.weight": (h, inter),
+            }
+        )
         if getattr(cfg, "attention_bias", False):
-            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                           p + "self_attn.v_proj.bias": (kv,), p + "self_attn.o_proj.bias": (h,)})
+            shapes.update(
+                {
+                    p + "self_attn.q_proj.bias": (q,),
+                    p + "self_attn.k_proj.bias": (kv,),
+                    p + "self_attn.v_proj.bias": (kv,),
+                    p + "self_attn.o_proj.bias": (h,),
+                }
+            )
         if getattr(cfg, "mlp_bias", False):
-            shapes.update({p + "mlp.gate_proj.bias": (inter,), p + "mlp.up_proj.bias": (inter,),
-                           p + "mlp.down_proj.bias": (h,)})
+            shapes.update(
+                {p + "mlp.gate_proj.bias": (inter,), p + "mlp.up_proj.bias": (inter,), p + "mlp.down_proj.bias": (h,)}
+            )
         if cfg.model_type == "diffllama":
             shapes.update({p + f"self_attn.lambda_{n}": (d,) for n in ("q1", "k1", "q2", "k2")})
     return shapes
@@ -167,8 +196,10 @@ def lambda_vector_factory(config: DiffTransformerConfig, seed: int = 0):
 
     def vectors(layer: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(seed * 100003 + layer)
-        return {f"lambda_{n}": torch.randn(config.head_dim, generator=g) * config.lambda_std_dev
-                for n in ("q1", "k1", "q2", "k2")}
+        return {
+            f"lambda_{n}": torch.randn(config.head_dim, generator=g) * config.lambda_std_dev
+            for n in ("q1", "k1", "q2", "k2")
+        }
 
     return vectors
 
@@ -207,8 +238,7 @@ def convert(
     if dtype != "auto" and dtype not in DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
     output = Path(output_dir).expanduser().resolve()
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
-        raise ConversionError(f"{output_dir} exists and is not empty; pass --force to replace it")
+    check_output_dir(output_dir, force)  # before the (slow) source is opened
 
     src = open_source(source, gguf_file)
     if variant is None:
@@ -222,27 +252,30 @@ def convert(
     config = target_config(src, variant)
     preserves = variant == "v2" or src.architecture == "DiffLlamaForCausalLM"
 
-    report = ConversionReport(source=source, output_dir=str(output), variant=variant, architecture=src.architecture,
-                              preserves_function=preserves, dtype=dtype, license=src.license,
-                              base_model=src.base_model)
+    report = ConversionReport(
+        source=source,
+        output_dir=str(output),
+        variant=variant,
+        architecture=src.architecture,
+        preserves_function=preserves,
+        dtype=dtype,
+        license=src.license,
+        base_model=src.base_model,
+    )
     if not preserves:
         report.notes.append(
             "v1 from Llama cannot preserve the function: two Llama heads now share one map pair and one "
             "per-head norm. Fine-tune it (diff-transformer train ... --distill-from SOURCE) before use."
         )
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the output is an ordinary folder
-    try:
-        report.n_tensors, report.n_shards, out_dtype = _write_weights(src, config, variant, dtype, tmp,
-                                                                       max_shard_bytes, progress)
+    with atomic_output_dir(output, force=force) as tmp:
+        report.n_tensors, report.n_shards, out_dtype = _write_weights(
+            src, config, variant, dtype, tmp, max_shard_bytes, progress
+        )
         report.dtype = str(out_dtype).replace("torch.", "")
         _write_metadata(src, config, tmp, out_dtype)
         if verify_output:
             report.verification = verify(src, tmp, preserves_function=preserves, weight_dtype=out_dtype)
-        from .model_card import write_model_card
-
         write_model_card(tmp / "README.md", report, src, config)
         if report.verification is not None and preserves and not report.verification.passed:
             raise ConversionError(
@@ -250,12 +283,6 @@ def convert(
                 f"(max |Δlogit| {report.verification.max_abs_logit_diff:.3g}, greedy agreement "
                 f"{report.verification.greedy_agreement:.1%}); nothing was written"
             )
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        tmp.rename(output)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     report.seconds = time.perf_counter() - started
     return report
 

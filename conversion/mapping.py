@@ -72,7 +72,9 @@ def map_llama_to_v2(name: str, tensor: torch.Tensor, source) -> dict[str, torch.
     if name.endswith("self_attn.o_proj.weight"):
         out = {name: tensor * 2}
         prefix = name[: -len("o_proj.weight")]
-        out[prefix + "lambda_proj.weight"] = torch.zeros(source.num_attention_heads, tensor.shape[0], dtype=tensor.dtype)
+        out[prefix + "lambda_proj.weight"] = torch.zeros(
+            source.num_attention_heads, tensor.shape[0], dtype=tensor.dtype
+        )
         return out
     return {name: tensor}
 

@@ -10,8 +10,16 @@ import torch
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "DiffLlamaForCausalLM": "diffllama"}
 SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed from the config
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json"]
+TOKENIZER_FILES = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+]
 
 
 class ConversionError(Exception):
@@ -100,7 +108,12 @@ def open_source(source: str, gguf_file: str | None = None) -> Source:
     elif path.exists():
         raise ConversionError(f"{source} is a file; SOURCE must be a model folder, a Hub id or a .gguf file")
     else:
-        folder = _download(source, gguf_file)
+        patterns = (
+            [gguf_file]
+            if gguf_file
+            else ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja", "README.md"]
+        )
+        folder = download_snapshot(source, patterns)
     if gguf_file is not None:
         if not (folder / gguf_file).is_file():
             raise ConversionError(f"no GGUF file named {gguf_file} in {source}")
@@ -112,29 +125,28 @@ def open_source(source: str, gguf_file: str | None = None) -> Source:
     return opened
 
 
-def _download(repo_id: str, gguf_file: str | None) -> Path:
-    """A Hub id resolved the usual way: the HF cache first, the network if allowed (HF_HUB_OFFLINE=1 forbids it)."""
+def download_snapshot(repo_id: str, allow_patterns: list[str] | None = None) -> Path:
+    """A Hub repo resolved the usual way: the HF cache first, the network if allowed (HF_HUB_OFFLINE=1 forbids it)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
-    patterns = [gguf_file] if gguf_file else ["*.json", "*.safetensors", "*.bin", "*.model", "*.txt", "*.jinja",
-                                              "README.md"]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
     except HFValidationError:
         raise ConversionError(f"{repo_id!r} is neither an existing folder, a .gguf file nor a valid Hub id")
     except Exception as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        hint = "it is not in the local HF cache and HF_HUB_OFFLINE=1 forbids downloads" if offline else (
-            "it is not in the local HF cache and the Hub could not be reached")
+        hint = (
+            "it is not in the local HF cache and HF_HUB_OFFLINE=1 forbids downloads"
+            if offline
+            else ("it is not in the local HF cache and the Hub could not be reached")
+        )
         raise ConversionError(f"cannot resolve Hub id {repo_id!r}: {hint} ({type(err).__name__})")
 
 
 def _check_architecture(architecture: str, where: str):
     if architecture not in SUPPORTED:
-        raise ConversionError(
-            f"{where} is a {architecture}; supported architectures are {', '.join(SUPPORTED)}"
-        )
+        raise ConversionError(f"{where} is a {architecture}; supported architectures are {', '.join(SUPPORTED)}")
 
 
 def _open_folder(name: str, folder: Path) -> Source:
@@ -146,7 +158,9 @@ def _open_folder(name: str, folder: Path) -> Source:
     except json.JSONDecodeError as err:
         raise ConversionError(f"{config_path} is not valid JSON ({err})")
     architecture = (raw.get("architectures") or [None])[0] or {
-        "llama": "LlamaForCausalLM", "diffllama": "DiffLlamaForCausalLM"}.get(raw.get("model_type"), raw.get("model_type"))
+        "llama": "LlamaForCausalLM",
+        "diffllama": "DiffLlamaForCausalLM",
+    }.get(raw.get("model_type"), raw.get("model_type"))
     _check_architecture(str(architecture), name)
 
     from transformers import AutoConfig
@@ -163,12 +177,20 @@ def _open_folder(name: str, folder: Path) -> Source:
     elif (folder / "pytorch_model.bin").is_file():
         shards = [folder / "pytorch_model.bin"]
     else:
-        raise ConversionError(f"no weights in {folder}: expected model.safetensors, a sharded index or pytorch_model.bin")
+        raise ConversionError(
+            f"no weights in {folder}: expected model.safetensors, a sharded index or pytorch_model.bin"
+        )
     missing = [s.name for s in shards if not s.is_file()]
     if missing:
         raise ConversionError(f"the shard index of {folder} names missing files: {', '.join(missing)}")
-    return Source(name=name, config=config, architecture=architecture, folder=folder, shards=shards,
-                  license=_license_from_readme(folder / "README.md"))
+    return Source(
+        name=name,
+        config=config,
+        architecture=architecture,
+        folder=folder,
+        shards=shards,
+        license=_license_from_readme(folder / "README.md"),
+    )
 
 
 def _open_gguf(name: str, folder: Path, gguf_file: str) -> Source:
@@ -185,8 +207,17 @@ def _open_gguf(name: str, folder: Path, gguf_file: str) -> Source:
     architecture = type(model).__name__
     _check_architecture(architecture, name)
     license_name, base_model = _gguf_provenance(folder / gguf_file)
-    return Source(name=name, config=model.config, architecture=architecture, folder=folder, gguf_file=gguf_file,
-                  in_memory_model=model, license=license_name, base_model=base_model, shards=[folder / gguf_file])
+    return Source(
+        name=name,
+        config=model.config,
+        architecture=architecture,
+        folder=folder,
+        gguf_file=gguf_file,
+        in_memory_model=model,
+        license=license_name,
+        base_model=base_model,
+        shards=[folder / gguf_file],
+    )
 
 
 def _license_from_readme(readme: Path) -> str | None:

@@ -46,8 +46,11 @@ class VerificationResult:
         return self.max_abs_logit_diff <= self.tolerance and self.greedy_identical and self.greedy_agreement == 1.0
 
     def lines(self) -> list[str]:
-        verdict = ("PASS (same function)" if self.passed else "FAIL") if self.preserves_function else (
-            "reported only (v1 from Llama changes the function)")
+        verdict = (
+            ("PASS (same function)" if self.passed else "FAIL")
+            if self.preserves_function
+            else ("reported only (v1 from Llama changes the function)")
+        )
         return [
             f"verification in {self.dtype}: {verdict}",
             f"max |Δlogit| = {self.max_abs_logit_diff:.3g} (tolerance {self.tolerance:.3g})",
@@ -67,8 +70,12 @@ def _inputs(tokenizer, vocab_size: int) -> tuple[list[torch.Tensor], torch.Tenso
     seqs = [tokenizer(t, return_tensors="pt").input_ids for t in VERIFY_TEXTS]
     ppl_ids = tokenizer(PERPLEXITY_TEXT, return_tensors="pt").input_ids
     if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}], add_generation_prompt=True,
-                                               return_tensors="pt", return_dict=True)["input_ids"]
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": CHAT_PROMPT}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
     else:
         prompt = seqs[-1]
     return seqs, ppl_ids, prompt
@@ -79,9 +86,14 @@ def _run(model, seqs, ppl_ids, prompt, pad_token_id, max_new_tokens=16):
     model.eval()
     logits = [model(ids).logits[0].float() for ids in seqs]
     loss = model(ppl_ids, labels=ppl_ids).loss.item()
-    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
-                               do_sample=False, pad_token_id=pad_token_id)
-    return logits, math.exp(loss), generated[0, prompt.shape[1]:]
+    generated = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_token_id,
+    )
+    return logits, math.exp(loss), generated[0, prompt.shape[1] :]
 
 
 def verification_dtype(n_params: int) -> torch.dtype:
@@ -124,8 +136,14 @@ def verify(source, converted_dir: Path, preserves_function: bool, weight_dtype: 
     tolerance = (1e-4 if dtype == torch.float32 else 2e-2) * max(1.0, scale)
     decode = (lambda t: tokenizer.decode(t, skip_special_tokens=True).strip()) if tokenizer is not None else str
     return VerificationResult(
-        max_abs_logit_diff=max_diff, greedy_agreement=agree / total,
-        greedy_identical=torch.equal(src_tokens, tokens), source_ppl=src_ppl, converted_ppl=ppl,
-        tolerance=tolerance, preserves_function=preserves_function, dtype=str(dtype).replace("torch.", ""),
-        source_answer=decode(src_tokens), converted_answer=decode(tokens),
+        max_abs_logit_diff=max_diff,
+        greedy_agreement=agree / total,
+        greedy_identical=torch.equal(src_tokens, tokens),
+        source_ppl=src_ppl,
+        converted_ppl=ppl,
+        tolerance=tolerance,
+        preserves_function=preserves_function,
+        dtype=str(dtype).replace("torch.", ""),
+        source_answer=decode(src_tokens),
+        converted_answer=decode(tokens),
     )

@@ -25,11 +25,15 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A 400-token BPE trained on Python's docs in well under a second."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(python_docs_texts()[:10], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -38,22 +42,49 @@ def models_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
-    diff = DiffTransformerForCausalLM(DiffTransformerConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=2, diff_version=2, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    diff = DiffTransformerForCausalLM(
+        DiffTransformerConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            diff_version=2,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    )
     diff.save_pretrained(root / "diff")
     tokenizer.save_pretrained(root / "diff")
-    llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    )
     llama.save_pretrained(root / "llama")
     tokenizer.save_pretrained(root / "llama")
     return root
 
 
 def cli(*args, cwd=None, env=None, timeout=900):
-    return subprocess.run([sys.executable, "-m", "modeling_diff_cli.main", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd, env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})), timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "modeling_diff_cli.main", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})),
+        timeout=timeout,
+    )
 
 
 def assert_one_line_error(result, pattern):
@@ -71,8 +102,20 @@ def test_help_texts_exist():
 
 
 def test_train_happy_path_and_failures(models_dir, tmp_path):
-    result = cli("train", models_dir / "diff", "--output-dir", tmp_path / "trained", "--max-steps", 3,
-                 "--seq-len", 32, "--batch-size", 2, "--logging-steps", 1)
+    result = cli(
+        "train",
+        models_dir / "diff",
+        "--output-dir",
+        tmp_path / "trained",
+        "--max-steps",
+        3,
+        "--seq-len",
+        32,
+        "--batch-size",
+        2,
+        "--logging-steps",
+        1,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "loss " in result.stdout and "saved the trained model" in result.stdout
     trained = DiffTransformerForCausalLM.from_pretrained(tmp_path / "trained")
@@ -80,13 +123,48 @@ def test_train_happy_path_and_failures(models_dir, tmp_path):
     assert not torch.equal(trained.lm_head.weight, before.lm_head.weight)
     assert not Path(str(tmp_path / "trained") + "-checkpoints").exists()
 
-    assert_one_line_error(cli("train", models_dir / "diff", "--output-dir", tmp_path / "x", "--dataset",
-                              "no-such-dataset-anywhere", "--max-steps", 1), "unknown dataset")
+    assert_one_line_error(
+        cli(
+            "train",
+            models_dir / "diff",
+            "--output-dir",
+            tmp_path / "x",
+            "--dataset",
+            "no-such-dataset-anywhere",
+            "--max-steps",
+            1,
+        ),
+        "unknown dataset",
+    )
     (tmp_path / "empty.txt").write_text("\n\n")
-    assert_one_line_error(cli("train", models_dir / "diff", "--output-dir", tmp_path / "x", "--dataset",
-                              tmp_path / "empty.txt", "--max-steps", 1), "is empty")
-    assert_one_line_error(cli("train", models_dir / "diff", "--output-dir", tmp_path / "x", "--seq-len", 10**7,
-                              "--batch-size", 64, "--max-steps", 1), "GiB of activations")
+    assert_one_line_error(
+        cli(
+            "train",
+            models_dir / "diff",
+            "--output-dir",
+            tmp_path / "x",
+            "--dataset",
+            tmp_path / "empty.txt",
+            "--max-steps",
+            1,
+        ),
+        "is empty",
+    )
+    assert_one_line_error(
+        cli(
+            "train",
+            models_dir / "diff",
+            "--output-dir",
+            tmp_path / "x",
+            "--seq-len",
+            10**7,
+            "--batch-size",
+            64,
+            "--max-steps",
+            1,
+        ),
+        "GiB of activations",
+    )
     assert not (tmp_path / "x").exists()
 
 
@@ -97,11 +175,33 @@ def test_train_resumes_from_checkpoints(models_dir, tmp_path):
 
     checkpoints = Path(str(tmp_path / "out") + "-checkpoints")
     model, tokenizer = load_model(str(models_dir / "diff"))
-    train_model(model, tokenizer, train_eval_texts(None)[0], tmp_path / "out", max_steps=2, save_steps=1,
-                seq_len=32, batch_size=2, checkpoint_dir=checkpoints, disable_tqdm=True)
+    train_model(
+        model,
+        tokenizer,
+        train_eval_texts(None)[0],
+        tmp_path / "out",
+        max_steps=2,
+        save_steps=1,
+        seq_len=32,
+        batch_size=2,
+        checkpoint_dir=checkpoints,
+        disable_tqdm=True,
+    )
     assert (checkpoints / "checkpoint-2").is_dir()
-    result = cli("train", models_dir / "diff", "--output-dir", tmp_path / "out", "--max-steps", 4, "--seq-len", 32,
-                 "--batch-size", 2, "--logging-steps", 1)
+    result = cli(
+        "train",
+        models_dir / "diff",
+        "--output-dir",
+        tmp_path / "out",
+        "--max-steps",
+        4,
+        "--seq-len",
+        32,
+        "--batch-size",
+        2,
+        "--logging-steps",
+        1,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from the checkpoints" in result.stdout
     assert "'epoch'" in result.stdout or "loss" in result.stdout
@@ -140,8 +240,22 @@ def test_distillation_loss_and_lambda_warmup(models_dir):
 
 
 def test_train_with_distillation_cli(models_dir, tmp_path):
-    result = cli("train", models_dir / "diff", "--output-dir", tmp_path / "d", "--max-steps", 2, "--seq-len", 32,
-                 "--batch-size", 2, "--distill-from", models_dir / "llama", "--lambda-warmup-steps", 2)
+    result = cli(
+        "train",
+        models_dir / "diff",
+        "--output-dir",
+        tmp_path / "d",
+        "--max-steps",
+        2,
+        "--seq-len",
+        32,
+        "--batch-size",
+        2,
+        "--distill-from",
+        models_dir / "llama",
+        "--lambda-warmup-steps",
+        2,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "d" / "model.safetensors").exists()
 
@@ -154,7 +268,7 @@ def test_generate_streams_the_greedy_answer(models_dir, tmp_path):
     model, tokenizer = load_model(str(models_dir / "diff"))
     ids = tokenizer("def main():", return_tensors="pt").input_ids
     expected = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    text = tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
+    text = tokenizer.decode(expected[0, ids.shape[1] :], skip_special_tokens=True)
     assert result.stdout.strip() == text.strip()
 
     (tmp_path / "noweights").mkdir()
@@ -169,8 +283,20 @@ def test_eval_ppl_json_and_hub_failure(models_dir, tmp_path):
     assert data["perplexity"] > 1 and data["tokens_per_second"] > 0
     assert len(data["lambda"]) == 2 and 0 < data["lambda"][0]["lambda"] < 1  # V2: mean sigmoid gate
     assert "λ per layer" in result.stdout
-    needle = cli("eval", models_dir / "diff", "--task", "needle", "--needles", 2, "--context-len", 128,
-                 "--samples", 2, "--json", tmp_path / "n.json")
+    needle = cli(
+        "eval",
+        models_dir / "diff",
+        "--task",
+        "needle",
+        "--needles",
+        2,
+        "--context-len",
+        128,
+        "--samples",
+        2,
+        "--json",
+        tmp_path / "n.json",
+    )
     assert needle.returncode == 0, needle.stderr[-2000:]
     assert 0 <= json.loads((tmp_path / "n.json").read_text())["accuracy"] <= 1
     assert_one_line_error(cli("eval", "nobody/no-such-model"), "not in the local HF cache")
@@ -191,14 +317,31 @@ def test_push_dry_run_and_intercepted_upload(models_dir, monkeypatch, capsys):
 
     def fake_create_commit(self, repo_id, operations, commit_message=None, revision=None, **kwargs):
         calls["commit"] = (repo_id, sorted(op.path_in_repo for op in operations), commit_message, revision)
-        return huggingface_hub.CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/abc",
-                                          commit_message=commit_message, commit_description="", oid="abc")
+        return huggingface_hub.CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/abc",
+            commit_message=commit_message,
+            commit_description="",
+            oid="abc",
+        )
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fake_create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", fake_create_commit)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", lambda self, *a, **k: None)
-    assert main(["push", str(models_dir / "diff"), "me/tiny-diff", "--private", "--revision", "dev",
-                 "--commit-message", "first"]) == 0
+    assert (
+        main(
+            [
+                "push",
+                str(models_dir / "diff"),
+                "me/tiny-diff",
+                "--private",
+                "--revision",
+                "dev",
+                "--commit-message",
+                "first",
+            ]
+        )
+        == 0
+    )
     assert calls["repo"] == ("me/tiny-diff", True)
     assert calls["commit"] == ("me/tiny-diff", files, "first", "dev")
     assert main(["push", str(models_dir), "me/tiny-diff"]) == 2  # not a model folder
@@ -207,10 +350,31 @@ def test_push_dry_run_and_intercepted_upload(models_dir, monkeypatch, capsys):
 
 def test_ddp_training_with_two_cpu_processes(models_dir, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         "-m", "modeling_diff_cli.main", "train", str(models_dir / "diff"), "--output-dir", str(tmp_path / "ddp"),
-         "--max-steps", "2", "--seq-len", "32", "--batch-size", "2"],
-        capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "modeling_diff_cli.main",
+            "train",
+            str(models_dir / "diff"),
+            "--output-dir",
+            str(tmp_path / "ddp"),
+            "--max-steps",
+            "2",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "saved the trained model" in result.stdout
@@ -234,9 +398,20 @@ BLOCKED_HUB_LOAD = textwrap.dedent(
 def test_model_from_offline_hub_cache_with_remote_code_generates(models_dir, tmp_path):
     add_to_hub_cache(tmp_path / "hub", "someone/tiny-diff", models_dir / "diff")
     (tmp_path / "load.py").write_text(BLOCKED_HUB_LOAD)
-    result = subprocess.run([sys.executable, str(tmp_path / "load.py")], capture_output=True, text=True, cwd=tmp_path,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"),
-                                     HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH=""), timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "load.py")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=dict(
+            os.environ,
+            HF_HUB_OFFLINE="1",
+            HF_HUB_CACHE=str(tmp_path / "hub"),
+            HF_MODULES_CACHE=str(tmp_path / "modules"),
+            PYTHONPATH="",
+        ),
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     model = DiffTransformerForCausalLM.from_pretrained(models_dir / "diff").eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(models_dir / "diff")
@@ -246,8 +421,22 @@ def test_model_from_offline_hub_cache_with_remote_code_generates(models_dir, tmp
 
 
 def test_demo_end_to_end_with_tiny_settings(tmp_path):
-    result = cli("demo", "--output-dir", tmp_path / "demo", "--max-steps", 2, "--eval-batches", 1, "--seq-len", 64,
-                 "--batch-size", 2, "--max-new-tokens", 8, timeout=1200)
+    result = cli(
+        "demo",
+        "--output-dir",
+        tmp_path / "demo",
+        "--max-steps",
+        2,
+        "--eval-batches",
+        1,
+        "--seq-len",
+        64,
+        "--batch-size",
+        2,
+        "--max-new-tokens",
+        8,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     out = result.stdout
     assert "PASS (same function)" in out and "max |Δlogit|" in out
@@ -258,6 +447,7 @@ def test_demo_end_to_end_with_tiny_settings(tmp_path):
     demo = tmp_path / "demo"
     card = (demo / "README.md").read_text()
     assert "held-out ppl before" in card and "λ per layer" in card and "base_model:" in card
+    assert (demo / "training_loss.png").stat().st_size > 1000
     assert (demo / "modeling_diff_transformer.py").exists() and (demo / "tokenizer.json").exists()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 

@@ -25,9 +25,17 @@ LLAMAS = {  # name: (heads, kv heads, tied, hidden)
 
 
 def save_llama(folder: Path, heads, kv, tied, hidden, **kwargs) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=120, hidden_size=hidden, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tied,
-                         max_position_embeddings=128, **kwargs)
+    config = LlamaConfig(
+        vocab_size=120,
+        hidden_size=hidden,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        tie_word_embeddings=tied,
+        max_position_embeddings=128,
+        **kwargs,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # peaked maps make pairing mistakes visible
         for layer in model.model.layers:
@@ -90,8 +98,14 @@ def test_llama_to_v1_layout_and_maps(tmp_path):
 
 @pytest.mark.parametrize("heads, kv", [(4, 4), (8, 2)])
 def test_diffllama_to_v1_is_exact(tmp_path, heads, kv):
-    config = DiffLlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                             num_attention_heads=heads, num_key_value_heads=kv)
+    config = DiffLlamaConfig(
+        vocab_size=120,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+    )
     source = DiffLlamaForCausalLM(config).eval()
     with torch.no_grad():
         for layer in source.model.layers:
@@ -121,13 +135,21 @@ def test_output_folder_contents(tmp_path):
     convert(str(tmp_path / "llama"), str(tmp_path / "out"), dtype="bfloat16", progress=False)
     out = tmp_path / "out"
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "generation_config.json", "README.md", "model.safetensors",
-            "modeling_diff_transformer.py", "configuration_diff_transformer.py"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "README.md",
+        "model.safetensors",
+        "modeling_diff_transformer.py",
+        "configuration_diff_transformer.py",
+    } <= names
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_diff_transformer.DiffTransformerForCausalLM"
     assert config["dtype"] == "bfloat16" and config["tie_word_embeddings"] is True
     card = (out / "README.md").read_text()
-    assert card.startswith("---\n") and "library_name: transformers" in card and "pipeline_tag: text-generation" in card
+    assert (
+        card.startswith("---\n") and "library_name: transformers" in card and "pipeline_tag: text-generation" in card
+    )
     assert "max \\|Δlogit\\| vs source | 0 |" in card or "max \\|Δlogit\\|" in card
 
 
@@ -180,8 +202,16 @@ def test_mismatched_shapes_and_corrupt_shards(tmp_path):
 def test_unsupported_architecture_and_missing_gguf(tmp_path, monkeypatch):
     from transformers import MistralConfig, MistralForCausalLM
 
-    MistralForCausalLM(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                     num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "m")
+    MistralForCausalLM(
+        MistralConfig(
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(tmp_path / "m")
     with pytest.raises(ConversionError, match="MistralForCausalLM; supported architectures are LlamaForCausalLM"):
         convert(str(tmp_path / "m"), str(tmp_path / "out"), progress=False)
     fake = tmp_path / "model.gguf"
@@ -193,16 +223,22 @@ def test_unsupported_architecture_and_missing_gguf(tmp_path, monkeypatch):
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "modeling_diff_cli.main", *args], capture_output=True, text=True,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})), timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "modeling_diff_cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})),
+        timeout=600,
+    )
 
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path):
     (tmp_path / "empty").mkdir()
     result = run_cli("convert", str(tmp_path / "empty"), str(tmp_path / "out"))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: no config.json in {tmp_path / 'empty'}: is this a "
-                                                  "Transformers model folder?"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: no config.json in {tmp_path / 'empty'}: is this a Transformers model folder?"
+    ]
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
     debug = run_cli("convert", str(tmp_path / "empty"), str(tmp_path / "out"), "--debug")
     assert debug.returncode != 0 and "Traceback" in debug.stderr
@@ -222,9 +258,13 @@ def test_smollm2_gguf_to_v2_keeps_the_chat_answer(tmp_path):
 
 def test_conversion_memory_benchmark_runs(tmp_path):
     """The benchmark itself (the figure in the README comes from its default settings)."""
-    result = subprocess.run([sys.executable, "benchmarks/convert_memory.py", "--quick", "--out",
-                             str(tmp_path / "mem.json")], capture_output=True, text=True, timeout=300,
-                            cwd=Path(__file__).parent.parent)
+    result = subprocess.run(
+        [sys.executable, "benchmarks/convert_memory.py", "--quick", "--out", str(tmp_path / "mem.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads((tmp_path / "mem.json").read_text())
     assert data["shards"] > 2 and data["output_shards"] >= 1
@@ -233,8 +273,14 @@ def test_conversion_memory_benchmark_runs(tmp_path):
 
 
 def test_llama3_rope_scaling_converts_exactly(tmp_path):
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    }
     llama = save_llama(tmp_path / "llama", 8, 2, True, 64, rope_parameters=rope)
     report = convert(str(tmp_path / "llama"), str(tmp_path / "out"), progress=False)
     assert report.verification.passed
