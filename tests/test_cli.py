@@ -10,13 +10,14 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
+from helpers import add_to_hub_cache, assert_one_line_error
+from helpers import run_cli as cli
+from modeling_diff_cli.main import main
+from modeling_diff_eval.corpus import python_docs_texts
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from hub_cache import add_to_hub_cache
 from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
-from modeling_diff_cli.main import main
-from modeling_diff_eval.corpus import python_docs_texts
 
 ROOT = Path(__file__).parent.parent
 
@@ -42,56 +43,23 @@ def models_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
-    diff = DiffTransformerForCausalLM(
-        DiffTransformerConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=8,
-            num_key_value_heads=2,
-            diff_version=2,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
+    sizes = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
+    diff = DiffTransformerForCausalLM(DiffTransformerConfig(num_attention_heads=8, diff_version=2, **sizes))
     diff.save_pretrained(root / "diff")
     tokenizer.save_pretrained(root / "diff")
-    llama = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-    )
+    llama = LlamaForCausalLM(LlamaConfig(num_attention_heads=4, **sizes))
     llama.save_pretrained(root / "llama")
     tokenizer.save_pretrained(root / "llama")
     return root
-
-
-def cli(*args, cwd=None, env=None, timeout=900):
-    return subprocess.run(
-        [sys.executable, "-m", "modeling_diff_cli.main", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})),
-        timeout=timeout,
-    )
-
-
-def assert_one_line_error(result, pattern):
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and pattern in lines[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
 
 
 def test_help_texts_exist():
@@ -209,10 +177,9 @@ def test_train_resumes_from_checkpoints(models_dir, tmp_path):
 
 
 def test_distillation_loss_and_lambda_warmup(models_dir):
-    from transformers import TrainingArguments
-
     from modeling_diff_cli.common import load_model
     from modeling_diff_cli.train import DistillationTrainer, LambdaWarmup
+    from transformers import TrainingArguments
 
     student, _ = load_model(str(models_dir / "diff"))
     teacher, _ = load_model(str(models_dir / "diff"))  # an identical teacher: the KL term must vanish

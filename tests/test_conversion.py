@@ -1,7 +1,6 @@
 """Llama / DiffLlama -> DiffTransformer conversion: exactness, gradients, layouts, refusals, atomic output."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,12 +8,12 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from transformers import DiffLlamaConfig, DiffLlamaForCausalLM, LlamaConfig, LlamaForCausalLM
-
-from hub_cache import add_to_hub_cache
-from modeling_diff import DiffTransformerForCausalLM
+from helpers import add_to_hub_cache, run_cli
 from modeling_diff_conversion import ConversionError, convert
 from modeling_diff_conversion.mapping import llama_v1_query_order
+from transformers import DiffLlamaConfig, DiffLlamaForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from modeling_diff import DiffTransformerForCausalLM
 
 LLAMAS = {  # name: (heads, kv heads, tied, hidden)
     "mha": (4, 4, False, 64),
@@ -220,16 +219,6 @@ def test_unsupported_architecture_and_missing_gguf(tmp_path, monkeypatch):
     with pytest.raises(ConversionError, match="needs the gguf package: pip install gguf"):
         convert(str(fake), str(tmp_path / "out"), progress=False)
     assert not (tmp_path / "out").exists()
-
-
-def run_cli(*args, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "modeling_diff_cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})),
-        timeout=600,
-    )
 
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path):
