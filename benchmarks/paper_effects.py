@@ -328,6 +328,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+RATIO_LABEL = "answer / noise attention ratio"
+
+
 def metric_rows(results: list[dict], settings: Settings) -> list[tuple[str, str, dict]]:
     """(metric label, better direction, {model: [per-seed values]}) for every reported metric."""
     by_model = {m: [r for r in results if r["model"] == m] for m in MODELS}
@@ -349,7 +352,7 @@ def metric_rows(results: list[dict], settings: Settings) -> list[tuple[str, str,
     rows += [
         ("attention on answer (last layer)", "higher", collect(lambda r: r["attention"]["answer_share"])),
         ("attention on noise context (last layer)", "lower", collect(lambda r: r["attention"]["noise_share"])),
-        ("answer / noise attention ratio", "higher", collect(lambda r: r["attention"]["answer_to_noise"])),
+        (RATIO_LABEL, "higher", collect(lambda r: r["attention"]["answer_to_noise"])),
         ("attention logits top-1 / median", "lower", collect(lambda r: r["outliers"]["attention_logits"]["top1_ratio"])),
         ("attention logits top-10 / median", "lower",
          collect(lambda r: r["outliers"]["attention_logits"]["top10_ratio"])),
@@ -374,28 +377,45 @@ def results_table(results: list[dict], settings: Settings) -> tuple[str, list[di
     for label, better, values in metric_rows(results, settings):
         stats = {m: mean_std(values[m]) for m in MODELS}
         means = {m: s[0] for m, s in stats.items() if not math.isnan(s[0])}
+        if label == RATIO_LABEL:  # only models whose every run has a positive noise share are ranked
+            invalid = {m for m in MODELS if not all(ratio_is_meaningful(r) for r in results if r["model"] == m)}
+            means = {m: v for m, v in means.items() if m not in invalid}
+            cells = [_fmt(*stats[m]) + (" †" if m in invalid else "") for m in MODELS]
         best = (min if better == "lower" else max)(means, key=means.get) if means else None
         # "clear" when the best mean beats every other mean by more than the sum of the two stds
         clear = best is not None and all(
             abs(means[best] - means[m]) > stats[best][1] + stats[m][1] for m in means if m != best)
         verdict = "—" if best is None else (LABELS[best] + ("" if clear else " (within spread)"))
-        if best is not None and len(set(round(v, 6) for v in means.values())) == 1:
+        if best is not None and len(means) > 1 and len(set(round(v, 6) for v in means.values())) == 1:
             verdict = "tie"
-        lines.append(f"| {label} | {better} | " + " | ".join(_fmt(*stats[m]) for m in MODELS) + f" | {verdict} |")
+        elif best is not None and len(means) == 1:
+            verdict = LABELS[best] + " (the only model ranked)"
+        if label != RATIO_LABEL:
+            cells = [_fmt(*stats[m]) for m in MODELS]
+        lines.append(f"| {label} | {better} | " + " | ".join(cells) + f" | {verdict} |")
         verdicts.append({"metric": label, "better": better, "best": best, "clear": clear,
                          "means": means})
     return "\n".join(lines), verdicts
 
 
-def compare(results: list[dict], get, model: str, better: str) -> tuple[str, float, float]:
+def ratio_is_meaningful(result: dict) -> bool:
+    """The answer/noise ratio is a signal-to-noise ratio only when the noise share is positive: a differential row
+    can put net negative attention on the context, and the ratio of two negative sums is not evidence of anything."""
+    return result["attention"]["noise_share"] > 0
+
+
+def compare(results: list[dict], get, model: str, better: str, valid=None) -> tuple[str, float, float]:
     """How `model` does against Llama on one metric: ("better" | "worse" | "no clear difference", its mean, Llama's).
 
     A difference counts only when the means differ by more than the sum of the two standard deviations over seeds.
+    With `valid` given, the verdict is "not comparable" when any run of either model fails it.
     """
     ours = mean_std([get(r) for r in results if r["model"] == model])
     base = mean_std([get(r) for r in results if r["model"] == "llama"])
     if math.isnan(ours[0]) or math.isnan(base[0]):
         return "not measured", ours[0], base[0]
+    if valid is not None and not all(valid(r) for r in results if r["model"] in (model, "llama")):
+        return "not comparable (noise share ≤ 0)", ours[0], base[0]
     if abs(ours[0] - base[0]) <= ours[1] + base[1]:
         return "no clear difference", ours[0], base[0]
     wins = ours[0] < base[0] if better == "lower" else ours[0] > base[0]
@@ -423,17 +443,17 @@ def findings(results: list[dict], settings: Settings) -> list[str]:
         ("less attention on the noise context (last layer)", "lower", lambda r: r["attention"]["noise_share"],
          "{:.3f}"),
         ("a higher answer-to-noise attention ratio (last layer)", "higher",
-         lambda r: r["attention"]["answer_to_noise"], "{:.3f}"),
+         lambda r: r["attention"]["answer_to_noise"], "{:.3f}", ratio_is_meaningful),
         ("smaller attention-logit outliers (top-1 / median)", "lower",
          lambda r: r["outliers"]["attention_logits"]["top1_ratio"], "{:.1f}"),
         ("smaller hidden-state outliers (top-1 / median)", "lower",
          lambda r: r["outliers"]["hidden_states"]["top1_ratio"], "{:.1f}"),
     ]
     lines = []
-    for claim, better, get, fmt in claims:
+    for claim, better, get, fmt, *valid in claims:
         parts = []
         for model in ("diff-v1", "diff-v2"):
-            verdict, ours, base = compare(results, get, model, better)
+            verdict, ours, base = compare(results, get, model, better, *valid)
             parts.append(f"{LABELS[model]}: **{verdict}** ({fmt.format(ours)} vs {fmt.format(base)})")
         lines.append(f"- Paper: {claim}. Here, against Llama — " + "; ".join(parts) + ".")
     best_accuracy = max((v for r in results for v in r["needle"].values()), default=0.0)
@@ -457,8 +477,8 @@ the likely reasons (hypotheses, not tested here); none of them was addressed by 
 - **Longer than trained.** No model uses position interpolation, so accuracy beyond the training length measures
   plain RoPE extrapolation for all three.
 - **What the attention shares mean.** A differential row sums to 1 − λ (V1) or 1 − sigmoid(λ) (V2), not to 1, and
-  can hold negative entries, so its shares are on a different scale from Llama's softmax shares; the ratio of the
-  answer share to the noise share is the comparable quantity.
+  can hold negative entries, so its shares are on a different scale from Llama's softmax shares. The ratio of the
+  answer share to the noise share is comparable only where the noise share is positive (see † in the table).
 - **One recipe.** The optimiser and schedule are the paper's, at one peak learning rate for all three models; a
   different learning rate could favour a different model, and was deliberately not searched per model.
 - **Seeds.** With {seeds} seed(s), only differences larger than the seed spread are called "better" or "worse".
@@ -562,12 +582,13 @@ def machine_description() -> str:
 
 
 def write_report(results, settings, params, wall_seconds, out: Path, prefix: str, preset: str, command: str,
-                 missing: list[str] = ()):
+                 missing: list[str] = (), rendered_from: str | None = None):
     """Write `prefix`.md, `prefix`.json and the charts; `missing` names runs that did not finish (partial report)."""
     table, verdicts = results_table(results, settings)
     charts = make_charts(results, settings, out, prefix)
     (out / f"{prefix}.json").write_text(json.dumps({"settings": asdict(settings), "parameters": params,
-                                                    "wall_seconds": wall_seconds, "results": results}, indent=1))
+                                                    "wall_seconds": wall_seconds, "preset": preset,
+                                                    "command": command, "results": results}, indent=1))
     head_dim = settings.hidden_size // settings.heads
     configs = model_configs(settings, settings.vocab_size)
     tokens = settings.steps * settings.batch_size * settings.seq_len
@@ -580,19 +601,24 @@ def write_report(results, settings, params, wall_seconds, out: Path, prefix: str
         f"[`{prefix}.json`]({prefix}.json).",
         "",
         f"- **Machine:** {machine_description()}.",
+        *([f"- Report re-rendered without training by `--report-only` from the measurements saved in "
+            f"`{rendered_from}` (the measurement code is unchanged; only the report text was regenerated)."]
+          if rendered_from else []),
         *([f"- **INCOMPLETE:** the study was stopped before these runs finished: {', '.join(missing)}. The table "
             "below covers only the finished runs."] if missing else []),
-        f"- **Wall time:** {wall_seconds / 60:.1f} min for the whole study ({len(results)} training runs in "
+        f"- **Wall time:** {wall_seconds / 60:.1f} min for the "
+        f"{'whole study' if not missing else 'runs finished so far'} ({len(results)} training runs in "
         f"{settings.workers} worker process(es) × {settings.threads_per_worker} thread(s); "
         f"{train_minutes:.1f} min of training per run on average).",
         "",
-        "## Results (mean ± std over seeds " + ", ".join(str(s) for s in settings.seeds) + ")",
+        "## Results (mean ± std over seeds " + ", ".join(str(s) for s in sorted({r["seed"] for r in results})) + ")",
         "",
         table,
         "",
         "\"best (by mean)\" names the model with the best mean; \"(within spread)\" means its lead over some other "
         "model is smaller than the sum of their two standard deviations, i.e. not a clear win at this number of "
-        "seeds.",
+        "seeds. † = the noise share was ≤ 0 in at least one run (a differential row can put net negative attention "
+        "on the context), so the ratio is not a signal-to-noise ratio there and that model is not ranked on it.",
         "",
         "Needle accuracy per cell (mean ± std over seeds; * = longer than the training length "
         f"{settings.seq_len}):",
@@ -749,14 +775,20 @@ def _write_partial(out: Path, results: list[dict], state: dict):
 
 
 def report_from_partial(out: Path):
-    """Write the report of an interrupted study from OUT/paper_effects.partial.json."""
-    state = json.loads((out / "paper_effects.partial.json").read_text())
+    """Re-write the report from saved measurements, without training: from OUT/paper_effects.partial.json (an
+    interrupted study) or else from OUT/paper_effects.json (a finished one)."""
+    partial = out / "paper_effects.partial.json"
+    state = json.loads((partial if partial.exists() else out / "paper_effects.json").read_text())
     settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["settings"].items()})
+    preset = state.get("preset") or next((name for name, p in PRESETS.items() if asdict(p) == asdict(settings)),
+                                         "custom")
+    command = state.get("command") or "python benchmarks/paper_effects.py"
     results = state["results"]
     finished = {(r["model"], r["seed"]) for r in results}
     missing = [f"{m} seed {s}" for s in settings.seeds for m in MODELS if (m, s) not in finished]
-    write_report(results, settings, state["parameters"], state["elapsed_seconds"], out, "paper_effects",
-                 state["preset"], state["command"], missing)
+    wall = state.get("elapsed_seconds", state.get("wall_seconds"))
+    write_report(results, settings, state["parameters"], wall, out, "paper_effects", preset, command, missing,
+                 rendered_from=(partial if partial.exists() else out / "paper_effects.json").name)
     print(f"wrote {out / 'paper_effects.md'} from {len(results)} finished runs; missing: {', '.join(missing) or '-'}")
 
 
