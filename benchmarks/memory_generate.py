@@ -50,7 +50,7 @@ def parse_args(argv=None):
     parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES,
                         help="models to measure; llama is needed for the ratios (default: all four)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny settings (hidden 64, 2 layers, 64-token prompt, 1 repetition) for the smoke test")
+                        help="tiny settings (hidden 64, 2 layers, 64-token prompt, 1 repetition, 1 thread) for the smoke test")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "memory_generate.md",
                         help="markdown results file; the PNG goes next to it "
                         "(default: benchmarks/results/memory_generate.md)")
@@ -59,6 +59,7 @@ def parse_args(argv=None):
     if args.quick:
         args.hidden, args.layers, args.intermediate, args.vocab = 64, 2, 176, 256
         args.prompt_len, args.new_tokens, args.repeats = 64, 2, 1
+        args.threads = 1  # no OpenMP barriers: robust on a busy machine; quick numbers mean nothing
         args.jobs = max(args.jobs, 4)
     if "llama" not in args.models:
         parser.error("--models must include llama: every ratio is to Llama")

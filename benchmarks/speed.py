@@ -447,7 +447,7 @@ def parse_args(argv=None):
     parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES,
                         help="which models to run; llama is needed for the ratios (default: all four)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny settings (hidden 64, 2 layers, T 32 64, 1 repetition, 8 new tokens) that run "
+                        help="tiny settings (hidden 64, 2 layers, T 32 64, 1 repetition, 8 new tokens, 1 thread) that run "
                         "in seconds; for the smoke test, the numbers mean nothing")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "speed.md",
                         help="markdown results file; the PNG and the raw JSON go next to it "
@@ -460,6 +460,7 @@ def parse_args(argv=None):
         args.hidden, args.heads, args.kv_heads, args.layers = 64, 8, 4, 2
         args.intermediate, args.vocab, args.max_positions = 176, 256, 128
         args.seq_lens, args.prompt_len, args.new_tokens, args.repeats = [32, 64], 16, 8, 1
+        args.threads = 1  # no OpenMP barriers: robust on a busy machine; quick numbers mean nothing
         args.memory_jobs = max(args.memory_jobs, 4)
         if args.memory_seq_lens is None:
             args.memory_seq_lens = [32]
