@@ -378,7 +378,7 @@ def markdown(rows, checks, info, args) -> str:
     lines += ["", "## Targets (issue 6), ratios to Llama in this run", "", "| target | measured | verdict |",
               "| --- | --- | --- |"]
     lines += [f"| {c['target']} | {c['measured']} | {c['verdict']} |" for c in checks]
-    lines += ["", "![ratios to Llama](speed.png)", ""]
+    lines += ["", f"![ratios to Llama]({args.out.with_suffix('.png').name})", ""]
     return "\n".join(lines)
 
 
