@@ -235,14 +235,11 @@ class DiffTransformerAttention(nn.Module):
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
 
-        # Group the query heads by KV group, maps outermost: [q1 of the group's heads, then q2 of them], and pad
-        # q1 to q1‖0 and q2 to 0‖q2. `diag_embed` does both in one kernel: with the map axis m last, it writes
-        # out[..., m, :, n, :] = q_m if n == m else 0, i.e. (B, T, groups, 2, per_group, 2, d) = rows [q1 0], [0 q2].
-        # Per decode step that is 1 op instead of pad + pad + stack (3 ops, 3 copies); see
-        # benchmarks/attention_kernels.py and benchmarks/README.md for the measurements behind this layout.
-        query = query.view(batch, q_len, groups, per_group, 2, d).transpose(-1, -2)  # (..., per_group, d, 2)
-        query_states = torch.diag_embed(query, dim1=3, dim2=5)  # (B, T, groups, 2, per_group, 2, d)
-        query_states = query_states.view(batch, q_len, -1, 2 * d).transpose(1, 2)  # (B, 2·heads, T, 2d)
+        # Group the query heads by KV group, maps outermost: [q1 of the group's heads, then q2 of them]
+        query = query.view(batch, q_len, groups, per_group, 2, d)
+        q1 = nn.functional.pad(query[..., 0, :], (0, d))  # (B, T, groups, per_group, 2d): q1 ‖ 0
+        q2 = nn.functional.pad(query[..., 1, :], (d, 0))  # 0 ‖ q2
+        query_states = torch.stack((q1, q2), dim=3).view(batch, q_len, -1, 2 * d).transpose(1, 2)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -258,18 +255,13 @@ class DiffTransformerAttention(nn.Module):
             **kwargs,
         )
 
-        lambda_full = self.lambda_full()
+        lambda_full = self.lambda_full() * self.config.lambda_scale
         attn_output = attn_output.view(batch, q_len, groups, 2, per_group, 2 * d)
-        # map1 - lambda_scale·λ·map2 in one fused op (lambda_scale is a Python constant of the config)
-        attn_output = torch.addcmul(
-            attn_output[:, :, :, 0], lambda_full.to(attn_output.dtype), attn_output[:, :, :, 1],
-            value=-self.config.lambda_scale,
-        )
+        attn_output = attn_output[:, :, :, 0] - lambda_full.to(attn_output.dtype) * attn_output[:, :, :, 1]
         attn_output = self.subln(attn_output) * (1 - self.lambda_init)  # (B, T, groups, per_group, 2d)
         attn_output = self.o_proj(attn_output.reshape(batch, q_len, -1))
 
         if attn_weights is not None:  # eager: return the differential map, (B, heads, T, S)
-            lambda_full = lambda_full * self.config.lambda_scale
             attn_weights = attn_weights.view(batch, groups, 2, per_group, q_len, -1)
             attn_weights = attn_weights[:, :, 0] - lambda_full.to(attn_weights.dtype) * attn_weights[:, :, 1]
             attn_weights = attn_weights.reshape(batch, self.num_heads, q_len, -1)
@@ -344,16 +336,12 @@ class DiffTransformerV2Attention(nn.Module):
             **kwargs,
         )
 
-        lambda_gate = torch.sigmoid(self.lambda_proj(hidden_states))  # (B, T, heads)
+        lambda_gate = torch.sigmoid(self.lambda_proj(hidden_states)) * self.config.lambda_scale  # (B, T, heads)
         attn_output = attn_output.view(batch, q_len, self.num_heads, 2, self.head_dim)
-        # map_{2h} - lambda_scale·gate·map_{2h+1} in one fused op (lambda_scale is a Python constant of the config)
-        attn_output = torch.addcmul(
-            attn_output[..., 0, :], lambda_gate.unsqueeze(-1), attn_output[..., 1, :], value=-self.config.lambda_scale
-        )
+        attn_output = attn_output[..., 0, :] - lambda_gate.unsqueeze(-1) * attn_output[..., 1, :]
         attn_output = self.o_proj(attn_output.reshape(batch, q_len, -1))
 
         if attn_weights is not None:  # eager: return the differential map, (B, heads, T, S)
-            lambda_gate = lambda_gate * self.config.lambda_scale
             gate = lambda_gate.transpose(1, 2).unsqueeze(-1).to(attn_weights.dtype)  # (B, heads, T, 1)
             attn_weights = attn_weights[:, 0::2] - gate * attn_weights[:, 1::2]
         return attn_output, attn_weights

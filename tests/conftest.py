@@ -12,7 +12,8 @@ import torch  # noqa: E402
 import modeling_diff  # noqa: E402,F401  (registers the Auto classes)
 from modeling_diff import DiffTransformerConfig  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# two threads as on CI; OMP_NUM_THREADS=1 keeps a run usable on a machine shared with other jobs
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
 
 
 def tiny_config(diff_version=1, heads=8, kv_heads=4, **overrides):
