@@ -186,9 +186,10 @@ def model_configs(settings: Settings, vocab_size: int) -> dict:
     twice as wide in value); V2 in DIFF V2's layout (twice Llama's query heads, Llama's KV heads and o_proj width)
     with its SwiGLU width reduced so that its parameter count matches Llama's (the extra query projection costs
     one hidden² matrix per layer)."""
+    from transformers import LlamaConfig
+
     import modeling_diff  # noqa: F401  (registers the Auto classes)
     from modeling_diff import DiffTransformerConfig
-    from transformers import LlamaConfig
 
     head_dim = settings.hidden_size // settings.heads
     common = dict(vocab_size=vocab_size, hidden_size=settings.hidden_size,
@@ -241,10 +242,9 @@ def paper_schedule(optimizer, steps: int, warmup: int, min_lr_ratio: float):
 def run_job(job: dict, queue=None) -> dict:
     """Train `job["model"]` with `job["seed"]` and run every measurement; returns a JSON-serialisable dict."""
     import torch
+    from modeling_diff_eval.tasks import run_task
     from transformers import PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
-
-    from modeling_diff_eval.tasks import run_task
 
     settings = Settings(**job["settings"])
     torch.set_num_threads(settings.threads_per_worker)

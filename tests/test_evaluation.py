@@ -4,14 +4,13 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-from modeling_diff import DiffTransformerForCausalLM
+from conftest import tiny_config
 from modeling_diff_eval.metrics import answer_attention_share, capture_attention_logits, outlier_stats
 from modeling_diff_eval.needle import build_example, key_pool, needle_specs
 from modeling_diff_eval.tasks import TASK_NAMES, format_table, run_task
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from conftest import tiny_config
+from modeling_diff import DiffTransformerForCausalLM
 
 
 def char_encode(text):
@@ -119,9 +118,8 @@ def tiny_llama():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     from modeling_diff_eval.corpus import python_docs_texts
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
