@@ -37,11 +37,11 @@ def add_arguments(parser):
         help="fine-tuning text: a file, folder or HF datasets name (default: Python's reference "
         "docs from pydoc_data.topics, present on every machine with Python)",
     )
-    parser.add_argument("--max-steps", type=int, default=20, help="fine-tuning steps for each model")
+    parser.add_argument("--max-steps", type=int, default=100, help="fine-tuning steps for each model")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per step")
     parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
-    parser.add_argument("--eval-batches", type=int, default=6, help="held-out batches for each perplexity")
+    parser.add_argument("--eval-batches", type=int, default=8, help="held-out batches for each perplexity")
     parser.add_argument(
         "--no-baseline",
         action="store_true",
