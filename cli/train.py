@@ -139,7 +139,7 @@ def train_model(
         logging_steps=logging_steps,
         save_steps=save_steps,
         save_total_limit=2,
-        gradient_checkpointing=gradient_checkpointing,
+        activation_checkpointing=gradient_checkpointing,
         bf16=bf16,
         report_to=[],
         seed=seed,

@@ -222,6 +222,7 @@ def test_train_with_distillation_cli(models_dir, tmp_path):
         models_dir / "llama",
         "--lambda-warmup-steps",
         2,
+        "--gradient-checkpointing",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "d" / "model.safetensors").exists()
