@@ -11,6 +11,7 @@ interrupted or failed conversion leaves nothing behind.
 """
 
 import json
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from modeling_diff import DiffTransformerConfig
 from .mapping import map_diffllama_to_v1, map_llama_to_v1, map_llama_to_v2
 from .model_card import write_model_card
 from .output import atomic_output_dir, check_output_dir
-from .source import ConversionError, Source, open_source
+from .source import SKIPPED_SUFFIXES, ConversionError, Source, open_source
 from .verify import VerificationResult, verify
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -275,7 +276,8 @@ def convert(
         report.dtype = str(out_dtype).replace("torch.", "")
         _write_metadata(src, config, tmp, out_dtype)
         if verify_output:
-            report.verification = verify(src, tmp, preserves_function=preserves, weight_dtype=out_dtype)
+            n_params = sum(math.prod(shape) for shape in expected_shapes(src.config).values())
+            report.verification = verify(src, tmp, preserves, weight_dtype=out_dtype, n_params=n_params)
         write_model_card(tmp / "README.md", report, src, config)
         if report.verification is not None and preserves and not report.verification.passed:
             raise ConversionError(
@@ -307,7 +309,7 @@ def _write_weights(src: Source, config, variant, dtype, folder: Path, max_shard_
     out_dtype = None
     bar = tqdm(total=len(expected), desc="converting tensors", unit="tensor", disable=not progress)
     for name, tensor in src.tensors():
-        if name.endswith("rotary_emb.inv_freq"):
+        if name.endswith(SKIPPED_SUFFIXES):
             continue
         if name == "lm_head.weight" and src.config.tie_word_embeddings:
             continue  # tied: the embedding is the LM head

@@ -101,17 +101,19 @@ def verification_dtype(n_params: int) -> torch.dtype:
     return torch.float32 if n_params * 4 < 0.6 * psutil.virtual_memory().available else torch.bfloat16
 
 
-def verify(source, converted_dir: Path, preserves_function: bool, weight_dtype: torch.dtype) -> VerificationResult:
+def verify(
+    source, converted_dir: Path, preserves_function: bool, weight_dtype: torch.dtype, n_params: int
+) -> VerificationResult:
     """Run `source` and the converted model on the same inputs and compare them.
 
     The source's weights are first rounded to `weight_dtype` (the output's), exactly as the conversion rounded them,
-    so that a bfloat16 conversion of a float32 source is compared like with like.
+    so that a bfloat16 conversion of a float32 source is compared like with like. `n_params`, the source's
+    parameter count, decides whether both models run in float32 or, when that would not fit, bfloat16.
     """
     from modeling_diff import DiffTransformerForCausalLM
 
     tokenizer = source.load_tokenizer()
     config = source.config
-    n_params = config.num_hidden_layers * 12 * config.hidden_size**2 + 2 * config.vocab_size * config.hidden_size
     dtype = verification_dtype(n_params)
     seqs, ppl_ids, prompt = _inputs(tokenizer, config.vocab_size)
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
