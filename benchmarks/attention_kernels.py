@@ -11,9 +11,9 @@ with the cache layout of `modeling_diff`: one key of width 2d per KV group holdi
     llama       baseline: Llama's core with the same config numbers (H query heads, 2G KV heads, width d)
     (a) padded  what the model does: q1 zero-padded on the right and q2 on the left to 2d, so both maps come
                 from ONE sdpa call on the cache key/value as they are (QKᵀ at width 2d: 2× Llama's FLOPs);
-                the padded queries are built by pad + pad + stack
-    (a')        the same, with the padded queries built by one `torch.diag_embed` (tried in the model, then
-                reverted for readability: one kernel instead of three, but no gain this benchmark could resolve)
+                the padded queries are built by one `torch.diag_embed`, the two maps of a head adjacent
+    (a')        the same with the padded queries built by pad + pad + stack, maps outermost in each KV group
+                (what the model did before; three kernels instead of one)
     (b) 4-call  the split-value scheme of the official `multihead_flashdiff_2.py`: q1/k1 with each half of v,
                 q2/k2 likewise, four sdpa calls at width d (QKᵀ computed twice per map: 2× Llama's FLOPs)
     (c) 2-call  q/k of width d against v of width 2d, one call per map (1.5× Llama's FLOPs if a kernel took it)
@@ -32,6 +32,7 @@ and a PNG next to it; `--profile` prints torch.profiler's top operators of each 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -42,11 +43,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 HERE = Path(__file__).resolve().parent
-SCHEMES = ("llama", "padded", "padded-diag", "4-call", "2-call", "maps")
+SCHEMES = ("llama", "padded", "padded-stack", "4-call", "2-call", "maps")
 DESCRIPTIONS = {
     "llama": "Llama core: 1 sdpa call, q/k/v width d (baseline)",
-    "padded": "(a) zero-padded q (pad+pad+stack), 1 sdpa call at width 2d (the model's choice)",
-    "padded-diag": "(a') as (a), q padded by one diag_embed",
+    "padded": "(a) zero-padded q (one diag_embed), 1 sdpa call at width 2d (the model's choice)",
+    "padded-stack": "(a') as (a), q padded by pad+pad+stack",
     "4-call": "(b) 4 sdpa calls at width d, split value (multihead_flashdiff_2)",
     "2-call": "(c) 2 sdpa calls, q/k width d, v width 2d",
     "maps": "(d) materialised maps in plain torch",
@@ -73,30 +74,33 @@ def merge_heads(out: torch.Tensor) -> torch.Tensor:
     return out.permute(0, 3, 1, 2, 4).reshape(batch, length, groups * per_group, width)
 
 
-def core_padded(q, key, value, lam, causal, build="pad+stack"):
+def core_padded(q, key, value, lam, causal, build="diag_embed"):
     """(a) One sdpa call: [q1‖0] and [0‖q2] against the k1‖k2 key; the model's scheme.
 
-    `build="pad+stack"` builds the padded queries as the model does (two `F.pad` and a `torch.stack`);
-    `build="diag_embed"` makes them in one kernel, kept to show what that alternative buys.
+    `build="diag_embed"` builds the padded queries as the model does (one kernel, q1 and q2 of a head adjacent);
+    `build="pad+stack"` makes them with two `F.pad` and a `torch.stack`, maps outermost in each KV group.
     """
     batch, length, heads, dim = q.shape
     groups = key.shape[1]
     per_group = heads // (2 * groups)
     q = q.view(batch, length, groups, per_group, 2, dim)
     if build == "diag_embed":
-        query = torch.diag_embed(q.transpose(-1, -2), dim1=3, dim2=5)  # (B, T, G, 2, P, 2, d)
+        query = torch.diag_embed(q.transpose(-1, -2), dim1=-3, dim2=-2)  # (B, T, G, P, 2, 2, d)
     else:
-        query = torch.stack((F.pad(q[..., 0, :], (0, dim)), F.pad(q[..., 1, :], (dim, 0))), dim=3)
+        query = torch.stack((F.pad(q[..., 0, :], (0, dim)), F.pad(q[..., 1, :], (dim, 0))), dim=3)  # G, 2, P
     query = query.view(batch, length, heads, 2 * dim).transpose(1, 2)
     # the scale stays 1/√d: the zero half adds nothing to the product, so the width is still d
     out = F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=dim**-0.5, enable_gqa=True)
+    if build == "diag_embed":
+        out = out.view(batch, groups, per_group, 2, length, 2 * dim)
+        return merge_heads(torch.addcmul(out[:, :, :, 0], lam, out[:, :, :, 1], value=-1))
     out = out.view(batch, groups, 2, per_group, length, 2 * dim)
     return merge_heads(torch.addcmul(out[:, :, 0], lam, out[:, :, 1], value=-1))
 
 
-def core_padded_diag(q, key, value, lam, causal):
-    """(a') As (a), with the padded queries built by one `torch.diag_embed`."""
-    return core_padded(q, key, value, lam, causal, build="diag_embed")
+def core_padded_stack(q, key, value, lam, causal):
+    """(a') As (a), with the padded queries built by pad + pad + stack."""
+    return core_padded(q, key, value, lam, causal, build="pad+stack")
 
 
 def core_four_calls(q, key, value, lam, causal):
@@ -158,7 +162,7 @@ def core_llama(q, key, value, lam, causal):
     return out.transpose(1, 2)
 
 
-CORES = {"llama": core_llama, "padded": core_padded, "padded-diag": core_padded_diag, "4-call": core_four_calls,
+CORES = {"llama": core_llama, "padded": core_padded, "padded-stack": core_padded_stack, "4-call": core_four_calls,
          "2-call": core_two_calls, "maps": core_maps}
 
 
@@ -267,7 +271,7 @@ def markdown(results, differences, args, profile_text: str = "") -> str:
         + f" on {info['date_utc']}.",
         "",
         f"- Machine: {info['cpu']}, {info['logical_cores']} logical cores, torch threads = {args.threads} "
-        "(shared machine; ratios come from one interleaved run)",
+        f"(1-minute load average {os.getloadavg()[0]:.2f} when the run ended; ratios come from one interleaved run)",
         f"- Versions: Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}",
         f"- Shapes: {args.heads} query heads, {args.kv_heads} KV heads (Llama's counting), head_dim {args.head_dim}, "
         f"batch 1, float32. Median of {args.repeats} after a warm-up, schemes interleaved.",

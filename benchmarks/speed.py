@@ -174,6 +174,33 @@ def generate_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def peak_allocated_mib(model, ids: torch.Tensor) -> float:
+    """Peak of the bytes held by live tensors during one forward + backward, above what was live before (MiB).
+
+    The CPU analogue of `torch.cuda.max_memory_allocated`: torch.profiler records every allocation and free of
+    PyTorch's CPU allocator with its size; their running sum, in time order, peaks at the answer. Unlike the
+    process RSS it carries no malloc slack, so it is the same from run to run.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    model.train()
+    model.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    events = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
+
+
 def _status_kib(field: str) -> int:
     """A `kB` field of /proc/self/status (VmRSS, VmHWM) in KiB."""
     with open("/proc/self/status") as status:
@@ -296,7 +323,10 @@ def build_rows(results: dict, args) -> list[dict]:
     rows.append(dict(key="generate_tps", label=f"generate() tok/s ({args.prompt_len}+{args.new_tokens}, "
                      "prefill incl.)", unit="tok/s", higher=True))
     for seq_len in args.memory_seq_lens:
-        rows.append(dict(key=f"mem_{seq_len}", label=f"peak training memory (RSS increase), T={seq_len}",
+        rows.append(dict(key=f"alloc_{seq_len}", label=f"peak training memory (allocated tensors), T={seq_len}",
+                         unit="MiB", higher=False))
+    for seq_len in args.memory_seq_lens:
+        rows.append(dict(key=f"mem_{seq_len}", label=f"peak training RSS increase (incl. malloc slack), T={seq_len}",
                          unit="MiB", higher=False))
         rows.append(dict(key=f"memabs_{seq_len}", label=f"peak RSS of the process (absolute), T={seq_len}",
                          unit="MiB", higher=False))
@@ -336,7 +366,7 @@ def check_targets(rows: list[dict], args) -> list[dict]:
         add(f"{LABELS[name]} KV-cache bytes = Llama's", "kv_bytes", name, 1.0, "==")
     for seq_len in args.memory_seq_lens:
         for name in ("diff-v1", "diff-v2"):
-            add(f"{LABELS[name]} peak training memory ≤ 1.15× at T={seq_len}", f"mem_{seq_len}", name, 1.15, "<=")
+            add(f"{LABELS[name]} peak training memory ≤ 1.15× at T={seq_len}", f"alloc_{seq_len}", name, 1.15, "<=")
     return checks
 
 
@@ -349,8 +379,8 @@ def markdown(rows, checks, info, args) -> str:
         f"Produced by `python benchmarks/speed.py {' '.join(args.argv)}`".rstrip() + f" on {info['date_utc']}.",
         "",
         f"- Machine: {info['cpu']}, {info['logical_cores']} logical cores, torch threads = {info['torch_threads']} "
-        f"(shared machine: other jobs were running, so absolute times are noisy; ratios come from one "
-        f"interleaved run)",
+        f"(a shared machine: 1-minute load average {info['load_start']:.2f} at the start, {info['load_end']:.2f} at the "
+        f"end; absolute times are noisy, ratios come from one interleaved run)",
         f"- Versions: Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}",
         f"- Models: hidden {args.hidden}, {args.heads} query heads, {args.kv_heads} KV heads, {args.layers} layers, "
         f"vocab {args.vocab}, intermediate {args.intermediate}; {args.dtype}, attn_implementation=\"{args.attn}\", "
@@ -433,7 +463,8 @@ def parse_args(argv=None):
     parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens before decoding (default: 512)")
     parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens to decode (default: 128)")
     parser.add_argument("--memory-seq-lens", type=int, nargs="*", default=None,
-                        help="T values of the peak-memory measure, one subprocess per model and T "
+                        help="T values of the peak-memory measures: tensors allocated during a training step "
+                        "(in this process) and the process RSS (one fresh subprocess per model and T) "
                         "(default: the --seq-lens; pass nothing after the flag to skip memory)")
     parser.add_argument("--memory-jobs", type=int, default=1,
                         help="memory subprocesses run at the same time; each has its own peak RSS, so this only "
@@ -486,6 +517,7 @@ def main(argv=None) -> dict:
     if "llama" not in args.models:
         raise SystemExit("--models must include llama: every ratio is to Llama")
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]
     dtype = getattr(torch, args.dtype)
     numbers = config_numbers(args)
     models = {name: build_model(name, numbers, args.attn, dtype) for name in args.models}
@@ -528,6 +560,11 @@ def main(argv=None) -> dict:
             else:
                 results[name][key] = median(values)
 
+    for seq_len in tqdm(args.memory_seq_lens, desc="peak allocated memory", unit="T"):
+        memory_ids = random_ids(args.vocab, seq_len, seed=seq_len)
+        for name, model in models.items():
+            results[name][f"alloc_{seq_len}"] = peak_allocated_mib(model, memory_ids)
+
     del models
     memory_runs = [(t, name) for t in args.memory_seq_lens for name in args.models]
     specs = [dict(model=name, numbers=numbers, seq_len=t, threads=args.threads, task="train",
@@ -542,6 +579,7 @@ def main(argv=None) -> dict:
         raw[name][f"mem_{seq_len}"] = measured
 
     info = machine_info(args.threads)
+    info["load_start"], info["load_end"] = load_start, os.getloadavg()[0]
     rows = build_rows(results, args)
     checks = check_targets(rows, args)
     text = markdown(rows, checks, info, args)

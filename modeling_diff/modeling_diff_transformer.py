@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -54,6 +55,27 @@ class DiffTransformerRMSNorm(nn.Module):
 
     def extra_repr(self):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class DiffTransformerHeadRMSNorm(nn.Module):
+    def __init__(self, head_width: int, scale: float, eps: float = 1e-6) -> None:
+        """V1's per-head norm: RMSNorm over each 2·head_dim-wide head, then × `scale` = (1 - λ_init).
+
+        One `rms_norm` call with the scale folded into the weight. It is a single autograd node that saves only its
+        input and the inverse RMS; the op-by-op form of `DiffTransformerRMSNorm` keeps its normalized output too and
+        costs six more small ops per decoding step (measured in benchmarks/speed.py).
+        """
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(head_width))
+        self.scale = scale
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = self.weight * self.scale
+        return nn.functional.rms_norm(hidden_states, weight.shape, weight, self.variance_epsilon)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, scale={self.scale}, eps={self.variance_epsilon}"
 
 
 class DiffTransformerRotaryEmbedding(nn.Module):
@@ -203,13 +225,17 @@ class DiffTransformerAttention(nn.Module):
         self.lambda_k1 = nn.Parameter(torch.zeros(self.head_dim))
         self.lambda_q2 = nn.Parameter(torch.zeros(self.head_dim))
         self.lambda_k2 = nn.Parameter(torch.zeros(self.head_dim))
-        self.subln = DiffTransformerRMSNorm(2 * self.head_dim, eps=config.rms_norm_eps)
+        self.subln = DiffTransformerHeadRMSNorm(2 * self.head_dim, 1 - self.lambda_init, eps=config.rms_norm_eps)
 
     def lambda_full(self) -> torch.Tensor:
         """The layer's scalar λ = exp(λq1·λk1) - exp(λq2·λk2) + λ_init, in float32."""
         lambda_1 = torch.exp(torch.dot(self.lambda_q1.float(), self.lambda_k1.float()))
         lambda_2 = torch.exp(torch.dot(self.lambda_q2.float(), self.lambda_k2.float()))
         return lambda_1 - lambda_2 + self.lambda_init
+
+    def differential_head_norm(self, attn_output: torch.Tensor, lambda_full: torch.Tensor) -> torch.Tensor:
+        """(B, T, heads, 2, 2d) outputs of the two maps -> (B, T, heads, 2d): subln(a1 - λ·a2) · (1 - λ_init)."""
+        return self.subln(torch.addcmul(attn_output[..., 0, :], lambda_full, attn_output[..., 1, :], value=-1))
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -221,7 +247,7 @@ class DiffTransformerAttention(nn.Module):
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, q_len = hidden_states.shape[:-1]
-        d, groups, per_group = self.head_dim, self.num_kv_groups, self.heads_per_group
+        d, groups = self.head_dim, self.num_kv_groups
 
         query = self.q_proj(hidden_states).view(batch, q_len, -1, d)  # (B, T, 2·heads, d)
         key = self.k_proj(hidden_states).view(batch, q_len, -1, d)  # (B, T, 2·groups, d)
@@ -235,11 +261,12 @@ class DiffTransformerAttention(nn.Module):
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
 
-        # Group the query heads by KV group, maps outermost: [q1 of the group's heads, then q2 of them]
-        query = query.view(batch, q_len, groups, per_group, 2, d)
-        q1 = nn.functional.pad(query[..., 0, :], (0, d))  # (B, T, groups, per_group, 2d): q1 ‖ 0
-        q2 = nn.functional.pad(query[..., 1, :], (d, 0))  # 0 ‖ q2
-        query_states = torch.stack((q1, q2), dim=3).view(batch, q_len, -1, 2 * d).transpose(1, 2)
+        # q1 -> q1‖0 and q2 -> 0‖q2 in one op: diag_embed puts the map index m on the diagonal of a new
+        # (map, half) pair of dims. Maps stay adjacent (2i, 2i+1 = q1, q2 of head i), so a KV group's maps are
+        # contiguous, as GQA needs.
+        query = query.view(batch, q_len, -1, 2, d).transpose(-1, -2)  # (B, T, heads, d, 2)
+        query_states = torch.diag_embed(query, dim1=-3, dim2=-2)  # (B, T, heads, 2, 2, d)
+        query_states = query_states.view(batch, q_len, -1, 2 * d).transpose(1, 2)  # (B, 2·heads, T, 2d)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -255,16 +282,23 @@ class DiffTransformerAttention(nn.Module):
             **kwargs,
         )
 
-        lambda_full = self.lambda_full() * self.config.lambda_scale
-        attn_output = attn_output.view(batch, q_len, groups, 2, per_group, 2 * d)
-        attn_output = attn_output[:, :, :, 0] - lambda_full.to(attn_output.dtype) * attn_output[:, :, :, 1]
-        attn_output = self.subln(attn_output) * (1 - self.lambda_init)  # (B, T, groups, per_group, 2d)
+        lambda_full = (self.lambda_full() * self.config.lambda_scale).to(attn_output.dtype)
+        attn_output = attn_output.view(batch, q_len, -1, 2, 2 * d)  # (B, T, heads, map, 2d)
+        if self.training and torch.is_grad_enabled():
+            # CODEPATH: training. The subtraction and the head norm are recomputed in the backward pass rather than
+            # storing their two (B, T, heads, 2d) results: the maps' output is kept by the attention kernel anyway,
+            # so this drops two of the four activations V1 adds to Llama's per layer for two elementwise passes
+            # (benchmarks/speed.py, peak training memory).
+            attn_output = checkpoint(
+                self.differential_head_norm, attn_output, lambda_full, use_reentrant=False, preserve_rng_state=False
+            )
+        else:
+            attn_output = self.differential_head_norm(attn_output, lambda_full)  # (B, T, heads, 2d)
         attn_output = self.o_proj(attn_output.reshape(batch, q_len, -1))
 
         if attn_weights is not None:  # eager: return the differential map, (B, heads, T, S)
-            attn_weights = attn_weights.view(batch, groups, 2, per_group, q_len, -1)
+            attn_weights = attn_weights.view(batch, -1, 2, q_len, attn_weights.shape[-1])
             attn_weights = attn_weights[:, :, 0] - lambda_full.to(attn_weights.dtype) * attn_weights[:, :, 1]
-            attn_weights = attn_weights.reshape(batch, self.num_heads, q_len, -1)
         return attn_output, attn_weights
 
 

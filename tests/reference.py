@@ -93,13 +93,18 @@ def attention_v2(config, w, prefix, layer, x, positions, key_mask):
     return torch.cat(outs, dim=-1) @ w[prefix + "o_proj.weight"].T, maps
 
 
-def causal_lm_forward(model, input_ids, attention_mask=None):
+def causal_lm_forward(model, input_ids, attention_mask=None, differentiable=False):
     """Logits (B, T, V) and per-layer differential maps of a DiffTransformerForCausalLM, from its weights alone.
 
-    Positions count the real tokens only (left padding gets the positions `generate` would give it).
+    Positions count the real tokens only (left padding gets the positions `generate` would give it). With
+    `differentiable=True` the float64 weights stay connected to the model's parameters, so that a backward pass
+    through this reference fills `param.grad` with the gradients of the equations.
     """
     config = model.config
-    w = {name: t.detach().double() for name, t in model.state_dict().items()}
+    if differentiable:
+        w = {name: t.double() for name, t in model.named_parameters()}
+    else:
+        w = {name: t.detach().double() for name, t in model.state_dict().items()}
     if "lm_head.weight" not in w:
         w["lm_head.weight"] = w["model.embed_tokens.weight"]
     attention = attention_v1 if config.diff_version == 1 else attention_v2

@@ -50,7 +50,8 @@ def test_speed_quick(tmp_path):
     assert "| measure | Llama | DiffLlama | Diff V1 | Diff V2 |" in text
     expected = [
         "training step fwd+bwd, T=32", "training step fwd+bwd, T=64", "prefill latency, T=32", "prefill latency, T=64",
-        "decode tok/s", "generate() tok/s", "peak training memory (RSS increase), T=32", "peak RSS of the process",
+        "decode tok/s", "generate() tok/s", "peak training memory (allocated tensors), T=32",
+        "peak training RSS increase (incl. malloc slack), T=32", "peak RSS of the process",
         "KV-cache bytes", "parameters",
     ]
     for label in expected:
@@ -92,3 +93,29 @@ def test_memory_generate_quick(tmp_path):
         assert len(rows) == 1, label
         assert_positive_cells(rows[0][1:])
     assert (tmp_path / "memory_generate.png").stat().st_size > 1000
+
+
+def test_peak_allocated_memory_is_reproducible_and_counts_activations():
+    """The allocator peak is the same on a second identical step, and grows with the sequence length."""
+    speed = load("speed")
+    args = speed.parse_args(["--quick"])
+    model = speed.build_model("diff-v1", speed.config_numbers(args))
+    short, long = (speed.random_ids(args.vocab, length, seed=0) for length in (32, 64))
+    first = speed.peak_allocated_mib(model, short)
+    assert first > 0
+    assert speed.peak_allocated_mib(model, short) == pytest.approx(first, rel=0.01)
+    assert speed.peak_allocated_mib(model, long) > 1.5 * first
+
+
+def test_decode_profile_quick(tmp_path):
+    out = tmp_path / "decode_profile.md"
+    result = load("decode_profile").main(["--quick", "--out", str(out)])
+    text = out.read_text()
+    for label in ("Llama", "Diff V1", "Diff V2"):
+        rows = table_rows(text, label + " ")
+        assert len(rows) == 1, label
+        assert_positive_cells(rows[0][1:])
+    # V1 runs operators Llama does not (the padded query, λ, the head norm): its difference table is not empty
+    v1_section = text.split("## Diff V1 against Llama")[1].split("## Diff V2")[0]
+    assert len(table_rows(v1_section, "`aten::")) > 0
+    assert set(result["per_token_seconds"]) == {"llama", "diff-v1", "diff-v2"}

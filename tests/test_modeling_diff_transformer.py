@@ -52,6 +52,30 @@ def test_matches_reference(layout):
 
 
 @pytest.mark.parametrize("layout", ["v1-gqa", "v2-gqa"])
+def test_training_gradients_match_reference(layout):
+    """In training mode (V1 recomputes a1 - λ·a2 and its norm in the backward pass) the gradients of every
+    parameter equal those of the plain-torch equations."""
+    model = make_model(layout, attn="sdpa").train()
+    with torch.no_grad():  # λ away from its init value, so that its gradient path is exercised
+        for name, param in model.named_parameters():
+            if "lambda" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    ids = torch.randint(3, 97, (2, 12))
+    probe = torch.randn(2, 12, model.config.vocab_size, dtype=torch.float64)
+
+    (model(ids).logits.double() * probe).sum().backward()
+    ours = {name: param.grad.clone() for name, param in model.named_parameters()}
+    model.zero_grad()
+    ref_logits, _ = causal_lm_forward(model, ids, differentiable=True)
+    (ref_logits * probe).sum().backward()
+
+    for name, param in model.named_parameters():
+        scale = param.grad.abs().max().clamp(min=1e-3)
+        torch.testing.assert_close(ours[name] / scale, param.grad / scale, rtol=0, atol=2e-4, msg=name)
+    assert all(ours[n].abs().max() > 0 for n in ours if "lambda" in n)
+
+
+@pytest.mark.parametrize("layout", ["v1-gqa", "v2-gqa"])
 def test_output_attentions_is_the_differential_map(layout):
     model = make_model(layout)
     ids = torch.randint(3, 97, (1, 10))

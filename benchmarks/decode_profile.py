@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""Where a decoding step's time goes: the operators each model runs per token, from torch.profiler.
+
+`speed.py` reports decode tokens/s; this script explains the ratios. It builds Llama and DiffTransformer V1 / V2
+with `speed.py`'s config numbers (by default hidden 512, 8 query / 4 KV heads, 6 layers, vocab 8192, fp32, sdpa,
+2 threads), prefills a `--prompt-len` prompt, then:
+
+1. times `--steps` greedy one-token forwards per model with the `DynamicCache`, models interleaved, median of
+   `--repeats` (the same measure as speed.py's "decode tok/s (model loop)");
+2. profiles `--steps` more one-token forwards per model and counts, per generated token, how many times each
+   aten operator ran and its self CPU time.
+
+The table lists the operators whose per-token count differs between Llama and a Diff model, the difference in
+calls and in self time, and the totals. At this size a decoding step is a chain of small kernels, so a per-token
+difference in the number of operators shows up directly in tokens/s. The profiler adds its own cost to every
+operator, so its times are larger than in the unprofiled run: read them as shares, not as absolute figures.
+
+    python benchmarks/decode_profile.py            # about a minute on 2 cores
+    python benchmarks/decode_profile.py --quick    # tiny settings, for the smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from speed import LABELS, build_model, config_numbers, machine_info, random_ids  # noqa: E402
+
+MODELS = ("llama", "diff-v1", "diff-v2")
+
+
+def prefilled(model, prompt: torch.Tensor):
+    """A DynamicCache holding `prompt` and the first greedy token."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=prompt, cache=cache, use_cache=True)
+    return cache, out.logits[:, -1:].argmax(-1)
+
+
+@torch.inference_mode()
+def seconds_per_token(model, prompt: torch.Tensor, steps: int) -> float:
+    """Mean seconds of one greedy one-token forward after the prompt (prefill not timed)."""
+    cache, token = prefilled(model, prompt)
+    start = time.perf_counter()
+    for _ in range(steps):
+        token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    return (time.perf_counter() - start) / steps
+
+
+@torch.inference_mode()
+def operators_per_token(model, prompt: torch.Tensor, steps: int) -> dict[str, tuple[float, float]]:
+    """{aten operator: (calls per token, self CPU µs per token)} over `steps` profiled one-token forwards."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache, token = prefilled(model, prompt)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    return {
+        event.key: (event.count / steps, event.self_cpu_time_total / steps)
+        for event in prof.key_averages()
+        if event.key.startswith("aten::")
+    }
+
+
+def difference_table(ops: dict, name: str, layers: int) -> list[str]:
+    """Markdown rows of the operators whose per-token call count differs between Llama and `name`."""
+    base, other = ops["llama"], ops[name]
+    rows = []
+    for key in sorted(set(base) | set(other)):
+        calls_base, time_base = base.get(key, (0.0, 0.0))
+        calls_other, time_other = other.get(key, (0.0, 0.0))
+        if abs(calls_other - calls_base) > 1e-9:
+            rows.append((time_other - time_base, key, calls_base, calls_other))
+    rows.sort(reverse=True)
+    lines = [
+        f"| operator | Llama calls/token | {LABELS[name]} calls/token | extra calls per layer | extra self µs/token |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for delta, key, calls_base, calls_other in rows:
+        lines.append(
+            f"| `{key}` | {calls_base:g} | {calls_other:g} | {(calls_other - calls_base) / layers:+g} | {delta:+.0f} |"
+        )
+    return lines
+
+
+def parse_args(argv=None):
+    """Command-line flags (every one has --help text)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=6, help="decoder layers (default: 6)")
+    parser.add_argument("--hidden", type=int, default=512, help="hidden size (default: 512)")
+    parser.add_argument("--heads", type=int, default=8, help="query heads, Llama's counting (default: 8)")
+    parser.add_argument("--kv-heads", type=int, default=4, help="KV heads, Llama's counting (default: 4)")
+    parser.add_argument("--intermediate", type=int, default=1376, help="MLP width (default: 1376)")
+    parser.add_argument("--vocab", type=int, default=8192, help="vocabulary size (default: 8192)")
+    parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens before decoding (default: 512)")
+    parser.add_argument("--steps", type=int, default=64, help="one-token forwards timed / profiled (default: 64)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions, median reported (default: 5)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: 2)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny settings that run in seconds; for the smoke test, the numbers mean nothing")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "decode_profile.md",
+                        help="markdown results file (default: benchmarks/results/decode_profile.md)")
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.quick:
+        args.hidden, args.layers, args.intermediate, args.vocab = 64, 2, 176, 256
+        args.prompt_len, args.steps, args.repeats, args.threads = 16, 4, 1, 1
+    return args
+
+
+def main(argv=None) -> dict:
+    """Time and profile the decoding step of each model; write and return the results."""
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    # speed.py's config_numbers reads these fields; the training-step lengths only set max positions here
+    args.seq_lens, args.new_tokens, args.max_positions = [args.prompt_len], args.steps + 2, args.prompt_len
+    numbers = config_numbers(args)
+    models = {name: build_model(name, numbers) for name in MODELS}
+    prompt = random_ids(args.vocab, args.prompt_len, seed=7)
+
+    timings = {name: [] for name in models}
+    with tqdm(total=(args.repeats + 1) * len(models), desc="timing decode", unit="run") as bar:
+        for repetition in range(args.repeats + 1):  # repetition 0 is the warm-up
+            for name in list(models) if repetition % 2 == 0 else list(models)[::-1]:
+                seconds = seconds_per_token(models[name], prompt, args.steps)
+                if repetition > 0:
+                    timings[name].append(seconds)
+                bar.update()
+    per_token = {name: statistics.median(values) for name, values in timings.items()}
+    ops = {name: operators_per_token(model, prompt, args.steps) for name, model in tqdm(models.items(), desc="profiling")}
+
+    info = machine_info(args.threads)
+    lines = [
+        "# Decoding step: operators per generated token",
+        "",
+        f"Produced by `python benchmarks/decode_profile.py {' '.join(args.argv)}`".rstrip() + f" on {info['date_utc']}.",
+        "",
+        f"- Machine: {info['cpu']}, {info['logical_cores']} logical cores, torch threads = {args.threads}, 1-minute "
+        f"load average {os.getloadavg()[0]:.2f} at the end",
+        f"- Versions: Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}",
+        f"- Models: hidden {args.hidden}, {args.heads} query heads, {args.kv_heads} KV heads, {args.layers} layers, "
+        f"vocab {args.vocab}, intermediate {args.intermediate}; float32, sdpa, batch 1, DynamicCache, "
+        f"{args.prompt_len}-token prompt, {args.steps} one-token forwards",
+        "",
+        "| model | ms per token (unprofiled, median of {}) | tok/s ratio to Llama | aten operators per token | "
+        "profiled self CPU ms per token |".format(args.repeats),
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name in models:
+        calls = sum(count for count, _ in ops[name].values())
+        self_ms = sum(us for _, us in ops[name].values()) / 1e3
+        lines.append(f"| {LABELS[name]} | {per_token[name] * 1e3:.3f} | {per_token['llama'] / per_token[name]:.3f}× | "
+                     f"{calls:.0f} | {self_ms:.2f} |")
+    for name in ("diff-v1", "diff-v2"):
+        lines += ["", f"## {LABELS[name]} against Llama: operators whose count differs", ""]
+        lines += difference_table(ops, name, args.layers)
+    lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    return {"per_token_seconds": per_token, "ops": ops}
+
+
+if __name__ == "__main__":
+    main()
