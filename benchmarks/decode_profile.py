@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from speed import LABELS, build_model, config_numbers, machine_info, random_ids  # noqa: E402
+from speed import LABELS, add_model_arguments, build_model, config_numbers, machine_info, random_ids  # noqa: E402
 
 MODELS = ("llama", "diff-v1", "diff-v2")
 
@@ -97,16 +97,10 @@ def difference_table(ops: dict, name: str, layers: int) -> list[str]:
 def parse_args(argv=None):
     """Command-line flags (every one has --help text)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=6, help="decoder layers (default: 6)")
-    parser.add_argument("--hidden", type=int, default=512, help="hidden size (default: 512)")
-    parser.add_argument("--heads", type=int, default=8, help="query heads, Llama's counting (default: 8)")
-    parser.add_argument("--kv-heads", type=int, default=4, help="KV heads, Llama's counting (default: 4)")
-    parser.add_argument("--intermediate", type=int, default=1376, help="MLP width (default: 1376)")
-    parser.add_argument("--vocab", type=int, default=8192, help="vocabulary size (default: 8192)")
+    add_model_arguments(parser)
     parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens before decoding (default: 512)")
     parser.add_argument("--steps", type=int, default=64, help="one-token forwards timed / profiled (default: 64)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions, median reported (default: 5)")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: 2)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny settings that run in seconds; for the smoke test, the numbers mean nothing")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "decode_profile.md",
@@ -153,8 +147,8 @@ def main(argv=None) -> dict:
         f"vocab {args.vocab}, intermediate {args.intermediate}; float32, sdpa, batch 1, DynamicCache, "
         f"{args.prompt_len}-token prompt, {args.steps} one-token forwards",
         "",
-        "| model | ms per token (unprofiled, median of {}) | tok/s ratio to Llama | aten operators per token | "
-        "profiled self CPU ms per token |".format(args.repeats),
+        f"| model | ms per token (unprofiled, median of {args.repeats}) | tok/s ratio to Llama | "
+        "aten operators per token | profiled self CPU ms per token |",
         "| --- | --- | --- | --- | --- |",
     ]
     for name in models:

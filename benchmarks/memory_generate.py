@@ -6,8 +6,9 @@ For each of Llama, transformers' DiffLlama, DiffTransformer V1 and V2 (the confi
 Python process builds the model, makes a `--prompt-len` prompt, resets its peak RSS (`VmHWM`, through
 `/proc/self/clear_refs`) and runs `model.generate(prompt, max_new_tokens=--new-tokens)` (greedy, dynamic
 cache). Reported: the increase of the peak RSS over the RSS with the model and prompt loaded (prefill
-activations, the KV cache, logits, allocator slack), the absolute peak RSS, and their ratios to Llama. The
-processes are interleaved (llama, diffllama, v1, v2, then again) and the median of `--repeats` is kept.
+activations, the KV cache, logits), the absolute peak RSS, and their ratios to Llama. The processes run with
+glibc's mmap threshold pinned (see `speed.measure_in_subprocess`), are interleaved (llama, diffllama, v1, v2,
+then again) and the median of `--repeats` is kept.
 
     python benchmarks/memory_generate.py            # 8K prompt, about 5 minutes on 2 cores
     python benchmarks/memory_generate.py --quick    # tiny settings for the smoke test
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from speed import LABELS, MODEL_NAMES, machine_info, measure_in_subprocess  # noqa: E402
+from speed import LABELS, MODEL_NAMES, add_model_arguments, machine_info, measure_in_subprocess  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -34,18 +35,12 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt-len", type=int, default=8192, help="prompt tokens (default: 8192)")
     parser.add_argument("--new-tokens", type=int, default=4, help="greedy tokens generated (default: 4)")
-    parser.add_argument("--layers", type=int, default=6, help="decoder layers (default: 6)")
-    parser.add_argument("--hidden", type=int, default=512, help="hidden size (default: 512)")
-    parser.add_argument("--heads", type=int, default=8, help="query heads, Llama's counting (default: 8)")
-    parser.add_argument("--kv-heads", type=int, default=4, help="KV heads, Llama's counting (default: 4)")
-    parser.add_argument("--intermediate", type=int, default=1376, help="MLP width (default: 1376)")
-    parser.add_argument("--vocab", type=int, default=8192, help="vocabulary size (default: 8192)")
+    add_model_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3,
                         help="fresh processes per model, the median is reported (default: 3)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="processes run at the same time; each has its own peak RSS, so this only changes the "
                         "wall time (default: 1; --quick uses 4)")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: 2)")
     parser.add_argument("--attn", default="sdpa", help="attn_implementation (default: sdpa)")
     parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES,
                         help="models to measure; llama is needed for the ratios (default: all four)")
@@ -109,7 +104,8 @@ def main(argv=None) -> dict:
         f"vocab {args.vocab}, intermediate {args.intermediate}; float32, attn_implementation=\"{args.attn}\", "
         "greedy `generate()` with the dynamic cache, batch 1",
         f"- One fresh process per measurement, median of {args.repeats}, models interleaved. Peak = `VmHWM` after "
-        "resetting it with the model and prompt loaded.",
+        "resetting it with the model and prompt loaded; glibc's mmap threshold pinned at 64 KiB "
+        "(`MALLOC_MMAP_THRESHOLD_=65536`), so that freed tensors leave the RSS.",
         "",
         "| model | peak RSS increase during generate() | ratio to Llama | absolute peak RSS | ratio to Llama |",
         "| --- | --- | --- | --- | --- |",

@@ -247,8 +247,15 @@ def memory_worker(spec: dict) -> dict:
 
 
 def measure_in_subprocess(spec: dict) -> dict:
-    """Run `memory_worker(spec)` in a fresh Python process (so earlier allocations cannot hide the peak)."""
+    """Run `memory_worker(spec)` in a fresh Python process (so earlier allocations cannot hide the peak).
+
+    glibc serves large blocks from the heap once its mmap threshold has grown (it adapts to the sizes freed), and a
+    freed block left in the heap still counts in the RSS: with the default setting the RSS of the same step moved
+    by tens of percent between runs. Pinning the threshold at 64 KiB sends every tensor of that size or more to
+    mmap, so a free gives the memory back and the peak RSS follows the bytes that were live.
+    """
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), TOKENIZERS_PARALLELISM="false")
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     env.setdefault("HF_HUB_OFFLINE", "1")
     result = subprocess.run(
         [sys.executable, str(HERE / "speed.py"), "--memory-worker", json.dumps(spec)],
@@ -326,7 +333,7 @@ def build_rows(results: dict, args) -> list[dict]:
         rows.append(dict(key=f"alloc_{seq_len}", label=f"peak training memory (allocated tensors), T={seq_len}",
                          unit="MiB", higher=False))
     for seq_len in args.memory_seq_lens:
-        rows.append(dict(key=f"mem_{seq_len}", label=f"peak training RSS increase (incl. malloc slack), T={seq_len}",
+        rows.append(dict(key=f"mem_{seq_len}", label=f"peak training RSS increase, T={seq_len}",
                          unit="MiB", higher=False))
         rows.append(dict(key=f"memabs_{seq_len}", label=f"peak RSS of the process (absolute), T={seq_len}",
                          unit="MiB", higher=False))
@@ -446,6 +453,17 @@ def plot(rows, path: Path, args) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model-size flags every benchmark script shares, with speed.py's defaults."""
+    parser.add_argument("--layers", type=int, default=6, help="decoder layers of every model (default: 6)")
+    parser.add_argument("--hidden", type=int, default=512, help="hidden size (default: 512)")
+    parser.add_argument("--heads", type=int, default=8, help="query heads, Llama's counting (default: 8)")
+    parser.add_argument("--kv-heads", type=int, default=4, help="KV heads, Llama's counting (default: 4)")
+    parser.add_argument("--intermediate", type=int, default=1376, help="MLP width (default: 1376)")
+    parser.add_argument("--vocab", type=int, default=8192, help="vocabulary size (default: 8192)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: 2)")
+
+
 def parse_args(argv=None):
     """Command-line flags (every one has --help text)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -453,12 +471,7 @@ def parse_args(argv=None):
                         help="sequence lengths T of the training step and prefill measures (default: 512 2048 4096)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed repetitions per model and measure, the median is reported (default: 3)")
-    parser.add_argument("--layers", type=int, default=6, help="decoder layers of every model (default: 6)")
-    parser.add_argument("--hidden", type=int, default=512, help="hidden size (default: 512)")
-    parser.add_argument("--heads", type=int, default=8, help="query heads, Llama's counting (default: 8)")
-    parser.add_argument("--kv-heads", type=int, default=4, help="KV heads, Llama's counting (default: 4)")
-    parser.add_argument("--intermediate", type=int, default=1376, help="MLP width (default: 1376)")
-    parser.add_argument("--vocab", type=int, default=8192, help="vocabulary size (default: 8192)")
+    add_model_arguments(parser)
     parser.add_argument("--max-positions", type=int, default=4096, help="max_position_embeddings floor (default: 4096)")
     parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens before decoding (default: 512)")
     parser.add_argument("--new-tokens", type=int, default=128, help="greedy tokens to decode (default: 128)")
@@ -469,7 +482,6 @@ def parse_args(argv=None):
     parser.add_argument("--memory-jobs", type=int, default=1,
                         help="memory subprocesses run at the same time; each has its own peak RSS, so this only "
                         "changes the wall time (default: 1; --quick uses 4)")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: 2)")
     parser.add_argument("--attn", default="sdpa", help="attn_implementation of every model (default: sdpa)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="parameter/activation dtype (default: float32)")

@@ -61,9 +61,9 @@ class DiffTransformerHeadRMSNorm(nn.Module):
     def __init__(self, head_width: int, scale: float, eps: float = 1e-6) -> None:
         """V1's per-head norm: RMSNorm over each 2·head_dim-wide head, then × `scale` = (1 - λ_init).
 
-        One `rms_norm` call with the scale folded into the weight. It is a single autograd node that saves only its
-        input and the inverse RMS; the op-by-op form of `DiffTransformerRMSNorm` keeps its normalized output too and
-        costs six more small ops per decoding step (measured in benchmarks/speed.py).
+        One `torch.nn.functional.rms_norm` call with the scale folded into the weight, so the scale multiplies the
+        2·head_dim weight rather than the whole activation. torch runs it as a fused kernel where it has one and
+        as its own composite elsewhere (CPU); the numbers equal the op-by-op `DiffTransformerRMSNorm`.
         """
         super().__init__()
         self.weight = nn.Parameter(torch.ones(head_width))
@@ -191,7 +191,9 @@ class DiffTransformerAttention(nn.Module):
     one width (what flash kernels need), the cache key is used in place (no slicing or copy per decode step), and
     GQA runs natively. The price is QKᵀ at twice the width; we measured it against the alternatives on CPU sdpa
     (benchmarks/attention_kernels.py): the 4-call split-value scheme of `multihead_flashdiff_2` runs the same FLOPs
-    in more calls and is slower, and q/k of width d with v of width 2d falls off the fused kernel entirely.
+    in more calls and is slower, q/k of width d with v of width 2d falls off the fused kernel entirely, and
+    materialised maps (Llama's FLOPs) win only at short T (1.6× vs 1.9× Llama's core at T=512, 7× at T >= 2048,
+    with T² memory per head), so one layout serves every backend and length.
     """
 
     def __init__(self, config: DiffTransformerConfig, layer_idx: int):

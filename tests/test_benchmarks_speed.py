@@ -51,7 +51,7 @@ def test_speed_quick(tmp_path):
     expected = [
         "training step fwd+bwd, T=32", "training step fwd+bwd, T=64", "prefill latency, T=32", "prefill latency, T=64",
         "decode tok/s", "generate() tok/s", "peak training memory (allocated tensors), T=32",
-        "peak training RSS increase (incl. malloc slack), T=32", "peak RSS of the process",
+        "peak training RSS increase, T=32", "peak RSS of the process",
         "KV-cache bytes", "parameters",
     ]
     for label in expected:
@@ -119,3 +119,14 @@ def test_decode_profile_quick(tmp_path):
     v1_section = text.split("## Diff V1 against Llama")[1].split("## Diff V2")[0]
     assert len(table_rows(v1_section, "`aten::")) > 0
     assert set(result["per_token_seconds"]) == {"llama", "diff-v1", "diff-v2"}
+
+
+def test_v1_recompute_quick(tmp_path):
+    """Recomputing a1 - λ·a2 and the head norm in backward keeps fewer bytes than plain autograd (deterministic)."""
+    out = tmp_path / "v1_recompute.md"
+    results = load("v1_recompute").main(["--quick", "--out", str(out)])
+    memory = results[32]["memory_mib"]
+    assert memory["v1-recompute"] < memory["v1-keep"]
+    rows = table_rows(out.read_text(), "peak training memory")
+    assert len(rows) == 1 and len(rows[0]) == 4
+    assert_positive_cells(rows[0][1:])

@@ -64,14 +64,15 @@ def test_loss_uses_num_items_in_batch_for_accumulation():
     torch.testing.assert_close(model.lm_head.weight.grad, full_grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_gradient_checkpointing_gives_the_same_gradients(version):
+@pytest.mark.parametrize("version, reentrant", [(1, False), (1, True), (2, False)])
+def test_gradient_checkpointing_gives_the_same_gradients(version, reentrant):
+    """Layer checkpointing, reentrant or not, wraps V1's own recomputation of a1 - λ·a2 and its norm unchanged."""
     model = DiffTransformerForCausalLM(tiny_config(version)).train()
     ids = torch.randint(3, 97, (2, 16))
     model(ids, labels=ids).loss.backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     assert model.model.layers[0].gradient_checkpointing
     model(ids, labels=ids).loss.backward()
     for name, param in model.named_parameters():
