@@ -63,7 +63,7 @@ class DiffTransformerHeadRMSNorm(nn.Module):
 
         One `torch.nn.functional.rms_norm` call with the scale folded into the weight, so the scale multiplies the
         2·head_dim weight rather than the whole activation. torch runs it as a fused kernel where it has one and
-        as its own composite elsewhere (CPU); the numbers equal the op-by-op `DiffTransformerRMSNorm`.
+        as its own composite elsewhere (CPU); it equals the op-by-op `DiffTransformerRMSNorm` up to float rounding.
         """
         super().__init__()
         self.weight = nn.Parameter(torch.ones(head_width))
