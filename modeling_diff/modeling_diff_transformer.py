@@ -201,11 +201,9 @@ class DiffTransformerAttention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
-        self.num_heads = config.num_attention_heads // 2  # differential heads
-        self.num_kv_groups = config.num_key_value_heads // 2  # (k1, k2, v) groups
-        self.heads_per_group = self.num_heads // self.num_kv_groups
-        # each KV group serves 2 maps per differential head: this is the GQA ratio the interface sees
-        self.num_key_value_groups = 2 * self.heads_per_group
+        self.num_kv_groups = config.num_key_value_heads // 2  # (k1‖k2, v) groups
+        # the interface sees num_attention_heads maps (q1 and q2 of each differential head) on num_kv_groups keys
+        self.num_key_value_groups = config.num_attention_heads // self.num_kv_groups
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
@@ -300,7 +298,7 @@ class DiffTransformerAttention(nn.Module):
 
         if attn_weights is not None:  # eager: return the differential map, (B, heads, T, S)
             attn_weights = attn_weights.view(batch, -1, 2, q_len, attn_weights.shape[-1])
-            attn_weights = attn_weights[:, :, 0] - lambda_full.to(attn_weights.dtype) * attn_weights[:, :, 1]
+            attn_weights = attn_weights[:, :, 0] - lambda_full * attn_weights[:, :, 1]
         return attn_output, attn_weights
 
 
