@@ -37,6 +37,12 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def tiny_train(source, output_dir, steps) -> list[str]:
+    """`train SOURCE --output-dir OUT --max-steps N` at the tiny sizes every CLI training test uses."""
+    return ["train", str(source), "--output-dir", str(output_dir), "--max-steps", str(steps), "--seq-len", "32",
+            "--batch-size", "2"]
+
+
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
     """A tiny DiffTransformer V2 and a tiny Llama, saved with one shared tokenizer."""
@@ -70,20 +76,7 @@ def test_help_texts_exist():
 
 
 def test_train_happy_path_and_failures(models_dir, tmp_path):
-    result = cli(
-        "train",
-        models_dir / "diff",
-        "--output-dir",
-        tmp_path / "trained",
-        "--max-steps",
-        3,
-        "--seq-len",
-        32,
-        "--batch-size",
-        2,
-        "--logging-steps",
-        1,
-    )
+    result = cli(*tiny_train(models_dir / "diff", tmp_path / "trained", 3), "--logging-steps", 1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "loss " in result.stdout and "saved the trained model" in result.stdout
     trained = DiffTransformerForCausalLM.from_pretrained(tmp_path / "trained")
@@ -156,20 +149,7 @@ def test_train_resumes_from_checkpoints(models_dir, tmp_path):
         disable_tqdm=True,
     )
     assert (checkpoints / "checkpoint-2").is_dir()
-    result = cli(
-        "train",
-        models_dir / "diff",
-        "--output-dir",
-        tmp_path / "out",
-        "--max-steps",
-        4,
-        "--seq-len",
-        32,
-        "--batch-size",
-        2,
-        "--logging-steps",
-        1,
-    )
+    result = cli(*tiny_train(models_dir / "diff", tmp_path / "out", 4), "--logging-steps", 1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from the checkpoints" in result.stdout
     assert "'epoch'" in result.stdout or "loss" in result.stdout
@@ -208,16 +188,7 @@ def test_distillation_loss_and_lambda_warmup(models_dir):
 
 def test_train_with_distillation_cli(models_dir, tmp_path):
     result = cli(
-        "train",
-        models_dir / "diff",
-        "--output-dir",
-        tmp_path / "d",
-        "--max-steps",
-        2,
-        "--seq-len",
-        32,
-        "--batch-size",
-        2,
+        *tiny_train(models_dir / "diff", tmp_path / "d", 2),
         "--distill-from",
         models_dir / "llama",
         "--lambda-warmup-steps",
@@ -328,16 +299,7 @@ def test_ddp_training_with_two_cpu_processes(models_dir, tmp_path):
             "29517",
             "-m",
             "modeling_diff_cli.main",
-            "train",
-            str(models_dir / "diff"),
-            "--output-dir",
-            str(tmp_path / "ddp"),
-            "--max-steps",
-            "2",
-            "--seq-len",
-            "32",
-            "--batch-size",
-            "2",
+            *tiny_train(models_dir / "diff", tmp_path / "ddp", 2),
         ],
         capture_output=True,
         text=True,
