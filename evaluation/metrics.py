@@ -102,15 +102,13 @@ def capture_attention_logits(model):
     """
     global _CAPTURED
     _register_capture()
-    previous = model.config._attn_implementation
     captured: list[torch.Tensor] = []
     _CAPTURED = captured
-    model.set_attn_implementation(CAPTURE_NAME)
     try:
-        yield captured
+        with attn_implementation(model, CAPTURE_NAME):
+            yield captured
     finally:
         _CAPTURED = None
-        model.set_attn_implementation(previous)
 
 
 @contextlib.contextmanager

@@ -92,22 +92,30 @@ def _needle_examples(tokenizer, needles, context_len, queries, samples, seed, sp
 # tasks
 
 
+def _window_batches(tokenizer, texts, seq_len: int, batch_size: int, max_batches: int | None) -> list:
+    """Batches of non-overlapping `seq_len`-token windows of `texts` (default: the held-out Python docs).
+
+    The texts are tokenised and concatenated (EOS between documents); each window starts with BOS when the tokenizer
+    has one. `max_batches` caps the number of batches (None: all).
+    """
+    stream = token_stream(tokenizer, held_out_texts() if texts is None else texts)
+    bos = _bos(tokenizer)
+    body = seq_len - (bos is not None)
+    windows = [([bos] if bos is not None else []) + stream[i : i + body]
+               for i in range(0, len(stream) - body + 1, body)]
+    if not windows:
+        raise ValueError(f"the texts hold {len(stream)} tokens, fewer than one window of {seq_len}")
+    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+    return batches if max_batches is None else batches[:max_batches]
+
+
 def perplexity(model, tokenizer, texts=None, seq_len=256, batch_size=4, max_batches=None, progress=True) -> dict:
     """Perplexity over non-overlapping `seq_len`-token windows of `texts` (default: the held-out Python docs).
 
     The texts are tokenised and concatenated (EOS between documents); each window starts with BOS when the tokenizer
     has one, and every token after the first is predicted. `max_batches` caps the number of batches (None: all).
     """
-    stream = token_stream(tokenizer, held_out_texts() if texts is None else texts)
-    bos = _bos(tokenizer)
-    body = seq_len - (bos is not None)
-    windows = [stream[i : i + body] for i in range(0, len(stream) - body + 1, body)]
-    if not windows:
-        raise ValueError(f"the texts hold {len(stream)} tokens, fewer than one window of {seq_len}")
-    windows = [([bos] if bos is not None else []) + w for w in windows]
-    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-    if max_batches is not None:
-        batches = batches[:max_batches]
+    batches = _window_batches(tokenizer, texts, seq_len, batch_size, max_batches)
     total_nll, total_tokens = 0.0, 0
     device = _device(model)
     with _eval_mode(model):
@@ -184,14 +192,7 @@ def activation_outliers(model, tokenizer, texts=None, seq_len=256, batch_size=4,
     `output_hidden_states` would mix in the normalised last state). For each, the top-1 and top-10 magnitudes and
     their ratio to the median magnitude.
     """
-    stream = token_stream(tokenizer, held_out_texts() if texts is None else texts)
-    bos = _bos(tokenizer)
-    body = seq_len - (bos is not None)
-    windows = [([bos] if bos is not None else []) + stream[i : i + body]
-               for i in range(0, len(stream) - body + 1, body)]
-    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)][:max_batches]
-    if not batches:
-        raise ValueError(f"the texts hold {len(stream)} tokens, fewer than one window of {seq_len}")
+    batches = _window_batches(tokenizer, texts, seq_len, batch_size, max_batches)
     logits, hidden = [], []
     device = _device(model)
     layers = getattr(getattr(model, "model", model), "layers", None)
