@@ -87,16 +87,12 @@ def train_eval_texts(dataset: str | None, eval_fraction: float = 0.1, seed: int 
 class TokenBlocks(Dataset):
     """Documents joined with EOS and cut into blocks of `seq_len` tokens (the usual causal-LM packing)."""
 
-    def __init__(self, texts: list[str], tokenizer, seq_len: int, max_blocks: int | None = None):
+    def __init__(self, texts: list[str], tokenizer, seq_len: int):
         eos = tokenizer.eos_token_id
         ids: list[int] = []
         for text in texts:
             ids += tokenizer(text, add_special_tokens=False).input_ids + ([eos] if eos is not None else [])
-            if max_blocks is not None and len(ids) >= (max_blocks + 1) * seq_len:
-                break
         n = len(ids) // seq_len
-        if max_blocks is not None:
-            n = min(n, max_blocks)
         if n == 0:
             raise CLIError(
                 f"the corpus has {len(ids)} tokens, fewer than one block of --seq-len {seq_len}; "

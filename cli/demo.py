@@ -20,7 +20,7 @@ from modeling_diff_conversion.verify import CHAT_PROMPT
 
 from modeling_diff_conversion.output import atomic_output_dir
 
-from .common import embedded_smollm2, format_lambda_table, lambda_statistics, load_model
+from .common import embedded_smollm2, format_lambda_table, load_model
 from .data import train_eval_texts
 from .evaluate import evaluate_ppl
 from .generate import prompt_ids, stream
@@ -103,7 +103,8 @@ def run(args) -> int:
         diff_trainer = train_model(diff, tokenizer, train_texts, work / "diff", **train_kw)
         curves = {"DiffTransformer V2 (converted)": loss_curve(diff_trainer)}
         diff.eval()
-        ppl["Diff V2", "after"] = evaluate_ppl(diff, tokenizer, **eval_kw)["perplexity"]
+        diff_after = evaluate_ppl(diff, tokenizer, **eval_kw)  # also λ per layer over held_out[0]
+        ppl["Diff V2", "after"] = diff_after["perplexity"]
         if not args.no_baseline:
             print("\nthe same fine-tuning for the source Llama, as a baseline:")
             llama.train()
@@ -115,8 +116,7 @@ def run(args) -> int:
         del llama
         results = results_table(ppl, args)
         print("\n" + results)
-        lambdas = lambda_statistics(diff, torch.tensor([tokenizer(held_out[0]).input_ids[: args.seq_len]]))
-        lambda_table = format_lambda_table(lambdas)
+        lambda_table = format_lambda_table(diff_after["lambda"])
         print(f"\nλ per layer after fine-tuning (DIFF V2: mean sigmoid(W_λ x) over a held-out text):\n{lambda_table}")
 
         banner("4/5 Chat with the fine-tuned DiffTransformer")

@@ -73,19 +73,11 @@ def run(args) -> int:
         print(f"\nλ per layer:\n{format_lambda_table(lambdas)}")
         result["lambda"] = lambdas
     else:
-        options = {
-            k: v
-            for k, v in dict(
-                needles=args.needles, context_len=args.context_len, samples=args.samples, seed=args.seed
-            ).items()
-            if v is not None
-        }
+        # run_task drops the options left at None, so the task's own defaults apply
+        options = dict(needles=args.needles, context_len=args.context_len, samples=args.samples, seed=args.seed)
         if args.task == "outliers":
             options = dict(
-                texts=texts,
-                seq_len=args.seq_len,
-                batch_size=args.batch_size,
-                **({"max_batches": args.max_batches} if args.max_batches else {}),
+                texts=texts, seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches or None
             )
         try:
             result = run_task(args.task, model, tokenizer, **options)

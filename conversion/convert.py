@@ -192,11 +192,11 @@ class ShardWriter:
         return len(self.files)
 
 
-def lambda_vector_factory(config: DiffTransformerConfig, seed: int = 0):
-    """The four λ vectors of each V1 layer, drawn N(0, lambda_std_dev) from a fixed seed (reproducible)."""
+def lambda_vector_factory(config: DiffTransformerConfig):
+    """The four λ vectors of each V1 layer, drawn N(0, lambda_std_dev) from a fixed seed per layer (reproducible)."""
 
     def vectors(layer: int) -> dict[str, torch.Tensor]:
-        g = torch.Generator().manual_seed(seed * 100003 + layer)
+        g = torch.Generator().manual_seed(layer)
         return {
             f"lambda_{n}": torch.randn(config.head_dim, generator=g) * config.lambda_std_dev
             for n in ("q1", "k1", "q2", "k2")
@@ -347,6 +347,6 @@ def _write_metadata(src: Source, config: DiffTransformerConfig, folder: Path, ou
 
     generation = src.load_generation_config() or GenerationConfig.from_model_config(config)
     generation.save_pretrained(folder)
-    tokenizer = src.load_tokenizer()
+    tokenizer = src.tokenizer
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)

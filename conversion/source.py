@@ -4,11 +4,12 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
-SUPPORTED = {"LlamaForCausalLM": "llama", "DiffLlamaForCausalLM": "diffllama"}
+SUPPORTED = ("LlamaForCausalLM", "DiffLlamaForCausalLM")
 SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed from the config
 TOKENIZER_FILES = [
     "tokenizer.json",
@@ -59,8 +60,9 @@ class Source:
 
         return AutoModelForCausalLM.from_pretrained(self.folder, dtype=dtype)
 
-    def load_tokenizer(self):
-        """The source tokenizer, or None when the source has none."""
+    @cached_property
+    def tokenizer(self):
+        """The source tokenizer, or None when the source has none; read once (parsing a GGUF file is slow)."""
         from transformers import AutoTokenizer
 
         if self.gguf_file is not None:

@@ -112,7 +112,7 @@ def verify(
     """
     from modeling_diff import DiffTransformerForCausalLM
 
-    tokenizer = source.load_tokenizer()
+    tokenizer = source.tokenizer
     config = source.config
     dtype = verification_dtype(n_params)
     seqs, ppl_ids, prompt = _inputs(tokenizer, config.vocab_size)
