@@ -51,7 +51,7 @@ def resolve_model_path(model: str) -> tuple[str, str | None]:
 def load_model(model: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
     """A causal LM (DiffTransformer, Llama, DiffLlama, ...) and its tokenizer from a folder, Hub id or GGUF."""
     import modeling_diff  # noqa: F401  (registers diff_transformer with the Auto classes)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder, gguf_file = resolve_model_path(model)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
@@ -64,13 +64,20 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, attn_implementati
         loaded.hf_quantizer = None
         if getattr(loaded, "is_quantized", False):
             loaded.is_quantized = False
+    return loaded.eval(), load_tokenizer(folder, gguf_file)
+
+
+def load_tokenizer(folder: str, gguf_file: str | None = None):
+    """The tokenizer of a model folder (or of a GGUF file in it), with a pad token (EOS when it has none)."""
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError) as err:
-        raise CLIError(f"{model} has no usable tokenizer ({str(err).splitlines()[0]})")
+        raise CLIError(f"{gguf_file or folder} has no usable tokenizer ({str(err).splitlines()[0]})")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return loaded.eval(), tokenizer
+    return tokenizer
 
 
 @torch.no_grad()

@@ -1,16 +1,21 @@
 """`diff-transformer train`: fine-tune (or distil) a causal LM with the Hugging Face Trainer."""
 
+import copy
 import math
+import os
 import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from modeling_diff_conversion.output import atomic_output_dir, check_output_dir
 
-from .common import CLIError, load_model
+from .common import CLIError, load_model, load_tokenizer, resolve_model_path
 from .data import TokenBlocks, check_fits_in_memory, train_eval_texts
 
 
@@ -59,6 +64,66 @@ def add_arguments(parser):
     parser.add_argument("--save-steps", type=int, default=50, help="write a resumable checkpoint every N steps")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --output-dir")
+    scale = parser.add_argument_group("scale out (run under torchrun or accelerate launch for several processes)")
+    scale.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard parameters, gradients and optimizer state over the processes with FSDP2, one decoder layer "
+        "(the model's _no_split_modules) per unit",
+    )
+    scale.add_argument(
+        "--lora",
+        action="store_true",
+        help="train PEFT LoRA adapters on the attention and MLP projections (the λ parameters are trained fully) "
+        "and save an adapter folder for peft.AutoPeftModelForCausalLM",
+    )
+    scale.add_argument("--lora-r", type=int, default=16, help="LoRA rank (with --lora)")
+    scale.add_argument("--lora-alpha", type=float, default=32, help="LoRA scaling alpha (with --lora)")
+    scale.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="with --lora: merge the adapters into the weights and save a full model for AutoModelForCausalLM",
+    )
+
+
+# Projections LoRA adapts: Llama's attention and MLP names, which PEFT has no default for under diff_transformer.
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lambda_parameter_names(model) -> list[str]:
+    """Names of the λ parameters (V1's lambda_q1/k1/q2/k2, V2's lambda_proj.weight): what makes a model differential."""
+    return [name for name, _ in model.named_parameters() if ".lambda_" in name]
+
+
+def add_lora_adapters(model, r: int = 16, alpha: float = 32):
+    """Wrap `model` in a PEFT LoRA model on `LORA_TARGET_MODULES`; its λ parameters stay fully trainable.
+
+    A converted model becomes differential only through λ and q/k, so the λ parameters are trained in full alongside
+    the adapters (they are a few vectors per layer). `save_lora_adapter` stores them in the adapter file.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, target_modules=LORA_TARGET_MODULES))
+    for name, param in lora.named_parameters():
+        if ".lambda_" in name:
+            param.requires_grad_(True)
+    return lora
+
+
+def save_lora_adapter(lora_model, folder: Path) -> None:
+    """`save_pretrained` of the PEFT model, plus its λ parameters in `adapter_model.safetensors`.
+
+    PEFT saves only adapter weights (`modules_to_save` takes whole modules, and V1's λ vectors are parameters of the
+    attention module itself). Its loader passes checkpoint entries that are not adapter weights through to the
+    model, as it does for saved biases, so `AutoPeftModelForCausalLM.from_pretrained(folder)` restores them.
+    """
+    lora_model.save_pretrained(folder)
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    for name, param in lora_model.named_parameters():
+        if ".lambda_" in name:
+            tensors[name] = param.detach().cpu().contiguous()
+    save_file(tensors, weights, metadata={"format": "pt"})
 
 
 class LambdaWarmup(TrainerCallback):
@@ -116,7 +181,10 @@ def train_model(
     resume=False,
     disable_tqdm=False,
 ):
-    """Train `model` in place with the HF Trainer and return the Trainer (its `state.log_history` has the losses)."""
+    """Train `model` in place with the HF Trainer and return the Trainer (its `state.log_history` has the losses).
+
+    A model loaded by `load_fsdp_model` trains with FSDP2: the Trainer sees that transformers sharded it.
+    """
     check_fits_in_memory(
         model.config, seq_len, batch_size, training=True, gradient_checkpointing=gradient_checkpointing
     )
@@ -137,6 +205,8 @@ def train_model(
         warmup_steps=max(1, (max_steps or 100) // 10),
         weight_decay=0.01,
         logging_steps=logging_steps,
+        # transformers cannot checkpoint the optimizer state of a model it sharded at load time (FSDP): no resuming
+        save_strategy="no" if getattr(model, "is_distributed_loading_by_transformers", False) else "steps",
         save_steps=save_steps,
         save_total_limit=2,
         activation_checkpointing=gradient_checkpointing,
@@ -155,13 +225,72 @@ def train_model(
     return trainer
 
 
+def load_fsdp_model(model: str):
+    """A causal LM sharded with FSDP2 over this torchrun job's processes at load time, and its tokenizer.
+
+    transformers shards it (`DistributedConfig(fsdp_size=...)`, each decoder layer one unit: the config's
+    `base_model_fsdp_plan`, i.e. the model's `_no_split_modules`), and the Trainer trains it as it is. accelerate's
+    `TrainingArguments(fsdp=...)` route would do nothing on CPU: it enables FSDP only for accelerator devices.
+    """
+    import modeling_diff  # noqa: F401  (registers diff_transformer with the Auto classes)
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size < 2:
+        raise CLIError("--fsdp shards the model over several processes: run under torchrun --nproc_per_node N (N >= 2)")
+    folder, gguf_file = resolve_model_path(model)
+    if gguf_file:
+        raise CLIError("--fsdp needs a model folder, not a .gguf file: convert the model to a folder first")
+    sharded = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, distributed_config=DistributedConfig(fsdp_size=world_size)
+    )
+    return sharded, load_tokenizer(folder)
+
+
+def save_unsharded(config, state_dict, folder: Path) -> None:
+    """Write a gathered FSDP state dict as an ordinary model folder (weights, config, code files).
+
+    `save_pretrained` on the FSDP-wrapped model itself would copy torch's FSDP class files as the remote code; a
+    model built on the meta device from the same config writes the right ones and holds no memory.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(config)
+    config.distributed_config = None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder, state_dict=state_dict)
+
+
+def check_scale_out_flags(args) -> None:
+    """Refuse flag combinations that cannot work, before anything is loaded."""
+    if (args.merge_lora or args.lora_r != 16 or args.lora_alpha != 32) and not args.lora:
+        raise CLIError("--merge-lora, --lora-r and --lora-alpha need --lora")
+    if args.lora and args.lora_r < 1:
+        raise CLIError(f"--lora-r must be a positive rank, got {args.lora_r}")
+    if args.lora and args.fsdp:
+        raise CLIError("--lora with --fsdp is not supported: LoRA trains few parameters, run it with plain torchrun (DDP)")
+    if args.lora and not args.merge_lora and Path(args.model).suffix == ".gguf":
+        raise CLIError("a LoRA adapter needs a base model folder, not a .gguf file: add --merge-lora, or convert the "
+                       "model to a folder first")
+    if args.lora and args.distill_from:
+        raise CLIError("--lora with --distill-from is not supported")
+
+
 def run(args) -> int:
+    check_scale_out_flags(args)
     checkpoints = Path(str(Path(args.output_dir).expanduser().resolve()) + "-checkpoints")
     resume = checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*"))
     output = Path(args.output_dir).expanduser()
     check_output_dir(output, args.force)
     train_texts, _ = train_eval_texts(args.dataset, args.eval_fraction, args.seed)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_fsdp_model(args.model) if args.fsdp else load_model(args.model)
+    if args.lora:
+        if Path(args.model).expanduser().is_dir():
+            # the adapter's base_model_name_or_path: an absolute folder, so that the adapter loads from anywhere
+            model.name_or_path = str(Path(args.model).expanduser().resolve())
+        model = add_lora_adapters(model, args.lora_r, args.lora_alpha)
     teacher = None
     if args.distill_from:
         teacher, _ = load_model(args.distill_from)
@@ -170,6 +299,8 @@ def run(args) -> int:
                 f"--distill-from has vocabulary {teacher.config.vocab_size}, the model "
                 f"{model.config.vocab_size}: teacher and student must share a tokenizer"
             )
+    if resume and args.fsdp:
+        raise CLIError(f"{checkpoints} holds checkpoints of an earlier run, and an --fsdp run cannot resume: remove it")
     if resume:
         print(f"resuming from the checkpoints in {checkpoints}")
     trainer = train_model(
@@ -194,10 +325,25 @@ def run(args) -> int:
         checkpoint_dir=checkpoints,
         resume=resume,
     )
+    state_dict = None
+    if args.fsdp:
+        params = list(trainer.model.parameters())
+        held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+        if trainer.is_world_process_zero():
+            print(f"FSDP2: rank 0 held {held:,} of the model's {sum(p.numel() for p in params):,} parameters")
+        # every rank takes part in gathering the full weights; rank 0 alone receives them
+        state_dict = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not trainer.is_world_process_zero():
         return 0  # under torchrun / accelerate launch, rank 0 alone writes the result
     with atomic_output_dir(output, force=args.force) as tmp:
-        trainer.save_model(str(tmp))
+        if args.fsdp:
+            save_unsharded(trainer.model.config, state_dict, tmp)
+        elif args.lora and args.merge_lora:
+            trainer.model.merge_and_unload().save_pretrained(tmp)
+        elif args.lora:
+            save_lora_adapter(trainer.model, tmp)
+        else:
+            trainer.save_model(str(tmp))
         tokenizer.save_pretrained(tmp)
     shutil.rmtree(checkpoints, ignore_errors=True)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]

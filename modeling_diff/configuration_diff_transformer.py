@@ -83,6 +83,31 @@ class DiffTransformerConfig(PreTrainedConfig):
 
     model_type = "diff_transformer"
     keys_to_ignore_at_inference = ["past_key_values"]
+    # Tensor parallelism (`from_pretrained(..., tp_plan="auto")` under torchrun): Llama's plan. Colwise q/k/v and a
+    # rowwise o_proj give every rank a contiguous block of heads, so a differential head stays whole on one rank when
+    # the KV groups divide by the TP size (checked when the distributed config is set, see `check_tensor_parallel`).
+    # The embedding is vocab-parallel like the colwise lm_head: both shard the (vocab, hidden) weight on dim 0, so a
+    # tied weight is one tensor sharded once. Each variant adds its own modules, see `base_model_tp_plan` below.
+    _base_tp_plan = {
+        "embed_tokens": "embedding_rowwise",
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    _variant_tp_plans = {
+        # V1: the four λ vectors (direct parameters of self_attn) and the per-head norm are shared by all heads of a
+        # layer, so every rank keeps them whole; their gradient only sees this rank's heads and is summed over ranks.
+        1: {
+            "layers.*.self_attn": "replicated_with_grad_allreduce",
+            "layers.*.self_attn.subln": "replicated_with_grad_allreduce",
+        },
+        # V2: lambda_proj has one output row per output head, split with the query-head pairs of those heads.
+        2: {"layers.*.self_attn.lambda_proj": "colwise"},
+    }
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
         "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
@@ -150,6 +175,44 @@ class DiffTransformerConfig(PreTrainedConfig):
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings.")
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """The tensor-parallel plan of `DiffTransformerModel`: Llama's, plus this variant's λ modules."""
+        return {**self._base_tp_plan, **self._variant_tp_plans[self.diff_version]}
+
+    def __setattr__(self, key, value):
+        # `from_pretrained(..., tp_plan=...)` sets the distributed config before it builds and shards the model:
+        # the one place where the config sees the TP size, so an unsplittable head layout fails here, clearly.
+        if key == "distributed_config" and value is not None:
+            self.check_tensor_parallel(value)
+        super().__setattr__(key, value)
+
+    def check_tensor_parallel(self, distributed_config) -> None:
+        """Raise a `ValueError` naming the numbers when the heads cannot split across `distributed_config.tp_size`.
+
+        With colwise q/k/v and a rowwise o_proj each rank holds a contiguous block of heads. A differential head stays
+        whole on one rank, with the keys and values it reads, exactly when the KV units divide by the TP size:
+        V1's KV groups (k1‖k2 and a 2·head_dim value, `num_key_value_heads / 2` of them), V2's KV heads (the query
+        pairs of each KV head and their `lambda_proj` rows travel with it).
+        """
+        tp_size = getattr(distributed_config, "tp_size", None) or 1
+        tp_plan = getattr(distributed_config, "tp_plan", None)
+        plan = self.base_model_tp_plan | (tp_plan if isinstance(tp_plan, dict) else {})
+        if tp_size == 1 or tp_plan == {} or plan.get("layers.*.self_attn.k_proj") != "colwise":
+            return  # the attention is not sharded
+        if self.diff_version == 1:
+            units, what = self.num_key_value_heads // 2, "KV groups (num_key_value_heads / 2: k1‖k2 and a 2·head_dim value)"
+        else:
+            units, what = self.num_key_value_heads, "KV heads (num_key_value_heads, each with its query-head pairs)"
+        if units % tp_size:
+            fits = [n for n in range(2, units + 1) if units % n == 0]
+            raise ValueError(
+                f"Tensor parallelism over tp_size={tp_size} ranks cannot keep the differential heads of this "
+                f"diff_version={self.diff_version} model whole: its {units} {what} do not divide by {tp_size}. "
+                + (f"Use tp_size in {fits}" if fits else "This model cannot be split by heads; use tp_size=1")
+                + " (or FSDP, which shards any layout)."
+            )
 
     def lambda_init_for_layer(self, layer_idx: int) -> float:
         """λ_init of layer `layer_idx` (counted from 0): the config constant, or the paper's depth schedule."""

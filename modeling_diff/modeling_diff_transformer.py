@@ -247,16 +247,16 @@ class DiffTransformerAttention(nn.Module):
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, q_len = hidden_states.shape[:-1]
-        d, groups = self.head_dim, self.num_kv_groups
+        d = self.head_dim
 
         query = self.q_proj(hidden_states).view(batch, q_len, -1, d)  # (B, T, 2·heads, d)
         key = self.k_proj(hidden_states).view(batch, q_len, -1, d)  # (B, T, 2·groups, d)
-        value = self.v_proj(hidden_states).view(batch, q_len, groups, 2 * d)  # (B, T, groups, 2d)
+        value = self.v_proj(hidden_states).view(batch, q_len, -1, 2 * d)  # (B, T, groups, 2d)
 
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin, unsqueeze_dim=2)
 
-        key_states = key.reshape(batch, q_len, groups, 2 * d).transpose(1, 2)  # (B, groups, T, 2d) = k1‖k2
+        key_states = key.reshape(batch, q_len, -1, 2 * d).transpose(1, 2)  # (B, groups, T, 2d) = k1‖k2
         value_states = value.transpose(1, 2)  # (B, groups, T, 2d)
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
@@ -371,7 +371,7 @@ class DiffTransformerV2Attention(nn.Module):
         )
 
         lambda_gate = torch.sigmoid(self.lambda_proj(hidden_states)) * self.config.lambda_scale  # (B, T, heads)
-        attn_output = attn_output.view(batch, q_len, self.num_heads, 2, self.head_dim)
+        attn_output = attn_output.view(batch, q_len, -1, 2, self.head_dim)
         attn_output = attn_output[..., 0, :] - lambda_gate.unsqueeze(-1) * attn_output[..., 1, :]
         attn_output = self.o_proj(attn_output.reshape(batch, q_len, -1))
 
