@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from modeling_diff_conversion.output import atomic_output_dir, check_output_dir
 
@@ -77,8 +77,8 @@ def add_arguments(parser):
         help="train PEFT LoRA adapters on the attention and MLP projections (the λ parameters are trained fully) "
         "and save an adapter folder for peft.AutoPeftModelForCausalLM",
     )
-    scale.add_argument("--lora-r", type=int, default=16, help="LoRA rank (with --lora)")
-    scale.add_argument("--lora-alpha", type=float, default=32, help="LoRA scaling alpha (with --lora)")
+    scale.add_argument("--lora-r", type=int, default=None, help="LoRA rank (with --lora; default 16)")
+    scale.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling alpha (with --lora; default 32)")
     scale.add_argument(
         "--merge-lora",
         action="store_true",
@@ -265,9 +265,9 @@ def save_unsharded(config, state_dict, folder: Path) -> None:
 
 def check_scale_out_flags(args) -> None:
     """Refuse flag combinations that cannot work, before anything is loaded."""
-    if (args.merge_lora or args.lora_r != 16 or args.lora_alpha != 32) and not args.lora:
+    if (args.merge_lora or args.lora_r is not None or args.lora_alpha is not None) and not args.lora:
         raise CLIError("--merge-lora, --lora-r and --lora-alpha need --lora")
-    if args.lora and args.lora_r < 1:
+    if args.lora and args.lora_r is not None and args.lora_r < 1:
         raise CLIError(f"--lora-r must be a positive rank, got {args.lora_r}")
     if args.lora and args.fsdp:
         raise CLIError("--lora with --fsdp is not supported: LoRA trains few parameters, run it with plain torchrun (DDP)")
@@ -290,7 +290,8 @@ def run(args) -> int:
         if Path(args.model).expanduser().is_dir():
             # the adapter's base_model_name_or_path: an absolute folder, so that the adapter loads from anywhere
             model.name_or_path = str(Path(args.model).expanduser().resolve())
-        model = add_lora_adapters(model, args.lora_r, args.lora_alpha)
+        set_seed(args.seed)  # the LoRA A matrices are drawn at random: same seed, same run
+        model = add_lora_adapters(model, args.lora_r or 16, args.lora_alpha or 32)
     teacher = None
     if args.distill_from:
         teacher, _ = load_model(args.distill_from)
