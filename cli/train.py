@@ -236,14 +236,11 @@ def load_fsdp_model(model: str):
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size < 2:
-        raise CLIError("--fsdp shards the model over several processes: run under torchrun --nproc_per_node N (N >= 2)")
     folder, gguf_file = resolve_model_path(model)
     if gguf_file:
         raise CLIError("--fsdp needs a model folder, not a .gguf file: convert the model to a folder first")
     sharded = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, distributed_config=DistributedConfig(fsdp_size=world_size)
+        folder, dtype=torch.float32, distributed_config=DistributedConfig(fsdp_size=int(os.environ["WORLD_SIZE"]))
     )
     return sharded, load_tokenizer(folder)
 
@@ -271,6 +268,8 @@ def check_scale_out_flags(args) -> None:
         raise CLIError(f"--lora-r must be a positive rank, got {args.lora_r}")
     if args.lora and args.fsdp:
         raise CLIError("--lora with --fsdp is not supported: LoRA trains few parameters, run it with plain torchrun (DDP)")
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise CLIError("--fsdp shards the model over several processes: run under torchrun --nproc_per_node N (N >= 2)")
     if args.lora and not args.merge_lora and Path(args.model).suffix == ".gguf":
         raise CLIError("a LoRA adapter needs a base model folder, not a .gguf file: add --merge-lora, or convert the "
                        "model to a folder first")

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_config
-from helpers import assert_one_line_error, run_cli
 from modeling_diff_cli.data import TokenBlocks
 from modeling_diff_cli.main import main
 from modeling_diff_cli.train import add_lora_adapters, lambda_parameter_names, save_lora_adapter, train_model
@@ -201,8 +200,14 @@ def test_lora_cli_lowers_the_loss_merges_and_runs_under_torchrun(models, blocks,
     assert (merged.model.layers[0].self_attn.lambda_q1 - base.model.layers[0].self_attn.lambda_q1).abs().max() > 1e-4
 
 
-def test_scale_out_flags_fail_cleanly(models, tmp_path):
-    assert_one_line_error(run_cli(*train_args(models / "v1", tmp_path / "a", "--merge-lora")), "need --lora")
-    assert_one_line_error(run_cli(*train_args(models / "v1", tmp_path / "b", "--fsdp")), "torchrun --nproc_per_node")
-    assert_one_line_error(run_cli(*train_args(models / "v1", tmp_path / "c", "--lora", "--fsdp")), "--lora with --fsdp")
+def test_scale_out_flags_fail_cleanly(models, tmp_path, capsys):
+    for extra, message in (
+        (["--merge-lora"], "error: --merge-lora, --lora-r and --lora-alpha need --lora"),
+        (["--fsdp"], "error: --fsdp shards the model over several processes: run under torchrun --nproc_per_node"),
+        (["--lora", "--fsdp"], "error: --lora with --fsdp is not supported"),
+        (["--lora", "--lora-r", "0"], "error: --lora-r must be a positive rank"),
+    ):
+        assert main(train_args(models / "v1", tmp_path / "out", *extra)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(message) and len(err.splitlines()) == 1, err
     assert not any(tmp_path.iterdir())
