@@ -8,12 +8,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from modeling_diff_conversion.output import atomic_output_dir, check_output_dir
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-
-from modeling_diff_conversion.output import atomic_output_dir, check_output_dir
 
 from .common import CLIError, load_model, load_tokenizer, resolve_model_path
 from .data import TokenBlocks, check_fits_in_memory, train_eval_texts
@@ -90,9 +89,9 @@ def add_arguments(parser):
 LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def lambda_parameter_names(model) -> list[str]:
-    """Names of the λ parameters (V1's lambda_q1/k1/q2/k2, V2's lambda_proj.weight): what makes a model differential."""
-    return [name for name, _ in model.named_parameters() if ".lambda_" in name]
+def lambda_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of the λ parameters: V1's lambda_q1/k1/q2/k2, V2's lambda_proj.weight."""
+    return [(name, param) for name, param in model.named_parameters() if ".lambda_" in name]
 
 
 def add_lora_adapters(model, r: int = 16, alpha: float = 32):
@@ -101,16 +100,19 @@ def add_lora_adapters(model, r: int = 16, alpha: float = 32):
     A converted model becomes differential only through λ and q/k, so the λ parameters are trained in full alongside
     the adapters (they are a few vectors per layer). `save_lora_adapter` stores them in the adapter file.
     """
-    from peft import LoraConfig, get_peft_model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise CLIError("--lora needs PEFT: pip install peft")
 
-    lora = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, target_modules=LORA_TARGET_MODULES))
-    for name, param in lora.named_parameters():
-        if ".lambda_" in name:
-            param.requires_grad_(True)
+    config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, target_modules=LORA_TARGET_MODULES)
+    lora = get_peft_model(model, config)
+    for _, param in lambda_parameters(lora):
+        param.requires_grad_(True)
     return lora
 
 
-def save_lora_adapter(lora_model, folder: Path) -> None:
+def save_lora_adapter(lora_model, folder: str | Path) -> None:
     """`save_pretrained` of the PEFT model, plus its λ parameters in `adapter_model.safetensors`.
 
     PEFT saves only adapter weights (`modules_to_save` takes whole modules, and V1's λ vectors are parameters of the
@@ -118,11 +120,9 @@ def save_lora_adapter(lora_model, folder: Path) -> None:
     model, as it does for saved biases, so `AutoPeftModelForCausalLM.from_pretrained(folder)` restores them.
     """
     lora_model.save_pretrained(folder)
-    weights = folder / "adapter_model.safetensors"
+    weights = Path(folder) / "adapter_model.safetensors"
     tensors = load_file(weights)
-    for name, param in lora_model.named_parameters():
-        if ".lambda_" in name:
-            tensors[name] = param.detach().cpu().contiguous()
+    tensors.update({name: param.detach().cpu().contiguous() for name, param in lambda_parameters(lora_model)})
     save_file(tensors, weights, metadata={"format": "pt"})
 
 
@@ -232,9 +232,10 @@ def load_fsdp_model(model: str):
     `base_model_fsdp_plan`, i.e. the model's `_no_split_modules`), and the Trainer trains it as it is. accelerate's
     `TrainingArguments(fsdp=...)` route would do nothing on CPU: it enables FSDP only for accelerator devices.
     """
-    import modeling_diff  # noqa: F401  (registers diff_transformer with the Auto classes)
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
+
+    import modeling_diff  # noqa: F401  (registers diff_transformer with the Auto classes)
 
     folder, gguf_file = resolve_model_path(model)
     if gguf_file:
@@ -267,12 +268,18 @@ def check_scale_out_flags(args) -> None:
     if args.lora and args.lora_r is not None and args.lora_r < 1:
         raise CLIError(f"--lora-r must be a positive rank, got {args.lora_r}")
     if args.lora and args.fsdp:
-        raise CLIError("--lora with --fsdp is not supported: LoRA trains few parameters, run it with plain torchrun (DDP)")
+        raise CLIError(
+            "--lora with --fsdp is not supported: LoRA trains few parameters, run it with plain torchrun (DDP)"
+        )
     if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        raise CLIError("--fsdp shards the model over several processes: run under torchrun --nproc_per_node N (N >= 2)")
+        raise CLIError(
+            "--fsdp shards the model over several processes: run under torchrun --nproc_per_node N (N >= 2)"
+        )
     if args.lora and not args.merge_lora and Path(args.model).suffix == ".gguf":
-        raise CLIError("a LoRA adapter needs a base model folder, not a .gguf file: add --merge-lora, or convert the "
-                       "model to a folder first")
+        raise CLIError(
+            "a LoRA adapter needs a base model folder, not a .gguf file: add --merge-lora, or convert the "
+            "model to a folder first"
+        )
     if args.lora and args.distill_from:
         raise CLIError("--lora with --distill-from is not supported")
 
@@ -300,7 +307,9 @@ def run(args) -> int:
                 f"{model.config.vocab_size}: teacher and student must share a tokenizer"
             )
     if resume and args.fsdp:
-        raise CLIError(f"{checkpoints} holds checkpoints of an earlier run, and an --fsdp run cannot resume: remove it")
+        raise CLIError(
+            f"{checkpoints} holds checkpoints of an earlier run, and an --fsdp run cannot resume: remove it"
+        )
     if resume:
         print(f"resuming from the checkpoints in {checkpoints}")
     trainer = train_model(
@@ -332,7 +341,9 @@ def run(args) -> int:
         if trainer.is_world_process_zero():
             print(f"FSDP2: rank 0 held {held:,} of the model's {sum(p.numel() for p in params):,} parameters")
         # every rank takes part in gathering the full weights; rank 0 alone receives them
-        state_dict = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state_dict = get_model_state_dict(
+            trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     if not trainer.is_world_process_zero():
         return 0  # under torchrun / accelerate launch, rank 0 alone writes the result
     with atomic_output_dir(output, force=args.force) as tmp:

@@ -201,10 +201,10 @@ class DiffTransformerConfig(PreTrainedConfig):
         plan = self.base_model_tp_plan | (tp_plan if isinstance(tp_plan, dict) else {})
         if tp_size == 1 or tp_plan == {} or plan.get("layers.*.self_attn.k_proj") != "colwise":
             return  # the attention is not sharded
-        if self.diff_version == 1:
-            units, what = self.num_key_value_heads // 2, "KV groups (num_key_value_heads / 2: k1‖k2 and a 2·head_dim value)"
-        else:
-            units, what = self.num_key_value_heads, "KV heads (num_key_value_heads, each with its query-head pairs)"
+        if self.diff_version == 1:  # a KV group: k1‖k2 and its 2·head_dim value
+            units, what = self.num_key_value_heads // 2, "KV groups (num_key_value_heads / 2)"
+        else:  # a KV head and the query-head pairs that read it
+            units, what = self.num_key_value_heads, "KV heads (num_key_value_heads)"
         if units % tp_size:
             fits = [n for n in range(2, units + 1) if units % n == 0]
             raise ValueError(

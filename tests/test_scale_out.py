@@ -15,7 +15,7 @@ import torch
 from conftest import tiny_config
 from modeling_diff_cli.data import TokenBlocks
 from modeling_diff_cli.main import main
-from modeling_diff_cli.train import add_lora_adapters, lambda_parameter_names, save_lora_adapter, train_model
+from modeling_diff_cli.train import add_lora_adapters, lambda_parameters, save_lora_adapter, train_model
 from modeling_diff_eval.corpus import python_docs_texts
 from peft import AutoPeftModelForCausalLM
 from safetensors.torch import load_file
@@ -41,8 +41,21 @@ def torchrun(*args, port: int) -> subprocess.CompletedProcess:
 
 def train_args(model, output_dir, *extra, steps=4) -> list[str]:
     """A few training steps at tiny sizes; the global batch is 4 sequences (pass --batch-size 2 under torchrun)."""
-    return ["train", str(model), "--output-dir", str(output_dir), "--max-steps", str(steps), "--seq-len", "32",
-            "--logging-steps", "1", "--lr", "1e-2", *extra]
+    return [
+        "train",
+        str(model),
+        "--output-dir",
+        str(output_dir),
+        "--max-steps",
+        str(steps),
+        "--seq-len",
+        "32",
+        "--logging-steps",
+        "1",
+        "--lr",
+        "1e-2",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +113,9 @@ def test_tensor_parallel_over_two_processes_matches_one_process(tmp_path):
         DiffTransformerForCausalLM(config).save_pretrained(tmp_path / name)
     out = tmp_path / "tp.json"
     result = torchrun(
-        str(TESTS / "scale_out_tp_worker.py"), *(str(tmp_path / n) for n in ("v1", "v2", "v1_one_group")), str(out),
+        str(TESTS / "scale_out_tp_worker.py"),
+        *(str(tmp_path / n) for n in ("v1", "v2", "v1_one_group")),
+        str(out),
         port=29531,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -126,11 +141,17 @@ def test_tensor_parallel_over_two_processes_matches_one_process(tmp_path):
 
 
 def test_fsdp_training_matches_one_process_and_saves_a_plain_model(models, blocks, tmp_path):
-    result = torchrun("-m", "modeling_diff_cli.main", *train_args(models / "v1", tmp_path / "fsdp", "--batch-size", "2",
-                                                                  "--fsdp"), port=29532)
+    result = torchrun(
+        "-m",
+        "modeling_diff_cli.main",
+        *train_args(models / "v1", tmp_path / "fsdp", "--batch-size", "2", "--fsdp"),
+        port=29532,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
-    held, total = (int(n.replace(",", "")) for n in re.search(r"rank 0 held ([\d,]+) of the model's ([\d,]+)",
-                                                               result.stdout).groups())
+    held, total = (
+        int(n.replace(",", ""))
+        for n in re.search(r"rank 0 held ([\d,]+) of the model's ([\d,]+)", result.stdout).groups()
+    )
     assert held < 0.6 * total  # really sharded: each rank keeps about half of the weights
     assert main(train_args(models / "v1", tmp_path / "one", "--batch-size", "4")) == 0  # same global batch
 
@@ -156,13 +177,23 @@ def test_fsdp_training_matches_one_process_and_saves_a_plain_model(models, block
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_lora_adapter_reloads_with_its_lambda_parameters(models, blocks, tmp_path, version):
     base = AutoModelForCausalLM.from_pretrained(models / version)
-    lambdas = {n: p.detach().clone() for n, p in base.named_parameters() if n in lambda_parameter_names(base)}
+    lambdas = {name: param.detach().clone() for name, param in lambda_parameters(base)}
     tokenizer = tiny_tokenizer()
     model = add_lora_adapters(base, r=8, alpha=16)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or ".lambda_" in n for n in trainable)
-    train_model(model, tokenizer, python_docs_texts()[:40], tmp_path, max_steps=6, lr=1e-2, seq_len=32,
-                batch_size=4, save_steps=1000, disable_tqdm=True)
+    train_model(
+        model,
+        tokenizer,
+        python_docs_texts()[:40],
+        tmp_path,
+        max_steps=6,
+        lr=1e-2,
+        seq_len=32,
+        batch_size=4,
+        save_steps=1000,
+        disable_tqdm=True,
+    )
     model.eval()
     save_lora_adapter(model, tmp_path / "adapter")
 
@@ -177,15 +208,28 @@ def test_lora_adapter_reloads_with_its_lambda_parameters(models, blocks, tmp_pat
 def test_lora_cli_lowers_the_loss_merges_and_runs_under_torchrun(models, blocks, tmp_path):
     lora = ["--lora", "--lora-r", "8", "--lora-alpha", "16"]
     assert main(train_args(models / "v1", tmp_path / "adapter", "--batch-size", "4", *lora, steps=12)) == 0
-    assert main(train_args(models / "v1", tmp_path / "merged", "--batch-size", "4", *lora, "--merge-lora", steps=12)) == 0
-    ddp = torchrun("-m", "modeling_diff_cli.main", *train_args(models / "v1", tmp_path / "ddp", "--batch-size", "2",
-                                                                *lora, steps=12), port=29533)
+    assert (
+        main(train_args(models / "v1", tmp_path / "merged", "--batch-size", "4", *lora, "--merge-lora", steps=12)) == 0
+    )
+    ddp = torchrun(
+        "-m",
+        "modeling_diff_cli.main",
+        *train_args(models / "v1", tmp_path / "ddp", "--batch-size", "2", *lora, steps=12),
+        port=29533,
+    )
     assert ddp.returncode == 0, ddp.stderr[-4000:]
 
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str((models / "v1").resolve())
-    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                             "down_proj"}
+    assert set(config["target_modules"]) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     base = AutoModelForCausalLM.from_pretrained(models / "v1")
     adapter = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
