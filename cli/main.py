@@ -13,7 +13,10 @@ from . import convert_cmd, demo, evaluate, generate, push, train
 COMMANDS = {
     "demo": (demo, "the whole workflow on SmolLM2-135M (embedded, offline): convert, fine-tune, evaluate, chat, save"),
     "convert": (convert_cmd, "convert a Llama or DiffLlama checkpoint into a DiffTransformer folder"),
-    "train": (train, "fine-tune or distil a model with the HF Trainer (resumable; works under torchrun/accelerate)"),
+    "train": (
+        train,
+        "fine-tune or distil a model with the HF Trainer (resumable; DDP or --fsdp under torchrun; --lora adapters)",
+    ),
     "generate": (generate, "stream a completion or a chat answer"),
     "eval": (evaluate, "perplexity and λ, or the paper's needle / attention-noise / outlier measurements"),
     "push": (push, "upload a model folder to the Hugging Face Hub (or --dry-run to list the files)"),

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from modeling_diff_conversion.output import atomic_output_dir, check_output_dir
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from modeling_diff_conversion.output import atomic_output_dir, check_output_dir
 
 from .common import CLIError, load_model, load_tokenizer, resolve_model_path
 from .data import TokenBlocks, check_fits_in_memory, train_eval_texts
@@ -232,10 +231,9 @@ def load_fsdp_model(model: str):
     `base_model_fsdp_plan`, i.e. the model's `_no_split_modules`), and the Trainer trains it as it is. accelerate's
     `TrainingArguments(fsdp=...)` route would do nothing on CPU: it enables FSDP only for accelerator devices.
     """
+    import modeling_diff  # noqa: F401  (registers diff_transformer with the Auto classes)
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
-
-    import modeling_diff  # noqa: F401  (registers diff_transformer with the Auto classes)
 
     folder, gguf_file = resolve_model_path(model)
     if gguf_file:
@@ -244,6 +242,21 @@ def load_fsdp_model(model: str):
         folder, dtype=torch.float32, distributed_config=DistributedConfig(fsdp_size=int(os.environ["WORLD_SIZE"]))
     )
     return sharded, load_tokenizer(folder)
+
+
+def gather_fsdp_weights(trainer) -> dict:
+    """The full weights of an FSDP-trained model, gathered from every rank (all must call this) onto rank 0's CPU.
+
+    Prints how many parameters rank 0 held while training, the evidence that FSDP did shard the model.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    params = list(trainer.model.parameters())
+    held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+    if trainer.is_world_process_zero():
+        print(f"FSDP2: rank 0 held {held:,} of the model's {sum(p.numel() for p in params):,} parameters")
+    return get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def save_unsharded(config, state_dict, folder: Path) -> None:
@@ -288,6 +301,10 @@ def run(args) -> int:
     check_scale_out_flags(args)
     checkpoints = Path(str(Path(args.output_dir).expanduser().resolve()) + "-checkpoints")
     resume = checkpoints.is_dir() and any(checkpoints.glob("checkpoint-*"))
+    if resume and args.fsdp:
+        raise CLIError(
+            f"{checkpoints} holds checkpoints of an earlier run, and an --fsdp run cannot resume: remove it"
+        )
     output = Path(args.output_dir).expanduser()
     check_output_dir(output, args.force)
     train_texts, _ = train_eval_texts(args.dataset, args.eval_fraction, args.seed)
@@ -306,10 +323,6 @@ def run(args) -> int:
                 f"--distill-from has vocabulary {teacher.config.vocab_size}, the model "
                 f"{model.config.vocab_size}: teacher and student must share a tokenizer"
             )
-    if resume and args.fsdp:
-        raise CLIError(
-            f"{checkpoints} holds checkpoints of an earlier run, and an --fsdp run cannot resume: remove it"
-        )
     if resume:
         print(f"resuming from the checkpoints in {checkpoints}")
     trainer = train_model(
@@ -334,16 +347,7 @@ def run(args) -> int:
         checkpoint_dir=checkpoints,
         resume=resume,
     )
-    state_dict = None
-    if args.fsdp:
-        params = list(trainer.model.parameters())
-        held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
-        if trainer.is_world_process_zero():
-            print(f"FSDP2: rank 0 held {held:,} of the model's {sum(p.numel() for p in params):,} parameters")
-        # every rank takes part in gathering the full weights; rank 0 alone receives them
-        state_dict = get_model_state_dict(
-            trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
+    state_dict = gather_fsdp_weights(trainer) if args.fsdp else None  # every rank takes part
     if not trainer.is_world_process_zero():
         return 0  # under torchrun / accelerate launch, rank 0 alone writes the result
     with atomic_output_dir(output, force=args.force) as tmp:
