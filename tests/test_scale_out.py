@@ -246,6 +246,27 @@ def test_lora_cli_lowers_the_loss_merges_and_runs_under_torchrun(models, blocks,
         torch.testing.assert_close(ddp_adapter(blocks).logits, adapter(blocks).logits, atol=1e-4, rtol=1e-4)
     assert (merged.model.layers[0].self_attn.lambda_q1 - base.model.layers[0].self_attn.lambda_q1).abs().max() > 1e-4
 
+    # without this package: the base folder carries the model code, so trust_remote_code=True suffices
+    torch.save(blocks, tmp_path / "blocks.pt")
+    subprocess.run(
+        [sys.executable, "-c", LOAD_ADAPTER_WITHOUT_PACKAGE, str(tmp_path / "adapter"), str(tmp_path)],
+        check=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        timeout=300,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), adapter(blocks).logits, atol=0, rtol=0)
+
+
+LOAD_ADAPTER_WITHOUT_PACKAGE = """
+import sys, torch
+sys.modules["modeling_diff"] = None
+from peft import AutoPeftModelForCausalLM
+model = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+with torch.no_grad():
+    torch.save(model(torch.load(sys.argv[2] + "/blocks.pt")).logits, sys.argv[2] + "/logits.pt")
+"""
+
 
 def test_scale_out_flags_fail_cleanly(models, tmp_path, capsys):
     for extra, message in (
