@@ -8,8 +8,10 @@ random float32 checkpoint, then loads it (a) whole in one process and (b) with `
 processes of `torchrun --nproc_per_node 2`, and runs one forward pass of 512 tokens. Per process it records:
 
 - the bytes of the parameters this process holds (local shards of DTensors, whole tensors otherwise): exact;
-- its peak resident memory (ru_maxrss) after the forward pass, which adds torch/transformers' own ~0.4 GB and the
-  activations, and is read from the OS.
+- its resident memory after the forward pass (VmRSS, and RssAnon: without file-backed pages such as the
+  memory-mapped checkpoint) and its peak (VmHWM), read from the OS: they add torch/transformers' own ~0.4 GB and
+  the activations;
+- with TP, the largest |difference| of its logits from the one-process logits on the same tokens.
 
 Results go to benchmarks/results/tp_memory.md, .json and .png (`--results` elsewhere).
 """
@@ -18,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -34,17 +35,31 @@ MODELS = ("Diff V1", "Diff V2", "Llama")
 def config_numbers(quick: bool) -> dict:
     """The shared config numbers (Llama's head counting): 16 query heads, 8 KV heads of width 64."""
     if quick:
-        return dict(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                    num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)
-    return dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True)
+        return dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=176,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
+        )
+    return dict(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    )
 
 
 def save_models(folder: Path, numbers: dict) -> None:
     """A random float32 checkpoint of each model under `folder / name`."""
-    import modeling_diff  # noqa: F401
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    import modeling_diff  # noqa: F401
     from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
 
     for name in MODELS:
@@ -54,6 +69,17 @@ def save_models(folder: Path, numbers: dict) -> None:
         else:
             model = DiffTransformerForCausalLM(DiffTransformerConfig(diff_version=int(name[-1]), **numbers))
         model.save_pretrained(folder / name.replace(" ", "_"))
+
+
+def memory_status() -> dict:
+    """This process's resident memory from /proc/self/status (Linux), in bytes: `VmHWM` (the peak), `VmRSS` (now)
+    and `RssAnon` (now, without file-backed pages such as the memory-mapped checkpoint).
+
+    Not ru_maxrss for the peak: Linux carries it over from the parent through fork and exec, so a worker started by
+    a process that held the saved models would report the parent's peak.
+    """
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {key: int(fields[key].split()[0]) * 1024 for key in ("VmHWM", "VmRSS", "RssAnon")}
 
 
 def measure(folder: Path, tp: bool, seq_len: int) -> dict:
@@ -69,9 +95,20 @@ def measure(folder: Path, tp: bool, seq_len: int) -> dict:
         local = param.to_local() if isinstance(param, DTensor) else param
         held += local.numel() * local.element_size()
     full = sum(p.numel() * p.element_size() for p in model.parameters())
+    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        model(torch.randint(0, model.config.vocab_size, (1, seq_len)))
-    return {"param_bytes": held, "full_param_bytes": full, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        logits = model(ids).logits
+    result = {
+        "param_bytes": held,
+        "full_param_bytes": full,
+        **memory_status(),
+    }
+    reference = folder / "logits_one_process.pt"
+    if tp:  # the same input in one process (measured first): the sharded model must give the same logits
+        result["max_logit_diff"] = (logits - torch.load(reference)).abs().max().item()
+    else:
+        torch.save(logits, reference)
+    return result
 
 
 def worker(folder: Path, tp: bool, seq_len: int, out: Path) -> None:
@@ -82,7 +119,9 @@ def worker(folder: Path, tp: bool, seq_len: int, out: Path) -> None:
 
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, result)
-        if dist.get_rank() != 0:
+        # tear down before exit: one run without this aborted at exit ("terminate called without an active exception")
+        dist.destroy_process_group()
+        if int(os.environ["RANK"]) != 0:
             return
         result = {"ranks": gathered}
     out.write_text(json.dumps(result))
@@ -112,8 +151,8 @@ def write_results(out: Path, rows: dict, numbers: dict, settings: str, elapsed: 
     lines = [
         "# Memory per rank with tensor parallelism (TP=2)",
         "",
-        f"Produced by `python benchmarks/tp_memory.py {settings}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-        f" in {elapsed:.0f} s.",
+        f"Produced by `python benchmarks/tp_memory.py {settings}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} in {elapsed:.0f} s.",
         "",
         f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, CPU processes on"
         f" gloo, 1 thread each; 1-minute load average {load:.2f} at the end (the machine is shared)",
@@ -121,27 +160,38 @@ def write_results(out: Path, rows: dict, numbers: dict, settings: str, elapsed: 
         f"transformers {__import__('transformers').__version__}",
         "- Models: " + ", ".join(f"{k} {v}" for k, v in numbers.items()) + "; float32, random weights, one forward"
         " pass of 512 tokens",
-        "- Parameter bytes are exact (local shards of the DTensors, a tied weight counted once). Peak RSS is the"
-        " process's ru_maxrss after the forward pass: it adds the Python/torch/transformers runtime and the"
-        " activations, and is noisier.",
+        "- Parameter bytes are exact (local shards of the DTensors, a tied weight counted once). Resident memory is"
+        " read from /proc/self/status after the forward pass: VmRSS, RssAnon (VmRSS without file-backed pages such"
+        " as the memory-mapped checkpoint) and the peak VmHWM; all include the Python/torch/transformers runtime and"
+        " the activations.",
         "",
-        "| model | parameters, 1 process | parameters per rank, TP=2 (rank 0 / rank 1) | ratio | peak RSS, 1 process"
-        " | peak RSS per rank, TP=2 (rank 0 / rank 1) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| model | parameters, 1 process | per rank, TP=2 (rank 0 / 1) | ratio | RSS after the forward, 1 process"
+        " | per rank, TP=2 | of which anonymous, 1 process | per rank, TP=2 | peak RSS, 1 process | per rank, TP=2"
+        " | max abs logit difference, TP=2 vs 1 process |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in rows.items():
         one, ranks = row["one"], row["tp"]["ranks"]
-        lines.append(
-            f"| {name} | {one['param_bytes'] / mib:.1f} MiB | "
-            + " / ".join(f"{r['param_bytes'] / mib:.1f}" for r in ranks)
-            + f" MiB | {ranks[0]['param_bytes'] / one['param_bytes']:.3f}× | {one['peak_rss_bytes'] / mib:.0f} MiB | "
-            + " / ".join(f"{r['peak_rss_bytes'] / mib:.0f}" for r in ranks)
-            + " MiB |"
-        )
+        cells = [name, f"{one['param_bytes'] / mib:.1f} MiB"]
+        cells.append(" / ".join(f"{r['param_bytes'] / mib:.1f}" for r in ranks) + " MiB")
+        cells.append(f"{ranks[0]['param_bytes'] / one['param_bytes']:.3f}×")
+        for key in ("VmRSS", "RssAnon", "VmHWM"):
+            cells.append(f"{one[key] / mib:.0f} MiB")
+            cells.append(" / ".join(f"{r[key] / mib:.0f}" for r in ranks) + " MiB")
+        cells.append(f"{max(r['max_logit_diff'] for r in ranks):.1e}")
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         "What stays whole on every rank: the RMSNorm weights (and V1's λ vectors and per-head norm weight), a few KiB",
         "per layer; everything else (q/k/v/o, λ projection of V2, the MLP, the tied embedding/head) is split in two.",
+        "",
+        "Reading the RSS columns: one process memory-maps the checkpoint and uses its tensors in place, so most of",
+        "its weights are file-backed pages (VmRSS − RssAnon), not anonymous memory. A TP rank also reads its shards",
+        "through the mapping (how many of them stay mapped rather than copied is up to transformers' loader), and",
+        "file pages of the checkpoint count in the VmRSS of every rank that touched them although the machine holds",
+        "them once, in its page cache. On CPUs the process RSS is therefore no measure of what TP saves; the",
+        "parameter bytes are the memory each rank's weights take, what a GPU rank would hold for them (no GPU was",
+        "used here).",
         "",
     ]
     out.with_suffix(".md").write_text("\n".join(lines))
@@ -151,11 +201,15 @@ def write_results(out: Path, rows: dict, numbers: dict, settings: str, elapsed: 
     names = list(rows)
     x = range(len(names))
     ax.bar([i - 0.2 for i in x], [rows[n]["one"]["param_bytes"] / mib for n in names], 0.4, label="1 process")
-    ax.bar([i + 0.2 for i in x], [rows[n]["tp"]["ranks"][0]["param_bytes"] / mib for n in names], 0.4,
-           label="TP=2, rank 0")
+    ax.bar(
+        [i + 0.2 for i in x],
+        [rows[n]["tp"]["ranks"][0]["param_bytes"] / mib for n in names],
+        0.4,
+        label="TP=2, rank 0",
+    )
     ax.set_xticks(list(x), names)
     ax.set_ylabel("parameter memory (MiB)")
-    ax.set_title("Parameters held per process, tp_plan=\"auto\"")
+    ax.set_title('Parameters held per process, tp_plan="auto"')
     ax.legend()
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
@@ -165,8 +219,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny models, for a smoke run")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens of the forward pass")
-    parser.add_argument("--results", default=str(RESULTS / "tp_memory"),
-                        help="where the .md/.json/.png go, without suffix (default: benchmarks/results/tp_memory)")
+    parser.add_argument(
+        "--results",
+        default=str(RESULTS / "tp_memory"),
+        help="where the .md/.json/.png go, without suffix (default: benchmarks/results/tp_memory)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tp", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -181,9 +238,14 @@ def main() -> None:
         save_models(Path(tmp), numbers)
         for name in MODELS:
             folder = Path(tmp) / name.replace(" ", "_")
-            rows[name] = {tp: run_worker(folder, tp == "tp", args.seq_len, Path(tmp) / "out.json") for tp in ("one", "tp")}
-            print(f"{name}: {rows[name]['one']['param_bytes'] / 2**20:.1f} MiB whole, "
-                  f"{rows[name]['tp']['ranks'][0]['param_bytes'] / 2**20:.1f} MiB on rank 0 with TP=2", flush=True)
+            rows[name] = {
+                tp: run_worker(folder, tp == "tp", args.seq_len, Path(tmp) / "out.json") for tp in ("one", "tp")
+            }
+            print(
+                f"{name}: {rows[name]['one']['param_bytes'] / 2**20:.1f} MiB whole, "
+                f"{rows[name]['tp']['ranks'][0]['param_bytes'] / 2**20:.1f} MiB on rank 0 with TP=2",
+                flush=True,
+            )
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     write_results(Path(args.results), rows, numbers, " ".join(sys.argv[1:]), time.perf_counter() - start)
 

@@ -67,6 +67,8 @@ def main():
     if int(os.environ["RANK"]) == 0:
         with open(out, "w") as f:
             json.dump(results, f, indent=1)
+    # tear down before exit: one run without this aborted at exit ("terminate called without an active exception")
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
