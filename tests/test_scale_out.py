@@ -161,7 +161,7 @@ def test_fsdp_training_matches_one_process_and_saves_a_plain_model(models, block
     assert type(fsdp) is DiffTransformerForCausalLM
     # the FSDP unit is the decoder layer, the model's _no_split_modules
     assert base.fsdp_plan["model.layers.*"] == "free_full_weight"
-    assert base._no_split_modules == [type(base.model.layers[0]).__name__]
+    assert set(base._no_split_modules) == {type(base.model.layers[0]).__name__}
     assert "modeling_diff_transformer.DiffTransformerForCausalLM" in (tmp_path / "fsdp" / "config.json").read_text()
     moved = max((p - q).abs().max().item() for p, q in zip(one.parameters(), base.parameters()))
     apart = max((p - q).abs().max().item() for p, q in zip(one.parameters(), fsdp.parameters()))
