@@ -1,4 +1,4 @@
-"""The `diff-transformer` command: convert, train, generate, eval, push, demo.
+"""The `diff-transformer` command: convert, train, generate, serve, eval, push, demo.
 
 A thin layer over `conversion/` (modeling_diff_conversion) and `modeling_diff/`. Bad input prints one line
 `error: ...` and exits with status 2; add --debug to see the traceback instead.
@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from . import convert_cmd, demo, evaluate, generate, push, train
+from . import convert_cmd, demo, evaluate, generate, push, serve, train
 
 COMMANDS = {
     "demo": (demo, "the whole workflow on SmolLM2-135M (embedded, offline): convert, fine-tune, evaluate, chat, save"),
@@ -16,6 +16,7 @@ COMMANDS = {
     "train": (train, "fine-tune or distil a model with the HF Trainer (resumable; works under torchrun/accelerate)"),
     "generate": (generate, "stream a completion or a chat answer"),
     "eval": (evaluate, "perplexity and λ, or the paper's needle / attention-noise / outlier measurements"),
+    "serve": (serve, "an OpenAI-compatible server (chat completions, continuous batching) on transformers serve"),
     "push": (push, "upload a model folder to the Hugging Face Hub (or --dry-run to list the files)"),
 }
 
