@@ -1,23 +1,19 @@
 """`diff-transformer serve` end to end: a real server on 127.0.0.1, real HTTP clients (openai and httpx)."""
 
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx2 as httpx
 import pytest
 import torch
+from helpers import assert_one_line_error, run_cli
+from modeling_diff_cli.serve import chat_request_problem, free_port, serve_in_background
+from modeling_diff_conversion import convert
 from openai import OpenAI
+from test_cli import tiny_tokenizer
 from tokenizers import decoders
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from helpers import assert_one_line_error, run_cli
 from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
-from modeling_diff_cli.serve import chat_request_problem
-from modeling_diff_conversion import convert
-from test_cli import tiny_tokenizer
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -73,45 +69,12 @@ def served_models(tmp_path_factory):
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=["converted-v2", "v1"])
 def server(request, served_models):
-    """`diff-transformer serve MODEL` on a free port; waits until /health answers, and always stops it."""
+    """`diff-transformer serve MODEL` on a free port, ready, and always stopped afterwards."""
     folder = served_models / request.param
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "modeling_diff_cli.main", "serve", str(folder), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited with {process.returncode}:\n{process.stdout.read()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("the server did not answer /health within 120 s")
-            time.sleep(0.2)
+    with serve_in_background(folder, timeout=120) as base:
         yield base, folder
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def generate_answer(folder, question: str) -> str:
