@@ -64,17 +64,20 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, attn_implementati
         loaded.hf_quantizer = None
         if getattr(loaded, "is_quantized", False):
             loaded.is_quantized = False
-    return loaded.eval(), load_tokenizer(folder, gguf_file)
+    return loaded.eval(), load_tokenizer(folder, gguf_file, name=model)
 
 
-def load_tokenizer(folder: str, gguf_file: str | None = None):
-    """The tokenizer of a model folder (or of a GGUF file in it), with a pad token (EOS when it has none)."""
+def load_tokenizer(folder: str, gguf_file: str | None = None, name: str | None = None):
+    """The tokenizer of a model folder (or of a GGUF file in it), with a pad token (EOS when it has none).
+
+    `name` is how errors refer to the model (what the user typed); the folder by default.
+    """
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError) as err:
-        raise CLIError(f"{gguf_file or folder} has no usable tokenizer ({str(err).splitlines()[0]})")
+        raise CLIError(f"{name or folder} has no usable tokenizer ({str(err).splitlines()[0]})")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

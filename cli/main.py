@@ -1,4 +1,4 @@
-"""The `diff-transformer` command: convert, train, generate, eval, push, demo.
+"""The `diff-transformer` command: convert, train, generate, serve, eval, push, demo.
 
 A thin layer over `conversion/` (modeling_diff_conversion) and `modeling_diff/`. Bad input prints one line
 `error: ...` and exits with status 2; add --debug to see the traceback instead.
@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from . import convert_cmd, demo, evaluate, generate, push, train
+from . import convert_cmd, demo, evaluate, generate, push, serve, train
 
 COMMANDS = {
     "demo": (demo, "the whole workflow on SmolLM2-135M (embedded, offline): convert, fine-tune, evaluate, chat, save"),
@@ -19,6 +19,7 @@ COMMANDS = {
     ),
     "generate": (generate, "stream a completion or a chat answer"),
     "eval": (evaluate, "perplexity and λ, or the paper's needle / attention-noise / outlier measurements"),
+    "serve": (serve, "an OpenAI-compatible server (chat completions, continuous batching) on transformers serve"),
     "push": (push, "upload a model folder to the Hugging Face Hub (or --dry-run to list the files)"),
 }
 

@@ -241,7 +241,7 @@ def load_fsdp_model(model: str):
     sharded = AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32, distributed_config=DistributedConfig(fsdp_size=int(os.environ["WORLD_SIZE"]))
     )
-    return sharded, load_tokenizer(folder)
+    return sharded, load_tokenizer(folder, name=model)
 
 
 def gather_fsdp_weights(trainer) -> dict:

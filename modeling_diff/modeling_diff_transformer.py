@@ -25,6 +25,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
+from transformers.generation.continuous_batching.cache import PagedAttentionCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -151,6 +152,11 @@ def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
 
 
+def pairs_as_one_head(states: torch.Tensor) -> torch.Tensor:
+    """(..., 2·n, d) -> (..., n, 2d): heads 2j and 2j+1 read as one head twice as wide (a view when contiguous)."""
+    return states.unflatten(-2, (-1, 2)).flatten(-2)
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -234,7 +240,8 @@ class DiffTransformerAttention(nn.Module):
         return lambda_1 - lambda_2 + self.lambda_init
 
     def differential_head_norm(self, attn_output: torch.Tensor, lambda_full: torch.Tensor) -> torch.Tensor:
-        """(B, T, heads, 2, 2d) outputs of the two maps -> (B, T, heads, 2d): subln(a1 - λ·a2) · (1 - λ_init)."""
+        """(B, T, 2·heads, 2d) outputs of the maps -> (B, T, heads, 2d): subln(a1 - λ·a2) · (1 - λ_init)."""
+        attn_output = attn_output.unflatten(2, (-1, 2))  # (B, T, heads, map, 2d)
         return self.subln(torch.addcmul(attn_output[..., 0, :], lambda_full, attn_output[..., 1, :], value=-1))
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -256,10 +263,23 @@ class DiffTransformerAttention(nn.Module):
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin, unsqueeze_dim=2)
 
-        key_states = key.reshape(batch, q_len, -1, 2 * d).transpose(1, 2)  # (B, groups, T, 2d) = k1‖k2
-        value_states = value.transpose(1, 2)  # (B, groups, T, 2d)
-        if cache is not None:
-            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+        if isinstance(cache, PagedAttentionCache):
+            # CODEPATH: continuous batching. The paged cache is token-major and sized for num_key_value_heads heads of
+            # head_dim, so each group's k1‖k2 key and its 2d value are written as two head_dim-wide heads (the same
+            # bytes) and read back as one 2d-wide head by a view: nothing is copied.
+            key_states, value_states = cache.update(
+                key.transpose(1, 2), value.view(batch, q_len, -1, d).transpose(1, 2), self.layer_idx, kwargs=kwargs
+            )  # (B, 2·groups, S, d), each a transposed (B, S, 2·groups, d) tensor
+            key_states = pairs_as_one_head(key_states.transpose(1, 2)).transpose(1, 2)  # (B, groups, S, 2d)
+            value_states = pairs_as_one_head(value_states.transpose(1, 2)).transpose(1, 2)
+            for name in ("k_cache", "v_cache"):  # flash decode reads and writes the pages itself: same reading
+                if kwargs.get(name) is not None:
+                    kwargs[name] = pairs_as_one_head(kwargs[name])
+        else:
+            key_states = key.reshape(batch, q_len, -1, 2 * d).transpose(1, 2)  # (B, groups, T, 2d) = k1‖k2
+            value_states = value.transpose(1, 2)  # (B, groups, T, 2d)
+            if cache is not None:
+                key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
 
         # q1 -> q1‖0 and q2 -> 0‖q2 in one op: diag_embed puts the map index m on the diagonal of a new
         # (map, half) pair of dims. Maps stay adjacent (2i, 2i+1 = q1, q2 of head i), so a KV group's maps are
@@ -283,8 +303,14 @@ class DiffTransformerAttention(nn.Module):
         )
 
         lambda_full = (self.lambda_full() * self.config.lambda_scale).to(attn_output.dtype)
-        attn_output = attn_output.view(batch, q_len, -1, 2, 2 * d)  # (B, T, heads, map, 2d)
-        if self.training and torch.is_grad_enabled():
+        if attn_weights is not None:
+            # CODEPATH: eager (the inspection path). The output is computed from the differential map itself,
+            # (A1 - λ·A2)·V, so the map returned as `attentions` is in the autograd graph; this costs one more A·V.
+            attn_weights = attn_weights.view(batch, -1, 2, q_len, attn_weights.shape[-1])  # (B, heads, map, T, S)
+            attn_weights = attn_weights[:, :, 0] - lambda_full * attn_weights[:, :, 1]  # (B, heads, T, S)
+            value_states = repeat_kv(value_states, attn_weights.shape[1] // value_states.shape[1])
+            attn_output = self.subln(torch.matmul(attn_weights, value_states).transpose(1, 2))  # (B, T, heads, 2d)
+        elif self.training and torch.is_grad_enabled():
             # CODEPATH: training. The subtraction and the head norm are recomputed in the backward pass rather than
             # storing their two (B, T, heads, 2d) results: the maps' output is kept by the attention kernel anyway,
             # so this drops two of the four activations V1 adds to Llama's per layer for two elementwise passes
@@ -295,10 +321,6 @@ class DiffTransformerAttention(nn.Module):
         else:
             attn_output = self.differential_head_norm(attn_output, lambda_full)  # (B, T, heads, 2d)
         attn_output = self.o_proj(attn_output.reshape(batch, q_len, -1))
-
-        if attn_weights is not None:  # eager: return the differential map, (B, heads, T, S)
-            attn_weights = attn_weights.view(batch, -1, 2, q_len, attn_weights.shape[-1])
-            attn_weights = attn_weights[:, :, 0] - lambda_full * attn_weights[:, :, 1]
         return attn_output, attn_weights
 
 
@@ -371,13 +393,17 @@ class DiffTransformerV2Attention(nn.Module):
         )
 
         lambda_gate = torch.sigmoid(self.lambda_proj(hidden_states)) * self.config.lambda_scale  # (B, T, heads)
-        attn_output = attn_output.view(batch, q_len, -1, 2, self.head_dim)
-        attn_output = attn_output[..., 0, :] - lambda_gate.unsqueeze(-1) * attn_output[..., 1, :]
-        attn_output = self.o_proj(attn_output.reshape(batch, q_len, -1))
-
-        if attn_weights is not None:  # eager: return the differential map, (B, heads, T, S)
+        if attn_weights is not None:
+            # CODEPATH: eager (the inspection path). The output is computed from the differential map itself,
+            # (A_2h - λ_h·A_2h+1)·V, so the map returned as `attentions` is in the autograd graph.
             gate = lambda_gate.transpose(1, 2).unsqueeze(-1).to(attn_weights.dtype)  # (B, heads, T, 1)
-            attn_weights = attn_weights[:, 0::2] - gate * attn_weights[:, 1::2]
+            attn_weights = attn_weights[:, 0::2] - gate * attn_weights[:, 1::2]  # (B, heads, T, S)
+            value_states = repeat_kv(value_states, attn_weights.shape[1] // value_states.shape[1])
+            attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2)  # (B, T, heads, d)
+        else:
+            attn_output = attn_output.view(batch, q_len, -1, 2, self.head_dim)  # (B, T, heads, map, d)
+            attn_output = attn_output[..., 0, :] - lambda_gate.unsqueeze(-1) * attn_output[..., 1, :]
+        attn_output = self.o_proj(attn_output.reshape(batch, q_len, -1))
         return attn_output, attn_weights
 
 

@@ -89,6 +89,23 @@ def test_output_attentions_is_the_differential_map(layout):
     assert out.attentions[0].min() < 0
 
 
+@pytest.mark.parametrize("layout", ["v1-gqa", "v2-gqa", "v2-mqa"])
+def test_returned_maps_are_in_the_autograd_graph(layout):
+    """Attribution methods differentiate the logits by the returned maps: eager computes the output from them."""
+    model = make_model(layout)
+    ids = torch.randint(3, 97, (2, 9))
+    out = model(ids, output_attentions=True)
+    for attn in out.attentions:
+        attn.retain_grad()
+    out.logits.sum().backward()
+    for layer, attn in enumerate(out.attentions):
+        assert attn.grad is not None, f"layer {layer}: the map is not in the graph"
+        assert attn.grad.shape == attn.shape and torch.isfinite(attn.grad).all()
+        assert attn.grad.abs().max() > 0
+    # the eager path that returns the maps still computes what sdpa computes
+    torch.testing.assert_close(out.logits, with_attn(model, "sdpa")(ids).logits, rtol=1e-4, atol=1e-4)
+
+
 @functools.lru_cache(maxsize=1)
 def flex_available():
     """FlexAttention runs on CPU for inference only (torch has no CPU backward for it)."""
