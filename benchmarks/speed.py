@@ -38,12 +38,17 @@ when CUDA is present; without CUDA that flag stops with a clear message and noth
 from __future__ import annotations
 
 import argparse
+import atexit
+import importlib
 import json
 import os
 import platform
+import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -79,11 +84,44 @@ def config_numbers(args) -> dict:
     )
 
 
-def build_model(name: str, numbers: dict, attn_implementation: str = "sdpa", dtype=torch.float32, seed: int = 0):
-    """Build one of `MODEL_NAMES` from `numbers`, randomly initialised with `seed`, in eval mode."""
+def modeling_at(revision: str):
+    """The modeling module of `modeling_diff` as it was at git `revision`, imported under another name.
+
+    For before/after measurements in one interleaved run: the two model files of that commit are copied into a
+    temporary package, so the old and the current classes can live side by side in one process.
+    """
+    name = "modeling_diff_at_" + re.sub(r"\W", "_", revision)
+    if name not in sys.modules:
+        folder = Path(tempfile.mkdtemp(prefix="modeling_diff_at_")) / name
+        folder.mkdir()
+        atexit.register(shutil.rmtree, folder.parent, True)
+        for file in ("configuration_diff_transformer.py", "modeling_diff_transformer.py"):
+            shown = subprocess.run(
+                ["git", "-C", str(HERE.parent), "show", f"{revision}:modeling_diff/{file}"],
+                capture_output=True, text=True,
+            )
+            if shown.returncode != 0:
+                raise SystemExit(f"error: cannot read modeling_diff/{file} at git revision {revision!r}")
+            (folder / file).write_text(shown.stdout)
+        (folder / "__init__.py").write_text("")
+        sys.path.insert(0, str(folder.parent))
+    return importlib.import_module(name + ".modeling_diff_transformer")
+
+
+def build_model(
+    name: str, numbers: dict, attn_implementation: str = "sdpa", dtype=torch.float32, seed: int = 0, revision=None
+):
+    """Build one of `MODEL_NAMES` from `numbers`, randomly initialised with `seed`, in eval mode.
+
+    With `revision`, a DiffTransformer is built from the modeling code of that git revision (`modeling_at`).
+    """
     import modeling_diff  # noqa: F401  (registers the Auto classes)
     from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
     from transformers import DiffLlamaConfig, DiffLlamaForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if revision is not None:  # the same names, from the old file
+        old = modeling_at(revision)
+        DiffTransformerConfig, DiffTransformerForCausalLM = old.DiffTransformerConfig, old.DiffTransformerForCausalLM
 
     torch.manual_seed(seed)
     if name == "llama":
@@ -167,6 +205,29 @@ def generate_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
         do_sample=False, pad_token_id=0,
     )
     return time.perf_counter() - start
+
+
+def time_interleaved(models: dict, measures: list, repeats: int, warmup: bool = True) -> dict:
+    """Run every measure on every model, interleaved; returns {model: {key: [value per repetition]}}.
+
+    `measures` holds (key, callable(model) -> value) pairs, or (key, callable, model names) to run a measure on
+    some models only. Inside each repetition every model runs once, the order alternating forwards and backwards
+    between repetitions; with `warmup`, repetition 0 is run first and not recorded.
+    """
+    raw = {name: {} for name in models}
+    first = 0 if warmup else 1
+    plan = [(m[0], m[1], m[2] if len(m) > 2 else list(models)) for m in measures]
+    total = sum(len(names) for _, _, names in plan) * (repeats + 1 - first)
+    with tqdm(total=total, desc="timing (models interleaved)", unit="run") as bar:
+        for key, measure, names in plan:
+            for repetition in range(first, repeats + 1):  # repetition 0 is the warm-up
+                for name in names if repetition % 2 == 0 else names[::-1]:
+                    bar.set_postfix_str(f"{key} {name}")
+                    value = measure(models[name])
+                    if repetition > 0:
+                        raw[name].setdefault(key, []).append(value)
+                    bar.update()
+    return raw
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -535,10 +596,6 @@ def main(argv=None) -> dict:
     models = {name: build_model(name, numbers, args.attn, dtype) for name in args.models}
     results = {name: {"params": float(sum(p.numel() for p in model.parameters()))} for name, model in models.items()}
     raw = {name: {} for name in models}
-
-    def record(name, key, value):
-        raw[name].setdefault(key, []).append(value)
-
     ids = {seq_len: random_ids(args.vocab, seq_len, seed=seq_len) for seq_len in args.seq_lens}
     prompt = random_ids(args.vocab, args.prompt_len, seed=7)
 
@@ -550,17 +607,9 @@ def main(argv=None) -> dict:
     measures.append(("decode", lambda m: decode_seconds(m, prompt, args.new_tokens)))
     measures.append(("generate", lambda m: generate_seconds(m, prompt, args.new_tokens)))
 
-    total = len(measures) * (args.repeats + 1) * len(models)
-    with tqdm(total=total, desc="timing", unit="run") as bar:
-        for key, measure in measures:
-            for repetition in range(args.repeats + 1):  # repetition 0 is the warm-up
-                order = list(models) if repetition % 2 == 0 else list(models)[::-1]
-                for name in order:
-                    bar.set_postfix_str(f"{key} {name}")
-                    value = measure(models[name])
-                    if repetition > 0:
-                        record(name, key, value)
-                    bar.update()
+    for name, values in time_interleaved(models, measures, args.repeats).items():
+        for key, measured in values.items():
+            raw[name][key] = measured
 
     for name in models:
         for key, values in raw[name].items():

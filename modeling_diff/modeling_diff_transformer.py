@@ -282,7 +282,10 @@ class DiffTransformerAttention(nn.Module):
             **kwargs,
         )
 
-        lambda_full = (self.lambda_full() * self.config.lambda_scale).to(attn_output.dtype)
+        # a float32 scalar: as a 0-dim tensor it leaves the dtype of the bf16/fp16 activations it multiplies
+        lambda_full = self.lambda_full()
+        if self.config.lambda_scale != 1.0:  # a Python float: no multiply per layer and token in the common case
+            lambda_full = lambda_full * self.config.lambda_scale
         attn_output = attn_output.view(batch, q_len, -1, 2, 2 * d)  # (B, T, heads, map, 2d)
         if self.training and torch.is_grad_enabled():
             # CODEPATH: training. The subtraction and the head norm are recomputed in the backward pass rather than
@@ -370,9 +373,13 @@ class DiffTransformerV2Attention(nn.Module):
             **kwargs,
         )
 
-        lambda_gate = torch.sigmoid(self.lambda_proj(hidden_states)) * self.config.lambda_scale  # (B, T, heads)
+        lambda_gate = torch.sigmoid(self.lambda_proj(hidden_states))  # (B, T, heads)
+        if self.config.lambda_scale != 1.0:  # a Python float: no multiply per layer and token in the common case
+            lambda_gate = lambda_gate * self.config.lambda_scale
         attn_output = attn_output.view(batch, q_len, self.num_heads, 2, self.head_dim)
-        attn_output = attn_output[..., 0, :] - lambda_gate.unsqueeze(-1) * attn_output[..., 1, :]
+        attn_1, attn_2 = attn_output.unbind(-2)  # (B, T, heads, d) each
+        # a1 - gate · a2 as one addcmul (replaces a multiply and a subtraction and their intermediate)
+        attn_output = torch.addcmul(attn_1, lambda_gate.unsqueeze(-1), attn_2, value=-1)
         attn_output = self.o_proj(attn_output.reshape(batch, q_len, -1))
 
         if attn_weights is not None:  # eager: return the differential map, (B, heads, T, S)
