@@ -39,6 +39,8 @@ from tqdm.auto import tqdm
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from speed import (  # noqa: E402
+    CLOCK_HELP,
+    CLOCKS,
     LABELS,
     add_model_arguments,
     build_model,
@@ -63,13 +65,13 @@ def prefilled(model, prompt: torch.Tensor):
 
 
 @torch.inference_mode()
-def seconds_per_token(model, prompt: torch.Tensor, steps: int) -> float:
-    """Mean seconds of one greedy one-token forward after the prompt (prefill not timed)."""
+def seconds_per_token(model, prompt: torch.Tensor, steps: int, clock=time.perf_counter) -> float:
+    """Mean seconds (on `clock`) of one greedy one-token forward after the prompt (prefill not timed)."""
     cache, token = prefilled(model, prompt)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(steps):
         token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    return (time.perf_counter() - start) / steps
+    return (clock() - start) / steps
 
 
 @torch.inference_mode()
@@ -117,6 +119,7 @@ def parse_args(argv=None):
     parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens before decoding (default: 512)")
     parser.add_argument("--steps", type=int, default=64, help="one-token forwards timed / profiled (default: 64)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions, median reported (default: 5)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help=CLOCK_HELP + " (default: wall)")
     parser.add_argument("--before", metavar="REV", default=None,
                         help="also time and profile V1 and V2 built by the modeling code of this git revision")
     parser.add_argument("--quick", action="store_true",
@@ -149,7 +152,9 @@ def main(argv=None) -> dict:
     prompt = random_ids(args.vocab, args.prompt_len, seed=7)
 
     load_start = os.getloadavg()
-    timings = time_interleaved(models, [("decode", lambda m: seconds_per_token(m, prompt, args.steps))], args.repeats)
+    clock = CLOCKS[args.clock]
+    timings = time_interleaved(models, [("decode", lambda m: seconds_per_token(m, prompt, args.steps, clock))],
+                               args.repeats)
     per_token = {name: statistics.median(values["decode"]) for name, values in timings.items()}
     ops = {name: operators_per_token(model, prompt, args.steps) for name, model in tqdm(models.items(), desc="profiling")}
 
@@ -167,7 +172,7 @@ def main(argv=None) -> dict:
         f"vocab {args.vocab}, intermediate {args.intermediate}; float32, sdpa, batch 1, DynamicCache, "
         f"{args.prompt_len}-token prompt, {args.steps} one-token forwards",
         "",
-        f"| model | ms per token (unprofiled, median of {args.repeats}) | tok/s ratio to Llama | "
+        f"| model | ms per token ({args.clock} clock, unprofiled, median of {args.repeats}) | tok/s ratio to Llama | "
         "aten operators per token | profiled self CPU ms per token |",
         "| --- | --- | --- | --- | --- |",
     ]

@@ -46,6 +46,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from speed import (  # noqa: E402
+    CLOCK_HELP,
+    CLOCKS,
     build_model,
     decode_seconds,
     fmt,
@@ -190,11 +192,12 @@ def run_study(study: str, args) -> dict:
     vocab = models["llama"].config.vocab_size
     short, long = random_ids(vocab, args.short_len, seed=1), random_ids(vocab, args.long_len, seed=2)
     prompt = random_ids(vocab, args.prompt_len, seed=7)
+    clock = CLOCKS[args.clock]
     plan = {
-        "train_short": lambda m: train_step_seconds(m, short),
-        "train_long": lambda m: train_step_seconds(m, long),
-        "prefill_long": lambda m: prefill_seconds(m, long),
-        "decode": lambda m: args.new_tokens / decode_seconds(m, prompt, args.new_tokens)[0],
+        "train_short": lambda m: train_step_seconds(m, short, clock),
+        "train_long": lambda m: train_step_seconds(m, long, clock),
+        "prefill_long": lambda m: prefill_seconds(m, long, clock),
+        "decode": lambda m: args.new_tokens / decode_seconds(m, prompt, args.new_tokens, clock)[0],
     }
     names = list(models)
     timed = [(key, plan[key], names if key in args.before_measures else ["llama", "diff-v2"])
@@ -308,6 +311,7 @@ def parse_args(argv=None):
     parser.add_argument("--before-measures", nargs="+", default=["train_short", "decode"], choices=MEASURES,
                         help="the measures the --before model takes part in (default: train_short decode)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help=CLOCK_HELP + " (default: cpu)")
     parser.add_argument("--hidden", type=int, default=512, help="v2-layout: hidden size (default: 512)")
     parser.add_argument("--heads", type=int, default=8, help="v2-layout: the Llama's query heads H (default: 8)")
     parser.add_argument("--kv-heads", type=int, default=4, help="v2-layout: KV heads of both (default: 4)")
@@ -346,7 +350,8 @@ def main(argv=None) -> dict:
         "ratios come from one interleaved run)",
         f"- Versions: Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}",
         f"- float32, attn_implementation=\"sdpa\", batch 1, random token ids; median of {args.repeats} "
-        f"(decode: {args.decode_repeats}) after one warm-up, models interleaved inside each repetition",
+        f"(decode: {args.decode_repeats}) after one warm-up, models interleaved inside each repetition; "
+        f"{args.clock} clock ({'process CPU time' if args.clock == 'cpu' else 'elapsed time'})",
         "",
     ]
     for result in results:

@@ -158,30 +158,30 @@ def random_ids(vocab: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(3, vocab, (1, length), generator=generator)
 
 
-def train_step_seconds(model, ids: torch.Tensor) -> float:
-    """Seconds for one forward + backward of the LM loss (gradients are dropped afterwards)."""
+def train_step_seconds(model, ids: torch.Tensor, clock=time.perf_counter) -> float:
+    """Seconds for one forward + backward of the LM loss (gradients are dropped afterwards), read on `clock`."""
     model.train()
     model.zero_grad(set_to_none=True)
-    start = time.perf_counter()
+    start = clock()
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    elapsed = time.perf_counter() - start
+    elapsed = clock() - start
     model.zero_grad(set_to_none=True)
     model.eval()
     return elapsed
 
 
 @torch.inference_mode()
-def prefill_seconds(model, ids: torch.Tensor) -> float:
-    """Seconds for one cached forward of the whole prompt (what `generate()` does first)."""
-    start = time.perf_counter()
+def prefill_seconds(model, ids: torch.Tensor, clock=time.perf_counter) -> float:
+    """Seconds for one cached forward of the whole prompt (what `generate()` does first), read on `clock`."""
+    start = clock()
     model(input_ids=ids, use_cache=True)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 @torch.inference_mode()
-def decode_seconds(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, int]:
-    """Prefill `ids` (untimed), then time `new_tokens` greedy one-token forwards on the cache.
+def decode_seconds(model, ids: torch.Tensor, new_tokens: int, clock=time.perf_counter) -> tuple[float, int]:
+    """Prefill `ids` (untimed), then time `new_tokens` greedy one-token forwards on the cache, on `clock`.
 
     Returns the seconds of the decode loop and the cache's bytes right after the prefill.
     """
@@ -189,11 +189,11 @@ def decode_seconds(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, in
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     kv_bytes = cache_bytes(cache)
     next_id = out.logits[:, -1:].argmax(-1)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(new_tokens):
         out = model(input_ids=next_id, cache=cache, use_cache=True)
         next_id = out.logits[:, -1:].argmax(-1)
-    return time.perf_counter() - start, kv_bytes
+    return clock() - start, kv_bytes
 
 
 @torch.inference_mode()
@@ -205,6 +205,13 @@ def generate_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
         do_sample=False, pad_token_id=0,
     )
     return time.perf_counter() - start
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK_HELP = (
+    "wall: elapsed time; cpu: this process's CPU time, which leaves out the time other jobs on a shared machine hold "
+    "the core (use it with 1 thread)"
+)
 
 
 def time_interleaved(models: dict, measures: list, repeats: int, warmup: bool = True) -> dict:

@@ -284,7 +284,9 @@ class DiffTransformerAttention(nn.Module):
 
         # a float32 scalar: as a 0-dim tensor it leaves the dtype of the bf16/fp16 activations it multiplies
         lambda_full = self.lambda_full()
-        if self.config.lambda_scale != 1.0:  # a Python float: no multiply per layer and token in the common case
+        # CODEPATH: lambda_scale is 1.0 in every checkpoint (no multiply per layer and token); below 1 only while
+        # `train --lambda-warmup-steps` ramps it.
+        if self.config.lambda_scale != 1.0:
             lambda_full = lambda_full * self.config.lambda_scale
         attn_output = attn_output.view(batch, q_len, -1, 2, 2 * d)  # (B, T, heads, map, 2d)
         if self.training and torch.is_grad_enabled():
@@ -374,7 +376,9 @@ class DiffTransformerV2Attention(nn.Module):
         )
 
         lambda_gate = torch.sigmoid(self.lambda_proj(hidden_states))  # (B, T, heads)
-        if self.config.lambda_scale != 1.0:  # a Python float: no multiply per layer and token in the common case
+        # CODEPATH: lambda_scale is 1.0 in every checkpoint (no multiply per layer and token); below 1 only while
+        # `train --lambda-warmup-steps` ramps it.
+        if self.config.lambda_scale != 1.0:
             lambda_gate = lambda_gate * self.config.lambda_scale
         attn_output = attn_output.view(batch, q_len, self.num_heads, 2, self.head_dim)
         attn_1, attn_2 = attn_output.unbind(-2)  # (B, T, heads, d) each
