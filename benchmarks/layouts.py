@@ -48,6 +48,7 @@ sys.path.insert(0, str(HERE))
 from speed import (  # noqa: E402
     CLOCK_HELP,
     CLOCKS,
+    add_model_arguments,
     build_model,
     decode_seconds,
     fmt,
@@ -310,14 +311,8 @@ def parse_args(argv=None):
                         help="also time the Diff model built by the modeling code of this git revision, same weights")
     parser.add_argument("--before-measures", nargs="+", default=["train_short", "decode"], choices=MEASURES,
                         help="the measures the --before model takes part in (default: train_short decode)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help=CLOCK_HELP + " (default: cpu)")
-    parser.add_argument("--hidden", type=int, default=512, help="v2-layout: hidden size (default: 512)")
-    parser.add_argument("--heads", type=int, default=8, help="v2-layout: the Llama's query heads H (default: 8)")
-    parser.add_argument("--kv-heads", type=int, default=4, help="v2-layout: KV heads of both (default: 4)")
-    parser.add_argument("--layers", type=int, default=6, help="v2-layout: decoder layers (default: 6)")
-    parser.add_argument("--intermediate", type=int, default=1376, help="v2-layout: MLP width (default: 1376)")
-    parser.add_argument("--vocab", type=int, default=8192, help="v2-layout: vocabulary (default: 8192)")
+    add_model_arguments(parser, threads=1)  # the v2-layout sizes; --heads is the Llama's H, V2 gets 2H
     parser.add_argument("--quick", action="store_true",
                         help="tiny v2-layout settings that run in seconds (the smoke test); the numbers mean nothing")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "layouts.md",

@@ -197,14 +197,14 @@ def decode_seconds(model, ids: torch.Tensor, new_tokens: int, clock=time.perf_co
 
 
 @torch.inference_mode()
-def generate_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
-    """Seconds for `model.generate` (greedy, prefill included) producing exactly `new_tokens` tokens."""
-    start = time.perf_counter()
+def generate_seconds(model, ids: torch.Tensor, new_tokens: int, clock=time.perf_counter) -> float:
+    """Seconds (on `clock`) for `model.generate` (greedy, prefill included) producing exactly `new_tokens` tokens."""
+    start = clock()
     model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
         do_sample=False, pad_token_id=0,
     )
-    return time.perf_counter() - start
+    return clock() - start
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -408,7 +408,7 @@ def build_rows(results: dict, args) -> list[dict]:
     rows.append(dict(key="kv_bytes", label=f"KV-cache bytes after {args.prompt_len} tokens", unit="B", higher=False))
     rows.append(dict(key="params", label="parameters", unit="M", higher=False))
     for row in rows:
-        row["values"] = {name: results[name][row["key"]] for name in args.models if row["key"] in results[name]}
+        row["values"] = {name: values[row["key"]] for name, values in results.items() if row["key"] in values}
     return [row for row in rows if row["values"]]
 
 
@@ -447,7 +447,7 @@ def check_targets(rows: list[dict], args) -> list[dict]:
 
 def markdown(rows, checks, info, args) -> str:
     """The results file: settings, machine, the ratio table, the targets."""
-    names = [name for name in args.models]
+    names = [name for name in args.models] + [name for name in LABELS if name.endswith(f"@{args.before}")]
     lines = [
         "# Speed and memory: Llama vs DiffLlama vs DiffTransformer V1 / V2",
         "",
@@ -460,7 +460,8 @@ def markdown(rows, checks, info, args) -> str:
         f"- Models: hidden {args.hidden}, {args.heads} query heads, {args.kv_heads} KV heads, {args.layers} layers, "
         f"vocab {args.vocab}, intermediate {args.intermediate}; {args.dtype}, attn_implementation=\"{args.attn}\", "
         f"batch 1",
-        f"- Timing: median of {args.repeats} repetitions after one warm-up, models interleaved inside each repetition",
+        f"- Timing: median of {args.repeats} repetitions after one warm-up, models interleaved inside each repetition, "
+        f"{args.clock} clock",
         "",
         "Each cell is the ratio to Llama, then the absolute median. For times and memory lower is better, for "
         "tok/s higher is better.",
@@ -521,15 +522,15 @@ def plot(rows, path: Path, args) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model-size flags every benchmark script shares, with speed.py's defaults."""
+def add_model_arguments(parser: argparse.ArgumentParser, threads: int = 2) -> None:
+    """The model-size flags every benchmark script shares, with speed.py's defaults (`threads` threads)."""
     parser.add_argument("--layers", type=int, default=6, help="decoder layers of every model (default: 6)")
     parser.add_argument("--hidden", type=int, default=512, help="hidden size (default: 512)")
     parser.add_argument("--heads", type=int, default=8, help="query heads, Llama's counting (default: 8)")
     parser.add_argument("--kv-heads", type=int, default=4, help="KV heads, Llama's counting (default: 4)")
     parser.add_argument("--intermediate", type=int, default=1376, help="MLP width (default: 1376)")
     parser.add_argument("--vocab", type=int, default=8192, help="vocabulary size (default: 8192)")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: 2)")
+    parser.add_argument("--threads", type=int, default=threads, help=f"torch intra-op threads (default: {threads})")
 
 
 def parse_args(argv=None):
@@ -557,6 +558,10 @@ def parse_args(argv=None):
                         help="cpu (default), or cuda for the GPU table (stops cleanly when CUDA is absent)")
     parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES,
                         help="which models to run; llama is needed for the ratios (default: all four)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help=CLOCK_HELP + " (default: wall)")
+    parser.add_argument("--before", metavar="REV", default=None,
+                        help="also measure V1 and V2 built by the modeling code of this git revision (same weights), "
+                        "in the same interleaved run")
     parser.add_argument("--quick", action="store_true",
                         help="tiny settings (hidden 64, 2 layers, T 32 64, 1 repetition, 8 new tokens, 1 thread) that run "
                         "in seconds; for the smoke test, the numbers mean nothing")
@@ -601,6 +606,11 @@ def main(argv=None) -> dict:
     dtype = getattr(torch, args.dtype)
     numbers = config_numbers(args)
     models = {name: build_model(name, numbers, args.attn, dtype) for name in args.models}
+    for name in [name for name in args.models if name.startswith("diff-")] if args.before else []:
+        before = f"{name}@{args.before}"  # timed and measured in process; not in the RSS subprocesses or the chart
+        LABELS[before] = f"{LABELS[name]} ({args.before})"
+        models[before] = build_model(name, numbers, args.attn, dtype, revision=args.before)
+        models[before].load_state_dict(models[name].state_dict())
     results = {name: {"params": float(sum(p.numel() for p in model.parameters()))} for name, model in models.items()}
     raw = {name: {} for name in models}
     ids = {seq_len: random_ids(args.vocab, seq_len, seed=seq_len) for seq_len in args.seq_lens}
@@ -608,11 +618,12 @@ def main(argv=None) -> dict:
 
     # (key, callable(model) -> value) pairs, each run for every model inside one repetition
     measures = []
+    clock = CLOCKS[args.clock]
     for seq_len in args.seq_lens:
-        measures.append((f"train_{seq_len}", lambda m, t=seq_len: train_step_seconds(m, ids[t])))
-        measures.append((f"prefill_{seq_len}", lambda m, t=seq_len: prefill_seconds(m, ids[t])))
-    measures.append(("decode", lambda m: decode_seconds(m, prompt, args.new_tokens)))
-    measures.append(("generate", lambda m: generate_seconds(m, prompt, args.new_tokens)))
+        measures.append((f"train_{seq_len}", lambda m, t=seq_len: train_step_seconds(m, ids[t], clock)))
+        measures.append((f"prefill_{seq_len}", lambda m, t=seq_len: prefill_seconds(m, ids[t], clock)))
+    measures.append(("decode", lambda m: decode_seconds(m, prompt, args.new_tokens, clock)))
+    measures.append(("generate", lambda m: generate_seconds(m, prompt, args.new_tokens, clock)))
 
     for name, values in time_interleaved(models, measures, args.repeats).items():
         for key, measured in values.items():
