@@ -182,6 +182,27 @@ def estimates(model, measure: str, args) -> dict:
     return {"flops": 3 * flops if measure.startswith("train") else flops, "bytes": weight_bytes}
 
 
+def attention_share(model, ids: torch.Tensor) -> dict:
+    """One profiled training step: its self CPU time (ms) and the share of it spent in the attention kernels.
+
+    The attention kernels are the aten operators named like `scaled_dot_product` or `flash_attention`, forward and
+    backward. Their share shows where a layout with twice the softmax maps pays more than its FLOP ratio: those
+    kernels do fewer FLOPs per second than the matrix products of the linear layers.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    model.train()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    events = [event for event in prof.key_averages() if event.key.startswith("aten::")]
+    total = sum(event.self_cpu_time_total for event in events)
+    attention = sum(event.self_cpu_time_total for event in events
+                    if "scaled_dot_product" in event.key or "flash_attention" in event.key)
+    return {"step_ms": total / 1e3, "attention_ms": attention / 1e3, "attention_share": attention / total}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # One study
 # ----------------------------------------------------------------------------------------------------------------
@@ -218,7 +239,8 @@ def run_study(study: str, args) -> dict:
                          bytes_ratio=cost["diff-v2"]["bytes"] / cost["llama"]["bytes"]))
     params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
     shapes = {name: layout(model.config) for name, model in models.items()}
-    return {"study": study, "rows": rows, "params": params, "layouts": shapes}
+    profiles = {name: attention_share(models[name], short) for name in ("llama", "diff-v2")} if args.profile else {}
+    return {"study": study, "rows": rows, "params": params, "layouts": shapes, "profiles": profiles}
 
 
 def label(key: str, args) -> str:
@@ -265,6 +287,13 @@ def study_markdown(result: dict, args) -> list[str]:
         )
     lines += ["", "Times: lower is better; decode tok/s: higher is better (its ratio is a speed ratio, and its limit "
               "the inverse of the byte ratio)."]
+    if result["profiles"]:
+        lines += ["", f"One profiled training step at T={args.short_len} (torch.profiler, self CPU time of the aten "
+                  "operators; the profiler's own cost inflates every figure alike):", "",
+                  "| model | profiled step | attention kernels (fwd + bwd) | their share |", "| --- | --- | --- | --- |"]
+        for name, profiled in result["profiles"].items():
+            lines.append(f"| {'Llama' if name == 'llama' else 'Diff V2'} | {profiled['step_ms']:.0f} ms | "
+                         f"{profiled['attention_ms']:.0f} ms | {profiled['attention_share']:.1%} |")
     checks = []
     for key, bound, kind in TARGETS.get(study, []):
         row = next((r for r in rows if r["key"] == key), None)
@@ -312,6 +341,8 @@ def parse_args(argv=None):
     parser.add_argument("--before-measures", nargs="+", default=["train_short", "decode"], choices=MEASURES,
                         help="the measures the --before model takes part in (default: train_short decode)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help=CLOCK_HELP + " (default: cpu)")
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="skip the profiled training step (attention kernels' share) after the timings")
     add_model_arguments(parser, threads=1)  # the v2-layout sizes; --heads is the Llama's H, V2 gets 2H
     parser.add_argument("--quick", action="store_true",
                         help="tiny v2-layout settings that run in seconds (the smoke test); the numbers mean nothing")
