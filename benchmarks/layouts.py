@@ -160,13 +160,27 @@ def linear_weights_per_layer(shape: dict) -> int:
     return attention + 3 * h * shape["intermediate"]
 
 
-def forward_flops(shape: dict, tokens: int, context: int) -> float:
-    """FLOPs of a forward over `tokens` new tokens after `context` cached ones (causal: each token sees the ones
+def attention_flops(shape: dict, tokens: int, context: int) -> float:
+    """FLOPs of QKᵀ and AV over `tokens` new tokens after `context` cached ones (causal: each token sees the ones
     before it and itself)."""
-    matmul = 2 * tokens * (shape["layers"] * linear_weights_per_layer(shape) + shape["vocab"] * shape["hidden"])
     keys_seen = tokens * context + tokens * (tokens + 1) / 2
-    attention = shape["layers"] * shape["query_heads"] * 4 * shape["head_dim"] * keys_seen  # QKᵀ and AV
-    return matmul + attention
+    return shape["layers"] * shape["query_heads"] * 4 * shape["head_dim"] * keys_seen
+
+
+def forward_flops(shape: dict, tokens: int, context: int) -> float:
+    """FLOPs of a forward: the linear layers and the LM head (2 per weight and token), plus attention."""
+    matmul = 2 * tokens * (shape["layers"] * linear_weights_per_layer(shape) + shape["vocab"] * shape["hidden"])
+    return matmul + attention_flops(shape, tokens, context)
+
+
+def profile_weighted_limit(shapes: dict, attention_share_of_llama: float, tokens: int) -> float:
+    """The training-step ratio if the attention kernels and everything else each scaled with their own FLOPs, at
+    the speeds Llama's profiled step shows (its attention kernels' share of the time)."""
+    llama, diff = shapes["llama"], shapes["diff-v2"]
+    attention_ratio = attention_flops(diff, tokens, 0) / attention_flops(llama, tokens, 0)
+    other_ratio = (forward_flops(diff, tokens, 0) - attention_flops(diff, tokens, 0)) / (
+        forward_flops(llama, tokens, 0) - attention_flops(llama, tokens, 0))
+    return (1 - attention_share_of_llama) * other_ratio + attention_share_of_llama * attention_ratio
 
 
 def estimates(model, measure: str, args) -> dict:
@@ -294,6 +308,13 @@ def study_markdown(result: dict, args) -> list[str]:
         for name, profiled in result["profiles"].items():
             lines.append(f"| {'Llama' if name == 'llama' else 'Diff V2'} | {profiled['step_ms']:.0f} ms | "
                          f"{profiled['attention_ms']:.0f} ms | {profiled['attention_share']:.1%} |")
+        share = result["profiles"]["llama"]["attention_share"]
+        limit = profile_weighted_limit(shapes, share, args.short_len)
+        lines += ["", f"Attention is {attention_flops(llama, args.short_len, 0) / forward_flops(llama, args.short_len, 0):.1%} "
+                  f"of Llama's FLOPs at T={args.short_len} but {share:.1%} of its profiled time: the attention kernels run "
+                  "at fewer FLOPs per second than the linear layers. If each part scaled with its own FLOPs at Llama's "
+                  f"speeds, the Diff V2 step would take **{limit:.3f}×** Llama's (the FLOP ratio above assumes one "
+                  "speed for both)."]
     checks = []
     for key, bound, kind in TARGETS.get(study, []):
         row = next((r for r in rows if r["key"] == key), None)
