@@ -156,7 +156,8 @@ def layout(config) -> dict:
 def linear_weights_per_layer(shape: dict) -> int:
     """Weights of one decoder layer's linear maps: q, k, v, o, the V2 gate and the MLP."""
     h, d = shape["hidden"], shape["head_dim"]
-    attention = h * d * (shape["query_heads"] + 2 * shape["kv_heads"] + shape["output_heads"]) + h * shape["gate_heads"]
+    heads = shape["query_heads"] + 2 * shape["kv_heads"] + shape["output_heads"]  # q, k, v and o
+    attention = h * d * heads + h * shape["gate_heads"]
     return attention + 3 * h * shape["intermediate"]
 
 
@@ -304,17 +305,18 @@ def study_markdown(result: dict, args) -> list[str]:
     if result["profiles"]:
         lines += ["", f"One profiled training step at T={args.short_len} (torch.profiler, self CPU time of the aten "
                   "operators; the profiler's own cost inflates every figure alike):", "",
-                  "| model | profiled step | attention kernels (fwd + bwd) | their share |", "| --- | --- | --- | --- |"]
+                  "| model | profiled step | attention kernels (fwd + bwd) | their share |",
+                  "| --- | --- | --- | --- |"]
         for name, profiled in result["profiles"].items():
             lines.append(f"| {'Llama' if name == 'llama' else 'Diff V2'} | {profiled['step_ms']:.0f} ms | "
                          f"{profiled['attention_ms']:.0f} ms | {profiled['attention_share']:.1%} |")
         share = result["profiles"]["llama"]["attention_share"]
         limit = profile_weighted_limit(shapes, share, args.short_len)
-        lines += ["", f"Attention is {attention_flops(llama, args.short_len, 0) / forward_flops(llama, args.short_len, 0):.1%} "
-                  f"of Llama's FLOPs at T={args.short_len} but {share:.1%} of its profiled time: the attention kernels run "
-                  "at fewer FLOPs per second than the linear layers. If each part scaled with its own FLOPs at Llama's "
-                  f"speeds, the Diff V2 step would take **{limit:.3f}×** Llama's (the FLOP ratio above assumes one "
-                  "speed for both)."]
+        flops_share = attention_flops(llama, args.short_len, 0) / forward_flops(llama, args.short_len, 0)
+        lines += ["", f"Attention is {flops_share:.1%} of Llama's FLOPs at T={args.short_len} but {share:.1%} of its "
+                  "profiled time: the attention kernels run at fewer FLOPs per second than the linear layers. If each "
+                  "part scaled with its own FLOPs at Llama's speeds, the Diff V2 step would take "
+                  f"**{limit:.3f}×** Llama's (the FLOP ratio above assumes one speed for both)."]
     checks = []
     for key, bound, kind in TARGETS.get(study, []):
         row = next((r for r in rows if r["key"] == key), None)
@@ -368,7 +370,8 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="tiny v2-layout settings that run in seconds (the smoke test); the numbers mean nothing")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "layouts.md",
-                        help="markdown results file; the raw JSON goes next to it (default: benchmarks/results/layouts.md)")
+                        help="markdown results file; the raw JSON goes next to it "
+                        "(default: benchmarks/results/layouts.md)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:

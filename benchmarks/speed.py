@@ -98,7 +98,7 @@ def modeling_at(revision: str):
         for file in ("configuration_diff_transformer.py", "modeling_diff_transformer.py"):
             shown = subprocess.run(
                 ["git", "-C", str(HERE.parent), "show", f"{revision}:modeling_diff/{file}"],
-                capture_output=True, text=True,
+                capture_output=True, text=True, check=False,
             )
             if shown.returncode != 0:
                 raise SystemExit(f"error: cannot read modeling_diff/{file} at git revision {revision!r}")
@@ -460,8 +460,8 @@ def markdown(rows, checks, info, args) -> str:
         f"- Models: hidden {args.hidden}, {args.heads} query heads, {args.kv_heads} KV heads, {args.layers} layers, "
         f"vocab {args.vocab}, intermediate {args.intermediate}; {args.dtype}, attn_implementation=\"{args.attn}\", "
         f"batch 1",
-        f"- Timing: median of {args.repeats} repetitions after one warm-up, models interleaved inside each repetition, "
-        f"{args.clock} clock",
+        f"- Timing: median of {args.repeats} repetitions after one warm-up, models interleaved inside each "
+        f"repetition, {args.clock} clock",
         "",
         "Each cell is the ratio to Llama, then the absolute median. For times and memory lower is better, for "
         "tok/s higher is better.",

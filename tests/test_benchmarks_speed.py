@@ -142,7 +142,8 @@ def in_git_checkout() -> bool:
 @pytest.mark.skipif(not in_git_checkout(), reason="--before needs git and a git checkout")
 def test_decode_profile_before_same_revision_has_the_same_operators(tmp_path):
     """--before HEAD builds V1/V2 from HEAD's model files: on a clean tree they run exactly the same operators."""
-    changed = subprocess.run(["git", "-C", str(BENCHMARKS.parent), "diff", "--quiet", "HEAD", "--", "modeling_diff"])
+    changed = subprocess.run(["git", "-C", str(BENCHMARKS.parent), "diff", "--quiet", "HEAD", "--", "modeling_diff"],
+                             check=False)
     if changed.returncode != 0:
         pytest.skip("modeling_diff/ has uncommitted changes, so HEAD's model differs from the working tree's")
     result = load("decode_profile").main(["--quick", "--before", "HEAD", "--out", str(tmp_path / "d.md")])
