@@ -338,6 +338,35 @@ def study_markdown(result: dict, args) -> list[str]:
     return lines + [""]
 
 
+def plot(results: list, path: Path, args) -> None:
+    """Bars of the measured ratio and of its FLOP or byte limit, for every measure of every study."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, measured, limits = [], [], []
+    for result in results:
+        for row in result["rows"]:
+            short = label(row["key"], args).split(" (")[0].replace("training step fwd+bwd, ", "train ")
+            labels.append(f"{result['study']}\n{short}")
+            measured.append(ratio_of(row, "diff-v2"))
+            limits.append(1 / row["bytes_ratio"] if row["key"] == "decode" else row["flops_ratio"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels) + 2), 4.5))
+    positions = range(len(labels))
+    ax.bar([x - 0.2 for x in positions], measured, 0.4, label="measured (Diff V2 / Llama)")
+    ax.bar([x + 0.2 for x in positions], limits, 0.4, label="FLOP limit (bytes for decode)", alpha=0.6)
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+    ax.set_xticks(list(positions))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel("ratio to Llama (times: lower is better; decode tok/s: higher)")
+    ax.set_title(f"DIFF V2 layouts vs their Llama, {args.threads} thread(s), {args.clock} clock")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------
@@ -406,10 +435,12 @@ def main(argv=None) -> dict:
     ]
     for result in results:
         lines += study_markdown(result, args)
+    lines += [f"![measured ratios and their limits]({args.out.with_suffix('.png').name})", ""]
     text = "\n".join(lines)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
+    plot(results, args.out.with_suffix(".png"), args)
     args.out.with_suffix(".json").write_text(json.dumps(
         {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
          "machine": dict(info, load_start=load_start, load_end=load_end), "results": results}, indent=1))

@@ -172,6 +172,8 @@ def test_layouts_quick(tmp_path):
     assert study["params"]["diff-v2"] - study["params"]["llama"] == 2 * (64 * 64 + 64 * 4)
     if in_git_checkout():
         assert "### Before / after" in text
+    assert (tmp_path / "layouts.png").stat().st_size > 1000
+    assert (tmp_path / "layouts.json").stat().st_size > 100
 
 
 def test_layout_flops_by_hand():
