@@ -36,7 +36,6 @@ decode). Decode at batch 1 is bound by the bytes, training and prefill by the FL
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -59,6 +58,7 @@ from speed import (  # noqa: E402
     random_ids,
     time_interleaved,
     train_step_seconds,
+    write_results,
 )
 
 STUDIES = ("v2-layout", "smollm2")
@@ -436,14 +436,9 @@ def main(argv=None) -> dict:
     for result in results:
         lines += study_markdown(result, args)
     lines += [f"![measured ratios and their limits]({args.out.with_suffix('.png').name})", ""]
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_results(args, "\n".join(lines), {"machine": dict(info, load_start=load_start, load_end=load_end),
+                                            "results": results})
     plot(results, args.out.with_suffix(".png"), args)
-    args.out.with_suffix(".json").write_text(json.dumps(
-        {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-         "machine": dict(info, load_start=load_start, load_end=load_end), "results": results}, indent=1))
     return {"results": results}
 
 

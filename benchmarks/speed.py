@@ -488,6 +488,15 @@ def markdown(rows, checks, info, args) -> str:
     return "\n".join(lines)
 
 
+def write_results(args, text: str, payload: dict) -> None:
+    """Print the markdown table, write it to `args.out`, and the settings and `payload` as JSON next to it."""
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    args.out.with_suffix(".json").write_text(json.dumps({"settings": settings, **payload}, indent=1))
+
+
 def plot(rows, path: Path, args) -> None:
     """Grouped bars of the ratio to Llama per measure (1.0 = Llama; a dashed line marks it)."""
     import matplotlib
@@ -661,14 +670,9 @@ def main(argv=None) -> dict:
     info["load_start"], info["load_end"] = load_start, os.getloadavg()[0]
     rows = build_rows(results, args)
     checks = check_targets(rows, args)
-    text = markdown(rows, checks, info, args)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_results(args, markdown(rows, checks, info, args),
+                  {"machine": info, "results": results, "raw": raw, "targets": checks})
     plot(rows, args.out.with_suffix(".png"), args)
-    args.out.with_suffix(".json").write_text(json.dumps(
-        {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-         "machine": info, "results": results, "raw": raw, "targets": checks}, indent=1))
     return {"results": results, "rows": rows, "targets": checks}
 
 
