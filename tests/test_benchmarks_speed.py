@@ -163,7 +163,7 @@ def test_layouts_quick(tmp_path):
     for label in ("training step fwd+bwd, T=32", "training step fwd+bwd, T=64", "prefill, T=64", "decode tok/s"):
         rows = table_rows(text, label)
         assert len(rows) >= 1, label
-        assert len(rows[0]) == 7, rows[0]
+        assert len(rows[0]) == 8, rows[0]
         assert_positive_cells(rows[0][1:])
     (study,) = result["results"]
     # --quick: the Llama has 4 query heads, V2 8 query heads on the same 2 KV heads; 4 output heads, a 4-wide gate
@@ -174,6 +174,12 @@ def test_layouts_quick(tmp_path):
         assert "### Before / after" in text
     assert (tmp_path / "layouts.png").stat().st_size > 1000
     assert (tmp_path / "layouts.json").stat().st_size > 100
+    # --render re-writes the tables of that run from its JSON, measuring nothing: the same rows come back
+    out.unlink()
+    load("layouts").main(["--render", str(tmp_path / "layouts.json")])
+    rendered = out.read_text()
+    assert "Tables re-rendered from layouts.json" in rendered
+    assert table_rows(rendered, "decode tok/s")[0] == table_rows(text, "decode tok/s")[0]
 
 
 def test_layout_flops_by_hand():
