@@ -25,10 +25,14 @@ the LM head, 2 FLOPs per weight and token; attention's QKᵀ and AV over the cau
 flash kernel computes; x3 for a training step) and bytes read (every weight once per forward, plus the KV cache for
 decode). Decode at batch 1 is bound by the bytes, training and prefill by the FLOPs: that column is the limit.
 
+Tables give the ratio of the two medians and the paired ratio, the median of the per-repetition ratios (the two
+models run back to back in each repetition, so load changes between repetitions cancel).
+
 `--before REV` adds the Diff model built by the modeling code of git revision REV, with the same weights, to the
 `--before-measures` (default: train_short and decode), so a change is measured before and after in one run.
 
-    python benchmarks/layouts.py                                  # both studies, about 8 minutes on 1 idle core
+    python benchmarks/layouts.py                                  # both studies: 11 min on a shared 2-core machine
+    python benchmarks/layouts.py --render benchmarks/results/layouts.json   # re-write its tables, measuring nothing
     python benchmarks/layouts.py --study smollm2 --before 2df2ff1 # the converted model, with the code of 2df2ff1
     python benchmarks/layouts.py --quick                          # tiny settings, seconds (the smoke test)
 """
