@@ -16,7 +16,12 @@ difference in the number of operators shows up directly in tokens/s. The profile
 operator, so its times are larger than in the unprofiled run: read them as shares, not as absolute figures.
 
     python benchmarks/decode_profile.py            # about a minute on 2 cores
+    python benchmarks/decode_profile.py --before 2df2ff1   # and the Diff models of that commit, same weights
     python benchmarks/decode_profile.py --quick    # tiny settings, for the smoke test
+
+`--before REV` adds V1 and V2 built by the modeling code of git revision REV (speed.py's `modeling_at`) with the
+same weights, timed and profiled in the same interleaved run: a change's effect on operators and tok/s, measured
+before and after at once.
 """
 
 from __future__ import annotations
@@ -33,7 +38,19 @@ from tqdm.auto import tqdm
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from speed import LABELS, add_model_arguments, build_model, config_numbers, machine_info, random_ids  # noqa: E402
+from speed import (  # noqa: E402
+    CLOCK_HELP,
+    CLOCKS,
+    LABELS,
+    add_model_arguments,
+    build_model,
+    config_numbers,
+    machine_info,
+    random_ids,
+    time_interleaved,
+)
+
+LABELS = dict(LABELS)  # the --before models get their own labels below
 
 MODELS = ("llama", "diff-v1", "diff-v2")
 
@@ -48,13 +65,13 @@ def prefilled(model, prompt: torch.Tensor):
 
 
 @torch.inference_mode()
-def seconds_per_token(model, prompt: torch.Tensor, steps: int) -> float:
-    """Mean seconds of one greedy one-token forward after the prompt (prefill not timed)."""
+def seconds_per_token(model, prompt: torch.Tensor, steps: int, clock=time.perf_counter) -> float:
+    """Mean seconds (on `clock`) of one greedy one-token forward after the prompt (prefill not timed)."""
     cache, token = prefilled(model, prompt)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(steps):
         token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    return (time.perf_counter() - start) / steps
+    return (clock() - start) / steps
 
 
 @torch.inference_mode()
@@ -73,9 +90,9 @@ def operators_per_token(model, prompt: torch.Tensor, steps: int) -> dict[str, tu
     }
 
 
-def difference_table(ops: dict, name: str, layers: int) -> list[str]:
-    """Markdown rows of the operators whose per-token call count differs between Llama and `name`."""
-    base, other = ops["llama"], ops[name]
+def difference_table(ops: dict, name: str, layers: int, base_name: str = "llama") -> list[str]:
+    """Markdown rows of the operators whose per-token call count differs between `base_name` and `name`."""
+    base, other = ops[base_name], ops[name]
     rows = []
     for key in sorted(set(base) | set(other)):
         calls_base, time_base = base.get(key, (0.0, 0.0))
@@ -84,7 +101,8 @@ def difference_table(ops: dict, name: str, layers: int) -> list[str]:
             rows.append((time_other - time_base, key, calls_base, calls_other))
     rows.sort(reverse=True)
     lines = [
-        f"| operator | Llama calls/token | {LABELS[name]} calls/token | extra calls per layer | extra self µs/token |",
+        f"| operator | {LABELS[base_name]} calls/token | {LABELS[name]} calls/token | extra calls per layer | "
+        "extra self µs/token |",
         "| --- | --- | --- | --- | --- |",
     ]
     for delta, key, calls_base, calls_other in rows:
@@ -101,6 +119,9 @@ def parse_args(argv=None):
     parser.add_argument("--prompt-len", type=int, default=512, help="prompt tokens before decoding (default: 512)")
     parser.add_argument("--steps", type=int, default=64, help="one-token forwards timed / profiled (default: 64)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions, median reported (default: 5)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help=CLOCK_HELP + " (default: wall)")
+    parser.add_argument("--before", metavar="REV", default=None,
+                        help="also time and profile V1 and V2 built by the modeling code of this git revision")
     parser.add_argument("--quick", action="store_true",
                         help="tiny settings that run in seconds; for the smoke test, the numbers mean nothing")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "decode_profile.md",
@@ -121,17 +142,20 @@ def main(argv=None) -> dict:
     args.seq_lens, args.new_tokens, args.max_positions = [args.prompt_len], args.steps + 2, args.prompt_len
     numbers = config_numbers(args)
     models = {name: build_model(name, numbers) for name in MODELS}
+    diff_models = [name for name in MODELS if name != "llama"]
+    if args.before:
+        for name in diff_models:
+            before = f"{name}@{args.before}"
+            LABELS[before] = f"{LABELS[name]} ({args.before})"
+            models[before] = build_model(name, numbers, revision=args.before)
+            models[before].load_state_dict(models[name].state_dict())
     prompt = random_ids(args.vocab, args.prompt_len, seed=7)
 
-    timings = {name: [] for name in models}
-    with tqdm(total=(args.repeats + 1) * len(models), desc="timing decode", unit="run") as bar:
-        for repetition in range(args.repeats + 1):  # repetition 0 is the warm-up
-            for name in list(models) if repetition % 2 == 0 else list(models)[::-1]:
-                seconds = seconds_per_token(models[name], prompt, args.steps)
-                if repetition > 0:
-                    timings[name].append(seconds)
-                bar.update()
-    per_token = {name: statistics.median(values) for name, values in timings.items()}
+    load_start = os.getloadavg()
+    clock = CLOCKS[args.clock]
+    timings = time_interleaved(models, [("decode", lambda m: seconds_per_token(m, prompt, args.steps, clock))],
+                               args.repeats)
+    per_token = {name: statistics.median(values["decode"]) for name, values in timings.items()}
     ops = {name: operators_per_token(model, prompt, args.steps) for name, model in tqdm(models.items(), desc="profiling")}
 
     info = machine_info(args.threads)
@@ -140,14 +164,15 @@ def main(argv=None) -> dict:
         "",
         f"Produced by `python benchmarks/decode_profile.py {' '.join(args.argv)}`".rstrip() + f" on {info['date_utc']}.",
         "",
-        f"- Machine: {info['cpu']}, {info['logical_cores']} logical cores, torch threads = {args.threads}, 1-minute "
-        f"load average {os.getloadavg()[0]:.2f} at the end",
+        f"- Machine: {info['cpu']}, {info['logical_cores']} logical cores, torch threads = {args.threads}, load "
+        f"average (1, 5, 15 min) {', '.join(f'{x:.2f}' for x in load_start)} at the start, "
+        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} at the end",
         f"- Versions: Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}",
         f"- Models: hidden {args.hidden}, {args.heads} query heads, {args.kv_heads} KV heads, {args.layers} layers, "
         f"vocab {args.vocab}, intermediate {args.intermediate}; float32, sdpa, batch 1, DynamicCache, "
         f"{args.prompt_len}-token prompt, {args.steps} one-token forwards",
         "",
-        f"| model | ms per token (unprofiled, median of {args.repeats}) | tok/s ratio to Llama | "
+        f"| model | ms per token ({args.clock} clock, unprofiled, median of {args.repeats}) | tok/s ratio to Llama | "
         "aten operators per token | profiled self CPU ms per token |",
         "| --- | --- | --- | --- | --- |",
     ]
@@ -156,9 +181,14 @@ def main(argv=None) -> dict:
         self_ms = sum(us for _, us in ops[name].values()) / 1e3
         lines.append(f"| {LABELS[name]} | {per_token[name] * 1e3:.3f} | {per_token['llama'] / per_token[name]:.3f}× | "
                      f"{calls:.0f} | {self_ms:.2f} |")
-    for name in ("diff-v1", "diff-v2"):
+    for name in diff_models:
         lines += ["", f"## {LABELS[name]} against Llama: operators whose count differs", ""]
         lines += difference_table(ops, name, args.layers)
+    if args.before:
+        for name in diff_models:
+            before = f"{name}@{args.before}"
+            lines += ["", f"## {LABELS[name]} now against {LABELS[before]}: operators whose count differs", ""]
+            lines += difference_table(ops, name, args.layers, base_name=before)
     lines.append("")
     text = "\n".join(lines)
     print(text)

@@ -38,12 +38,17 @@ when CUDA is present; without CUDA that flag stops with a clear message and noth
 from __future__ import annotations
 
 import argparse
+import atexit
+import importlib
 import json
 import os
 import platform
+import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -79,11 +84,44 @@ def config_numbers(args) -> dict:
     )
 
 
-def build_model(name: str, numbers: dict, attn_implementation: str = "sdpa", dtype=torch.float32, seed: int = 0):
-    """Build one of `MODEL_NAMES` from `numbers`, randomly initialised with `seed`, in eval mode."""
+def modeling_at(revision: str):
+    """The modeling module of `modeling_diff` as it was at git `revision`, imported under another name.
+
+    For before/after measurements in one interleaved run: the two model files of that commit are copied into a
+    temporary package, so the old and the current classes can live side by side in one process.
+    """
+    name = "modeling_diff_at_" + re.sub(r"\W", "_", revision)
+    if name not in sys.modules:
+        folder = Path(tempfile.mkdtemp(prefix="modeling_diff_at_")) / name
+        folder.mkdir()
+        atexit.register(shutil.rmtree, folder.parent, True)
+        for file in ("configuration_diff_transformer.py", "modeling_diff_transformer.py"):
+            shown = subprocess.run(
+                ["git", "-C", str(HERE.parent), "show", f"{revision}:modeling_diff/{file}"],
+                capture_output=True, text=True, check=False,
+            )
+            if shown.returncode != 0:
+                raise SystemExit(f"error: cannot read modeling_diff/{file} at git revision {revision!r}")
+            (folder / file).write_text(shown.stdout)
+        (folder / "__init__.py").write_text("")
+        sys.path.insert(0, str(folder.parent))
+    return importlib.import_module(name + ".modeling_diff_transformer")
+
+
+def build_model(
+    name: str, numbers: dict, attn_implementation: str = "sdpa", dtype=torch.float32, seed: int = 0, revision=None
+):
+    """Build one of `MODEL_NAMES` from `numbers`, randomly initialised with `seed`, in eval mode.
+
+    With `revision`, a DiffTransformer is built from the modeling code of that git revision (`modeling_at`).
+    """
     import modeling_diff  # noqa: F401  (registers the Auto classes)
     from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
     from transformers import DiffLlamaConfig, DiffLlamaForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if revision is not None:  # the same names, from the old file
+        old = modeling_at(revision)
+        DiffTransformerConfig, DiffTransformerForCausalLM = old.DiffTransformerConfig, old.DiffTransformerForCausalLM
 
     torch.manual_seed(seed)
     if name == "llama":
@@ -120,30 +158,30 @@ def random_ids(vocab: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(3, vocab, (1, length), generator=generator)
 
 
-def train_step_seconds(model, ids: torch.Tensor) -> float:
-    """Seconds for one forward + backward of the LM loss (gradients are dropped afterwards)."""
+def train_step_seconds(model, ids: torch.Tensor, clock=time.perf_counter) -> float:
+    """Seconds for one forward + backward of the LM loss (gradients are dropped afterwards), read on `clock`."""
     model.train()
     model.zero_grad(set_to_none=True)
-    start = time.perf_counter()
+    start = clock()
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    elapsed = time.perf_counter() - start
+    elapsed = clock() - start
     model.zero_grad(set_to_none=True)
     model.eval()
     return elapsed
 
 
 @torch.inference_mode()
-def prefill_seconds(model, ids: torch.Tensor) -> float:
-    """Seconds for one cached forward of the whole prompt (what `generate()` does first)."""
-    start = time.perf_counter()
+def prefill_seconds(model, ids: torch.Tensor, clock=time.perf_counter) -> float:
+    """Seconds for one cached forward of the whole prompt (what `generate()` does first), read on `clock`."""
+    start = clock()
     model(input_ids=ids, use_cache=True)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 @torch.inference_mode()
-def decode_seconds(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, int]:
-    """Prefill `ids` (untimed), then time `new_tokens` greedy one-token forwards on the cache.
+def decode_seconds(model, ids: torch.Tensor, new_tokens: int, clock=time.perf_counter) -> tuple[float, int]:
+    """Prefill `ids` (untimed), then time `new_tokens` greedy one-token forwards on the cache, on `clock`.
 
     Returns the seconds of the decode loop and the cache's bytes right after the prefill.
     """
@@ -151,22 +189,52 @@ def decode_seconds(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, in
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     kv_bytes = cache_bytes(cache)
     next_id = out.logits[:, -1:].argmax(-1)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(new_tokens):
         out = model(input_ids=next_id, cache=cache, use_cache=True)
         next_id = out.logits[:, -1:].argmax(-1)
-    return time.perf_counter() - start, kv_bytes
+    return clock() - start, kv_bytes
 
 
 @torch.inference_mode()
-def generate_seconds(model, ids: torch.Tensor, new_tokens: int) -> float:
-    """Seconds for `model.generate` (greedy, prefill included) producing exactly `new_tokens` tokens."""
-    start = time.perf_counter()
+def generate_seconds(model, ids: torch.Tensor, new_tokens: int, clock=time.perf_counter) -> float:
+    """Seconds (on `clock`) for `model.generate` (greedy, prefill included) producing exactly `new_tokens` tokens."""
+    start = clock()
     model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
         do_sample=False, pad_token_id=0,
     )
-    return time.perf_counter() - start
+    return clock() - start
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK_HELP = (
+    "wall: elapsed time; cpu: this process's CPU time, which leaves out the time other jobs on a shared machine hold "
+    "the core (use it with 1 thread)"
+)
+
+
+def time_interleaved(models: dict, measures: list, repeats: int, warmup: bool = True) -> dict:
+    """Run every measure on every model, interleaved; returns {model: {key: [value per repetition]}}.
+
+    `measures` holds (key, callable(model) -> value) pairs, or (key, callable, model names) to run a measure on
+    some models only. Inside each repetition every model runs once, the order alternating forwards and backwards
+    between repetitions; with `warmup`, repetition 0 is run first and not recorded.
+    """
+    raw = {name: {} for name in models}
+    first = 0 if warmup else 1
+    plan = [(m[0], m[1], m[2] if len(m) > 2 else list(models)) for m in measures]
+    total = sum(len(names) for _, _, names in plan) * (repeats + 1 - first)
+    with tqdm(total=total, desc="timing (models interleaved)", unit="run") as bar:
+        for key, measure, names in plan:
+            for repetition in range(first, repeats + 1):  # repetition 0 is the warm-up
+                for name in names if repetition % 2 == 0 else names[::-1]:
+                    bar.set_postfix_str(f"{key} {name}")
+                    value = measure(models[name])
+                    if repetition > 0:
+                        raw[name].setdefault(key, []).append(value)
+                    bar.update()
+    return raw
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -340,7 +408,7 @@ def build_rows(results: dict, args) -> list[dict]:
     rows.append(dict(key="kv_bytes", label=f"KV-cache bytes after {args.prompt_len} tokens", unit="B", higher=False))
     rows.append(dict(key="params", label="parameters", unit="M", higher=False))
     for row in rows:
-        row["values"] = {name: results[name][row["key"]] for name in args.models if row["key"] in results[name]}
+        row["values"] = {name: values[row["key"]] for name, values in results.items() if row["key"] in values}
     return [row for row in rows if row["values"]]
 
 
@@ -379,7 +447,7 @@ def check_targets(rows: list[dict], args) -> list[dict]:
 
 def markdown(rows, checks, info, args) -> str:
     """The results file: settings, machine, the ratio table, the targets."""
-    names = [name for name in args.models]
+    names = [name for name in args.models] + [name for name in LABELS if name.endswith(f"@{args.before}")]
     lines = [
         "# Speed and memory: Llama vs DiffLlama vs DiffTransformer V1 / V2",
         "",
@@ -392,7 +460,8 @@ def markdown(rows, checks, info, args) -> str:
         f"- Models: hidden {args.hidden}, {args.heads} query heads, {args.kv_heads} KV heads, {args.layers} layers, "
         f"vocab {args.vocab}, intermediate {args.intermediate}; {args.dtype}, attn_implementation=\"{args.attn}\", "
         f"batch 1",
-        f"- Timing: median of {args.repeats} repetitions after one warm-up, models interleaved inside each repetition",
+        f"- Timing: median of {args.repeats} repetitions after one warm-up, models interleaved inside each "
+        f"repetition, {args.clock} clock",
         "",
         "Each cell is the ratio to Llama, then the absolute median. For times and memory lower is better, for "
         "tok/s higher is better.",
@@ -417,6 +486,15 @@ def markdown(rows, checks, info, args) -> str:
     lines += [f"| {c['target']} | {c['measured']} | {c['verdict']} |" for c in checks]
     lines += ["", f"![ratios to Llama]({args.out.with_suffix('.png').name})", ""]
     return "\n".join(lines)
+
+
+def write_results(args, text: str, payload: dict) -> None:
+    """Print the markdown table, write it to `args.out`, and the settings and `payload` as JSON next to it."""
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    args.out.with_suffix(".json").write_text(json.dumps({"settings": settings, **payload}, indent=1))
 
 
 def plot(rows, path: Path, args) -> None:
@@ -453,15 +531,15 @@ def plot(rows, path: Path, args) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model-size flags every benchmark script shares, with speed.py's defaults."""
+def add_model_arguments(parser: argparse.ArgumentParser, threads: int = 2) -> None:
+    """The model-size flags every benchmark script shares, with speed.py's defaults (`threads` threads)."""
     parser.add_argument("--layers", type=int, default=6, help="decoder layers of every model (default: 6)")
     parser.add_argument("--hidden", type=int, default=512, help="hidden size (default: 512)")
     parser.add_argument("--heads", type=int, default=8, help="query heads, Llama's counting (default: 8)")
     parser.add_argument("--kv-heads", type=int, default=4, help="KV heads, Llama's counting (default: 4)")
     parser.add_argument("--intermediate", type=int, default=1376, help="MLP width (default: 1376)")
     parser.add_argument("--vocab", type=int, default=8192, help="vocabulary size (default: 8192)")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: 2)")
+    parser.add_argument("--threads", type=int, default=threads, help=f"torch intra-op threads (default: {threads})")
 
 
 def parse_args(argv=None):
@@ -489,6 +567,10 @@ def parse_args(argv=None):
                         help="cpu (default), or cuda for the GPU table (stops cleanly when CUDA is absent)")
     parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES,
                         help="which models to run; llama is needed for the ratios (default: all four)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help=CLOCK_HELP + " (default: wall)")
+    parser.add_argument("--before", metavar="REV", default=None,
+                        help="also measure V1 and V2 built by the modeling code of this git revision (same weights), "
+                        "in the same interleaved run")
     parser.add_argument("--quick", action="store_true",
                         help="tiny settings (hidden 64, 2 layers, T 32 64, 1 repetition, 8 new tokens, 1 thread) that run "
                         "in seconds; for the smoke test, the numbers mean nothing")
@@ -533,34 +615,28 @@ def main(argv=None) -> dict:
     dtype = getattr(torch, args.dtype)
     numbers = config_numbers(args)
     models = {name: build_model(name, numbers, args.attn, dtype) for name in args.models}
+    for name in [name for name in args.models if name.startswith("diff-")] if args.before else []:
+        before = f"{name}@{args.before}"  # timed and measured in process; not in the RSS subprocesses or the chart
+        LABELS[before] = f"{LABELS[name]} ({args.before})"
+        models[before] = build_model(name, numbers, args.attn, dtype, revision=args.before)
+        models[before].load_state_dict(models[name].state_dict())
     results = {name: {"params": float(sum(p.numel() for p in model.parameters()))} for name, model in models.items()}
     raw = {name: {} for name in models}
-
-    def record(name, key, value):
-        raw[name].setdefault(key, []).append(value)
-
     ids = {seq_len: random_ids(args.vocab, seq_len, seed=seq_len) for seq_len in args.seq_lens}
     prompt = random_ids(args.vocab, args.prompt_len, seed=7)
 
     # (key, callable(model) -> value) pairs, each run for every model inside one repetition
     measures = []
+    clock = CLOCKS[args.clock]
     for seq_len in args.seq_lens:
-        measures.append((f"train_{seq_len}", lambda m, t=seq_len: train_step_seconds(m, ids[t])))
-        measures.append((f"prefill_{seq_len}", lambda m, t=seq_len: prefill_seconds(m, ids[t])))
-    measures.append(("decode", lambda m: decode_seconds(m, prompt, args.new_tokens)))
-    measures.append(("generate", lambda m: generate_seconds(m, prompt, args.new_tokens)))
+        measures.append((f"train_{seq_len}", lambda m, t=seq_len: train_step_seconds(m, ids[t], clock)))
+        measures.append((f"prefill_{seq_len}", lambda m, t=seq_len: prefill_seconds(m, ids[t], clock)))
+    measures.append(("decode", lambda m: decode_seconds(m, prompt, args.new_tokens, clock)))
+    measures.append(("generate", lambda m: generate_seconds(m, prompt, args.new_tokens, clock)))
 
-    total = len(measures) * (args.repeats + 1) * len(models)
-    with tqdm(total=total, desc="timing", unit="run") as bar:
-        for key, measure in measures:
-            for repetition in range(args.repeats + 1):  # repetition 0 is the warm-up
-                order = list(models) if repetition % 2 == 0 else list(models)[::-1]
-                for name in order:
-                    bar.set_postfix_str(f"{key} {name}")
-                    value = measure(models[name])
-                    if repetition > 0:
-                        record(name, key, value)
-                    bar.update()
+    for name, values in time_interleaved(models, measures, args.repeats).items():
+        for key, measured in values.items():
+            raw[name][key] = measured
 
     for name in models:
         for key, values in raw[name].items():
@@ -594,14 +670,9 @@ def main(argv=None) -> dict:
     info["load_start"], info["load_end"] = load_start, os.getloadavg()[0]
     rows = build_rows(results, args)
     checks = check_targets(rows, args)
-    text = markdown(rows, checks, info, args)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_results(args, markdown(rows, checks, info, args),
+                  {"machine": info, "results": results, "raw": raw, "targets": checks})
     plot(rows, args.out.with_suffix(".png"), args)
-    args.out.with_suffix(".json").write_text(json.dumps(
-        {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-         "machine": info, "results": results, "raw": raw, "targets": checks}, indent=1))
     return {"results": results, "rows": rows, "targets": checks}
 
 

@@ -302,7 +302,12 @@ class DiffTransformerAttention(nn.Module):
             **kwargs,
         )
 
-        lambda_full = (self.lambda_full() * self.config.lambda_scale).to(attn_output.dtype)
+        # a float32 scalar: as a 0-dim tensor it leaves the dtype of the bf16/fp16 activations it multiplies
+        lambda_full = self.lambda_full()
+        # CODEPATH: lambda_scale is 1.0 in every checkpoint (no multiply per layer and token); below 1 only while
+        # `train --lambda-warmup-steps` ramps it.
+        if self.config.lambda_scale != 1.0:
+            lambda_full = lambda_full * self.config.lambda_scale
         if attn_weights is not None:
             # CODEPATH: eager (the inspection path). The output is computed from the differential map itself,
             # (A1 - λ·A2)·V, so the map returned as `attentions` is in the autograd graph; this costs one more A·V.
@@ -392,7 +397,11 @@ class DiffTransformerV2Attention(nn.Module):
             **kwargs,
         )
 
-        lambda_gate = torch.sigmoid(self.lambda_proj(hidden_states)) * self.config.lambda_scale  # (B, T, heads)
+        lambda_gate = torch.sigmoid(self.lambda_proj(hidden_states))  # (B, T, heads)
+        # CODEPATH: lambda_scale is 1.0 in every checkpoint (no multiply per layer and token); below 1 only while
+        # `train --lambda-warmup-steps` ramps it.
+        if self.config.lambda_scale != 1.0:
+            lambda_gate = lambda_gate * self.config.lambda_scale
         if attn_weights is not None:
             # CODEPATH: eager (the inspection path). The output is computed from the differential map itself,
             # (A_2h - λ_h·A_2h+1)·V, so the map returned as `attentions` is in the autograd graph.
@@ -401,8 +410,9 @@ class DiffTransformerV2Attention(nn.Module):
             value_states = repeat_kv(value_states, attn_weights.shape[1] // value_states.shape[1])
             attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2)  # (B, T, heads, d)
         else:
-            attn_output = attn_output.view(batch, q_len, -1, 2, self.head_dim)  # (B, T, heads, map, d)
-            attn_output = attn_output[..., 0, :] - lambda_gate.unsqueeze(-1) * attn_output[..., 1, :]
+            attn_1, attn_2 = attn_output.view(batch, q_len, -1, 2, self.head_dim).unbind(-2)  # (B, T, heads, d) each
+            # a1 - gate · a2 as one addcmul (replaces a multiply and a subtraction and their intermediate)
+            attn_output = torch.addcmul(attn_1, lambda_gate.unsqueeze(-1), attn_2, value=-1)
         attn_output = self.o_proj(attn_output.reshape(batch, q_len, -1))
         return attn_output, attn_weights
 

@@ -36,5 +36,10 @@ def tiny_config(diff_version=1, heads=8, kv_heads=4, **overrides):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_threads():
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    yield
+    # benchmark scripts run in-process set their own thread count: later tests that compare bit for bit with a
+    # subprocess need the suite's count back
+    torch.set_num_threads(threads)

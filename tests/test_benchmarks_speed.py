@@ -6,6 +6,8 @@ timing thresholds: the speed targets of issue 6 are checked by the benchmarks th
 
 import importlib.util
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -130,3 +132,81 @@ def test_v1_recompute_quick(tmp_path):
     rows = table_rows(out.read_text(), "peak training memory")
     assert len(rows) == 1 and len(rows[0]) == 4
     assert_positive_cells(rows[0][1:])
+
+
+def in_git_checkout() -> bool:
+    """--before REV reads the model files of REV with git: only from a git checkout with git installed."""
+    return shutil.which("git") is not None and (BENCHMARKS.parent / ".git").exists()
+
+
+@pytest.mark.skipif(not in_git_checkout(), reason="--before needs git and a git checkout")
+def test_decode_profile_before_same_revision_has_the_same_operators(tmp_path):
+    """--before HEAD builds V1/V2 from HEAD's model files: on a clean tree they run exactly the same operators."""
+    changed = subprocess.run(["git", "-C", str(BENCHMARKS.parent), "diff", "--quiet", "HEAD", "--", "modeling_diff"],
+                             check=False)
+    if changed.returncode != 0:
+        pytest.skip("modeling_diff/ has uncommitted changes, so HEAD's model differs from the working tree's")
+    result = load("decode_profile").main(["--quick", "--before", "HEAD", "--out", str(tmp_path / "d.md")])
+    ops = result["ops"]
+    for name in ("diff-v1", "diff-v2"):
+        calls = {op: count for op, (count, _) in ops[name].items()}
+        assert calls == {op: count for op, (count, _) in ops[f"{name}@HEAD"].items()}, name
+    assert "## Diff V1 now against Diff V1 (HEAD)" in (tmp_path / "d.md").read_text()
+
+
+def test_layouts_quick(tmp_path):
+    out = tmp_path / "layouts.md"
+    argv = ["--quick", "--out", str(out)] + (["--before", "HEAD"] if in_git_checkout() else [])
+    result = load("layouts").main(argv)
+    text = out.read_text()
+    assert "## DIFF V2's own layout against the H-head Llama" in text
+    for label in ("training step fwd+bwd, T=32", "training step fwd+bwd, T=64", "prefill, T=64", "decode tok/s"):
+        rows = table_rows(text, label)
+        assert len(rows) >= 1, label
+        assert len(rows[0]) == 8, rows[0]
+        assert_positive_cells(rows[0][1:])
+    (study,) = result["results"]
+    # --quick: the Llama has 4 query heads, V2 8 query heads on the same 2 KV heads; 4 output heads, a 4-wide gate
+    assert study["layouts"]["diff-v2"]["query_heads"] == 8 and study["layouts"]["diff-v2"]["output_heads"] == 4
+    # parameters: V2 adds q_proj rows (64 x 64 per layer) and the gate (64 x 4 per layer), 2 layers
+    assert study["params"]["diff-v2"] - study["params"]["llama"] == 2 * (64 * 64 + 64 * 4)
+    if in_git_checkout():
+        assert "### Before / after" in text
+    assert (tmp_path / "layouts.png").stat().st_size > 1000
+    assert (tmp_path / "layouts.json").stat().st_size > 100
+    # --render re-writes the tables of that run from its JSON, measuring nothing: the same rows come back
+    out.unlink()
+    load("layouts").main(["--render", str(tmp_path / "layouts.json")])
+    rendered = out.read_text()
+    assert "Tables re-rendered from layouts.json" in rendered
+    assert table_rows(rendered, "decode tok/s")[0] == table_rows(text, "decode tok/s")[0]
+
+
+def test_layout_flops_by_hand():
+    """The FLOP estimate of layouts.py against a hand count on a one-layer model."""
+    layouts = load("layouts")
+    shape = dict(hidden=8, layers=1, vocab=10, intermediate=16, head_dim=2, query_heads=4, kv_heads=2,
+                 output_heads=2, gate_heads=2)
+    # linear weights: q 8x8, k 8x4, v 8x4, o 4x8, gate 8x2, MLP 3 x 8x16
+    weights = 64 + 32 + 32 + 32 + 16 + 384
+    assert layouts.linear_weights_per_layer(shape) == weights
+    # 3 tokens, causal: they see 1 + 2 + 3 = 6 keys; 4 FLOPs per key, head_dim and query head (QKᵀ and AV)
+    assert layouts.forward_flops(shape, 3, 0) == 2 * 3 * (weights + 10 * 8) + 4 * 2 * 4 * 6
+
+
+def test_in_memory_v2_conversion_computes_the_source_function():
+    """layouts.py's converted_v2 (the converter's mapping, applied in memory) equals its Llama source."""
+    import torch
+    from modeling_diff_conversion.source import Source
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    llama = LlamaForCausalLM(config).eval()
+    source = Source(name="tiny", config=config, architecture="LlamaForCausalLM", in_memory_model=llama)
+    model = load("layouts").converted_v2(source)
+    assert model.config.num_attention_heads == 8 and model.config.num_key_value_heads == 2
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, llama(ids).logits, atol=1e-5, rtol=1e-5)
