@@ -47,7 +47,8 @@ def full_run(args) -> str:
     ppl = out[out.index("| model | held-out ppl before"):].split("\n\n")[0]
     return (
         f"# `diff-transformer demo` timing\n\nProduced by `python benchmarks/demo_timing.py` on "
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC: the demo with its defaults, OMP_NUM_THREADS={args.threads}, "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC: the demo with its defaults, "
+        f"OMP_NUM_THREADS={args.threads}, "
         f"a fresh HF cache.\n\n- Wall time from process start to exit: **{seconds:.0f} s ({seconds / 60:.1f} min)**\n"
         f"- Machine: {os.cpu_count()} logical cores; {load_before}, {load_after} (shared machine: other jobs ran)\n\n"
         f"{stages}\n\nHeld-out perplexity printed by that run:\n\n{ppl}\n"
@@ -57,7 +58,6 @@ def full_run(args) -> str:
 def steps_run(args) -> str:
     """Interleaved float32 / bf16-autocast training steps of SmolLM2-135M; return the markdown report."""
     import torch
-
     from modeling_diff_cli.common import embedded_smollm2, load_model  # the demo's own loader
 
     torch.set_num_threads(args.threads)
@@ -85,7 +85,8 @@ def steps_run(args) -> str:
         f"on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC: SmolLM2-135M-Instruct, forward + backward + AdamW "
         f"of 4 × 128 tokens, {args.threads} torch thread(s), the two alternating, median of {args.repeats} after a "
         f"warm-up.\n\n- Machine: {cpu}, {os.cpu_count()} logical cores; {load_before}, {load_line('after')} "
-        f"(shared machine)\n- Versions: torch {torch.__version__}\n\n| precision | median s/step | ratio to float32 |\n"
+        f"(shared machine)\n- Versions: torch {torch.__version__}\n\n"
+        "| precision | median s/step | ratio to float32 |\n"
         "| --- | --- | --- |\n"
         + "\n".join(f"| {n} | {m:.2f} | {m / median['float32']:.2f}× |" for n, m in median.items())
         + "\n\nEvery step: " + ", ".join(f"{n} " + " ".join(f"{t:.2f}" for t in v) for n, v in times.items()) + "\n"

@@ -35,12 +35,10 @@ import statistics
 import sys
 import time
 import traceback
-from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -50,8 +48,22 @@ for path in (ROOT, ROOT / "tests", HERE):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from attention_kernels import core_llama, core_maps, core_padded, core_two_calls, make_inputs, split_query  # noqa: E402
-from speed import build_model, config_numbers, decode_seconds, machine_info, random_ids, train_step_seconds  # noqa: E402
+from attention_kernels import (  # noqa: E402
+    core_llama,
+    core_maps,
+    core_padded,
+    core_two_calls,
+    make_inputs,
+    split_query,
+)
+from speed import (  # noqa: E402
+    build_model,
+    config_numbers,
+    decode_seconds,
+    machine_info,
+    random_ids,
+    train_step_seconds,
+)
 
 # tolerance on max |Δlogit| relative to the largest reference logit; bf16 keeps ~3 significant digits
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -135,8 +147,9 @@ def flash_attn_available() -> bool:
 
 def section_correctness(mode: dict) -> tuple[str, dict]:
     """Logits of V1 and V2 on every attention implementation, each dtype, against the float64 reference."""
-    from modeling_diff import DiffTransformerForCausalLM
     from reference import causal_lm_forward
+
+    from modeling_diff import DiffTransformerForCausalLM
 
     s, device = mode["correctness"], mode["device"]
     implementations = ["eager", "sdpa", "flex_attention"]
@@ -144,7 +157,8 @@ def section_correctness(mode: dict) -> tuple[str, dict]:
     if device == "cuda" and flash_attn_available():
         implementations.append("flash_attention_2")
     else:
-        skipped.append("flash_attention_2 (" + ("needs CUDA" if device != "cuda" else "flash_attn does not import") + ")")
+        reason = "needs CUDA" if device != "cuda" else "flash_attn does not import"
+        skipped.append(f"flash_attention_2 ({reason})")
     rows, raw = [], []
     ids = random_ids(s["vocab"], s["batch"] * s["T"], seed=1).view(s["batch"], s["T"])
     for version in (1, 2):
@@ -193,8 +207,9 @@ def section_correctness(mode: dict) -> tuple[str, dict]:
 
 def section_compile(mode: dict) -> tuple[str, dict]:
     """torch.compile(fullgraph) of the forward, decoding on a StaticCache, against generate()'s greedy tokens."""
-    from modeling_diff import DiffTransformerForCausalLM
     from transformers import StaticCache
+
+    from modeling_diff import DiffTransformerForCausalLM
 
     s, device = mode["compile"], mode["device"]
     rows, raw = [], []
@@ -278,12 +293,13 @@ def section_speed(mode: dict) -> tuple[str, dict]:
     rows = [["parameters"] + [f"{params[n] / 1e6:.1f} M" for n in names]]
     for key in measures:
         kind, t = key.split("_")
+        m = median[key]
         if kind == "train":
             rows.append([f"training step fwd+bwd, T={t}"]
-                        + [f"{median[key][n] / median[key]['llama']:.3f}× · {median[key][n] * 1e3:.1f} ms" for n in names])
+                        + [f"{m[n] / m['llama']:.3f}× · {m[n] * 1e3:.1f} ms" for n in names])
         else:
             rows.append([f"decode tok/s after a {t}-token prompt"]
-                        + [f"{median[key]['llama'] / median[key][n]:.3f}× · {1 / median[key][n]:.1f} tok/s" for n in names])
+                        + [f"{m['llama'] / m[n]:.3f}× · {1 / m[n]:.1f} tok/s" for n in names])
     text = (
         f"Models of `speed.py` (same config numbers: hidden {s['hidden']}, {s['layers']} layers, {s['heads']} query / "
         f"{s['kv_heads']} KV heads, MLP {s['intermediate']}, vocab {s['vocab']}, untied), {dtype_name(dtype)}, sdpa, "
@@ -386,7 +402,8 @@ def section_kernels(mode: dict) -> tuple[str, dict]:
         except Exception as err:
             errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
 
-    measures = [(f"train_{t}", t, t, True) for t in s["seq_lens"]] + [(f"decode_{c}", 1, c, False) for c in s["cache_lens"]]
+    measures = [(f"train_{t}", t, t, True) for t in s["seq_lens"]]
+    measures += [(f"decode_{c}", 1, c, False) for c in s["cache_lens"]]
     times = {key: {name: [] for name in schemes} for key, *_ in measures}
     for key, length, source, training in measures:
         prepared = {name: inputs(name, length, source, training) for name in schemes}
@@ -462,7 +479,8 @@ def parse_args(argv=None):
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
                         help="which sections to run (default: all)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "gpu_check.md",
-                        help="markdown results file; the JSON goes next to it (default: benchmarks/results/gpu_check.md)")
+                        help="markdown results file; the JSON goes next to it "
+                        "(default: benchmarks/results/gpu_check.md)")
     return parser.parse_args(argv)
 
 

