@@ -37,12 +37,17 @@ def full_run(args) -> str:
         env = dict(os.environ, HF_HOME=str(Path(tmp) / "hf"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(args.threads))
         command = [sys.executable, "-m", "modeling_diff_cli.main", "demo", "--output-dir", str(Path(tmp) / "out")]
         started = time.perf_counter()
-        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        # the demo's output is shown as it comes (its progress bars go to stderr, untouched) and kept for the report
+        with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) as demo:
+            lines = []
+            for line in demo.stdout:
+                print(line, end="", flush=True)
+                lines.append(line)
         seconds = time.perf_counter() - started
     load_after = load_line("after")
-    if result.returncode != 0:
-        raise SystemExit(f"the demo failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
-    out = result.stdout
+    if demo.returncode != 0:
+        raise SystemExit(f"the demo failed (exit {demo.returncode}); its output is above")
+    out = "".join(lines)
     stages = out[out.index("time per stage"):out.index("demo finished")].strip()
     ppl = out[out.index("| model | held-out ppl before"):].split("\n\n")[0]
     return (
@@ -56,7 +61,7 @@ def full_run(args) -> str:
 
 
 def steps_run(args) -> str:
-    """Interleaved float32 / bf16-autocast training steps of SmolLM2-135M; return the markdown report."""
+    """Interleaved float32 / bf16-autocast (/ bf16 on 1 thread) training steps of SmolLM2-135M; the markdown."""
     import torch
     from modeling_diff_cli.common import embedded_smollm2, load_model  # the demo's own loader
 
@@ -66,11 +71,19 @@ def steps_run(args) -> str:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     ids = torch.randint(3, model.config.vocab_size, (4, 128), generator=torch.Generator().manual_seed(0))
-    times = {"float32": [], "bf16 autocast": []}
+    # (precision, threads): with more than one thread, bf16 on one thread too (OpenMP threads wait for each other
+    # when other jobs hold the cores)
+    variants = {f"float32, {args.threads} thread(s)": (False, args.threads),
+                f"bf16 autocast, {args.threads} thread(s)": (True, args.threads)}
+    if args.threads > 1:
+        variants["bf16 autocast, 1 thread"] = (True, 1)
+    times = {name: [] for name in variants}
     for repetition in range(args.repeats + 1):  # 0 is the warm-up
         for name in times if repetition % 2 == 0 else list(times)[::-1]:
+            bf16, threads = variants[name]
+            torch.set_num_threads(threads)
             started = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name != "float32"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             optimizer.step()
@@ -81,14 +94,15 @@ def steps_run(args) -> str:
     median = {name: statistics.median(v) for name, v in times.items()}
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     return (
-        f"# Demo fine-tuning step: float32 vs bf16 autocast\n\nProduced by `python benchmarks/demo_timing.py --steps` "
+        f"# Demo fine-tuning step: float32 vs bf16 autocast\n\nProduced by `python benchmarks/demo_timing.py --steps "
+        f"--threads {args.threads} --repeats {args.repeats}` "
         f"on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC: SmolLM2-135M-Instruct, forward + backward + AdamW "
-        f"of 4 × 128 tokens, {args.threads} torch thread(s), the two alternating, median of {args.repeats} after a "
+        f"of 4 × 128 tokens, the variants alternating, median of {args.repeats} after a "
         f"warm-up.\n\n- Machine: {cpu}, {os.cpu_count()} logical cores; {load_before}, {load_line('after')} "
         f"(shared machine)\n- Versions: torch {torch.__version__}\n\n"
-        "| precision | median s/step | ratio to float32 |\n"
+        "| precision, threads | median s/step | ratio to the first row |\n"
         "| --- | --- | --- |\n"
-        + "\n".join(f"| {n} | {m:.2f} | {m / median['float32']:.2f}× |" for n, m in median.items())
+        + "\n".join(f"| {n} | {m:.2f} | {m / next(iter(median.values())):.2f}× |" for n, m in median.items())
         + "\n\nEvery step: " + ", ".join(f"{n} " + " ".join(f"{t:.2f}" for t in v) for n, v in times.items()) + "\n"
     )
 
