@@ -15,6 +15,7 @@ Each stage prints its wall time as it ends, and a table of them closes the run.
 import argparse
 import importlib
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -64,6 +65,13 @@ def add_arguments(parser):
     )
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the chat prompt answered at the end")
     parser.add_argument("--max-new-tokens", type=int, default=60, help="length of the streamed answer")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: one per core that other jobs leave idle, by the 1-minute load average, "
+        "at least 1; at most torch's default)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --output-dir")
 
@@ -109,6 +117,17 @@ def check_packages():
         )
 
 
+def idle_cores_threads() -> int:
+    """One thread per core that other jobs leave idle, at least 1, at most torch's default.
+
+    OpenMP threads wait for each other at every operator: when other jobs hold the cores, a second thread costs far
+    more than it brings (benchmarks/results/demo_steps.md: a bf16 step took 4.2-5.8 s on 1 thread and 17-42 s on 2
+    at load average 4 on 2 cores).
+    """
+    idle = round((os.cpu_count() or 1) - os.getloadavg()[0])
+    return max(1, min(torch.get_num_threads(), idle))
+
+
 def native_bf16() -> bool:
     """Whether this machine computes bfloat16 matmuls natively (CUDA, or a CPU with AVX512-BF16 / AMX)."""
     if torch.cuda.is_available():
@@ -126,6 +145,12 @@ def run(args) -> int:
     gguf = embedded_smollm2()
     train_texts, held_out = train_eval_texts(args.dataset, seed=args.seed)  # fails early on a bad --dataset
     bf16 = native_bf16() if args.bf16 is None else args.bf16
+    torch.set_num_threads(args.threads or idle_cores_threads())
+    print(
+        f"{torch.get_num_threads()} torch thread(s) on {os.cpu_count()} cores (1-minute load average "
+        f"{os.getloadavg()[0]:.2f} before the demo)",
+        flush=True,
+    )
     output = Path(args.output_dir)
     with atomic_output_dir(output, force=args.force) as tmp:
         work = tmp / ".work"
