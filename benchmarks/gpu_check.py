@@ -77,7 +77,8 @@ SIZES = {
         # ~1.1B parameters: Llama-3.2-1B's shape (hidden 2048, 16 layers, 32/8 heads, MLP 8192) with a 32K vocabulary
         "speed": dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=32000,
                       seq_lens=[2048, 4096], new_tokens=64, repeats=3),
-        "kernels": dict(heads=32, kv_heads=8, head_dim=64, seq_lens=[2048, 4096], cache_lens=[4096], check_len=512,
+        # one T: each new shape is one more FlexAttention compilation (training, inference, decode)
+        "kernels": dict(heads=32, kv_heads=8, head_dim=64, seq_lens=[4096], cache_lens=[4096], check_len=4096,
                         repeats=10, decode_steps=20),
     },
     "cpu-dry-run": {
@@ -362,9 +363,18 @@ def forced_sdpa(backend_name: str, device: str):
 
     def core(q, key, value, lam, causal):
         with sdpa_kernel(backend):
-            return core_two_calls(q, key, value, lam, causal)
+            try:
+                return core_two_calls(q, key, value, lam, causal)
+            except RuntimeError:  # this kernel refuses GQA: one K/V head per differential head (the same function)
+                REPEATED_KV.add(backend_name)
+                per_group = q.shape[2] // (2 * key.shape[1])
+                key, value = key.repeat_interleave(per_group, 1), value.repeat_interleave(per_group, 1)
+                return core_two_calls(q, key, value, lam, causal)
 
     return core
+
+
+REPEATED_KV = set()  # forced SDPA backends that needed K/V repeated per head (noted under the table)
 
 
 def section_kernels(mode: dict) -> tuple[str, dict]:
@@ -455,8 +465,11 @@ def section_kernels(mode: dict) -> tuple[str, dict]:
         f"checked on a {s['check_len']}-token causal problem and a decode step, against the padded layout in the "
         "same dtype and against materialised maps in float32.\n\n" + table(header, rows)
         + ("\n\nFailures: " + "; ".join(f"{n}: {e}" for n, e in errors.items()) if errors else "")
+        + ("\n\nK/V repeated per head (the kernel refused GQA): " + ", ".join(sorted(REPEATED_KV))
+           if REPEATED_KV else "")
     )
-    return text, {"seconds": times, "median": median, "checks": checks, "errors": errors}
+    return text, {"seconds": times, "median": median, "checks": checks, "errors": errors,
+                  "repeated_kv": sorted(REPEATED_KV)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -482,6 +495,26 @@ def parse_args(argv=None):
                         help="markdown results file; the JSON goes next to it "
                         "(default: benchmarks/results/gpu_check.md)")
     return parser.parse_args(argv)
+
+
+def write_results(args, info: dict, parts: list[str], results: dict, seconds: float, done: int) -> str:
+    """Write the markdown (header + the sections run so far) and the JSON; return the markdown."""
+    dry = args.cpu_dry_run
+    header = (
+        f"# GPU check{' (CPU dry run: tiny sizes, float32, the numbers mean nothing)' if dry else ''}\n\n"
+        f"Produced by `python benchmarks/gpu_check.py{' --cpu-dry-run' if dry else ''}` on {info['date_utc']}: "
+        f"{done} of {len(args.sections)} sections in {seconds:.0f} s.\n\n"
+        f"- Machine: {info['gpu']}; CPU {info['cpu']}, {info['logical_cores']} logical cores, 1-minute load average "
+        f"{os.getloadavg()[0]:.2f} at the end\n"
+        f"- Versions: Python {info['python']}, torch {info['torch']} (CUDA {info['cuda']}), transformers "
+        f"{info['transformers']}\n"
+    )
+    text = header + "\n" + "\n".join(parts)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    results["seconds"] = seconds
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+    return text
 
 
 def main(argv=None) -> int:
@@ -513,23 +546,10 @@ def main(argv=None) -> int:
         print(f"{title}: {status} in {seconds:.0f} s", flush=True)
         parts.append(f"## {title}\n\n{text}\n\n_{status}, {seconds:.0f} s_\n")
         results["sections"][key] = {"status": status, "seconds": seconds, **raw}
-    total = time.perf_counter() - started
-    header = (
-        f"# GPU check{' (CPU dry run: tiny sizes, float32, the numbers mean nothing)' if args.cpu_dry_run else ''}\n\n"
-        f"Produced by `python benchmarks/gpu_check.py{' --cpu-dry-run' if args.cpu_dry_run else ''}` on "
-        f"{info['date_utc']} in {total:.0f} s.\n\n"
-        f"- Machine: {info['gpu']}; CPU {info['cpu']}, {info['logical_cores']} logical cores, 1-minute load average "
-        f"{os.getloadavg()[0]:.2f} at the end\n"
-        f"- Versions: Python {info['python']}, torch {info['torch']} (CUDA {info['cuda']}), transformers "
-        f"{info['transformers']}\n"
-    )
-    text = header + "\n" + "\n".join(parts)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    results["seconds"] = total
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+        # written after every section, so that a run stopped by its time limit keeps what it measured
+        text = write_results(args, info, parts, results, time.perf_counter() - started, done=len(parts))
     print(text)
-    print(f"wrote {args.out} and {args.out.with_suffix('.json').name} in {total:.0f} s")
+    print(f"wrote {args.out} and {args.out.with_suffix('.json').name} in {results['seconds']:.0f} s")
     return 0
 
 
