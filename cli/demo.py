@@ -55,8 +55,8 @@ def add_arguments(parser):
         "--bf16",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="fine-tune in bfloat16 mixed precision (default: when the CPU or GPU computes bfloat16 natively, "
-        "where it is faster; evaluation stays in float32)",
+        help="fine-tune in bfloat16 mixed precision (default: when the CPU or GPU computes bfloat16 natively; "
+        "evaluation stays in float32)",
     )
     parser.add_argument(
         "--no-baseline",
@@ -121,8 +121,8 @@ def idle_cores_threads() -> int:
     """One thread per core that other jobs leave idle, at least 1, at most torch's default.
 
     OpenMP threads wait for each other at every operator: when other jobs hold the cores, a second thread costs far
-    more than it brings (benchmarks/results/demo_steps.md: a bf16 step took 4.2-5.8 s on 1 thread and 17-42 s on 2
-    at load average 4 on 2 cores).
+    more than it brings (benchmarks/results/demo_steps.md: at load average 4.6-5.4 on 2 cores, a bf16 training step
+    took 8.9 s on 1 thread and 51 s on 2, medians of one interleaved run).
     """
     idle = round((os.cpu_count() or 1) - os.getloadavg()[0])
     return max(1, min(torch.get_num_threads(), idle))
