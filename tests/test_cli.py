@@ -382,6 +382,17 @@ def test_demo_end_to_end_with_tiny_settings(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
+def test_demo_fails_at_start_up_without_matplotlib(tmp_path):
+    """A package the demo needs only at its end (for training_loss.png) is checked before any work."""
+    shadow = tmp_path / "shadow" / "matplotlib"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('matplotlib is hidden by this test')\n")
+    result = cli("demo", "--output-dir", tmp_path / "demo", env={"PYTHONPATH": str(tmp_path / "shadow")}, timeout=300)
+    assert_one_line_error(result, "the demo needs matplotlib")
+    assert "Convert SmolLM2" not in result.stdout
+    assert not (tmp_path / "demo").exists()
+
+
 def test_demo_fails_cleanly_on_a_bad_dataset(tmp_path):
     result = cli("demo", "--output-dir", tmp_path / "demo", "--dataset", "no-such-dataset-anywhere")
     assert_one_line_error(result, "unknown dataset")

@@ -1,0 +1,557 @@
+#!/usr/bin/env python
+"""The GPU check of issue 13: correctness in bf16, compiled decode, speed at ~1B, and V1's attention core on CUDA.
+
+Sections (each guards its own failure: an exception is written into the results and the next section runs):
+
+    (a) correctness  V1 and V2 logits against the plain-torch reference of the tests (`tests/reference.py`, float64
+                     on CPU) for every attention implementation that runs here: eager, sdpa, flex_attention, and
+                     flash_attention_2 when the `flash_attn` package imports; max |Δ| against a stated tolerance
+    (b) compile      `torch.compile(fullgraph=True)` decoding with a StaticCache gives `generate()`'s tokens
+    (c) speed        training step (forward + backward) and decode tokens/s of Llama, DiffLlama, V1 and V2 at a ~1B
+                     config at T = 2048 and 4096, models interleaved (the builders and measures of `speed.py`)
+    (d) V1 core      the model's padded one-call layout against kernels that take q/k of width d with v of width 2d
+                     (SDPA forced to the memory-efficient and to the cuDNN backend, FlexAttention with its own V
+                     width), two calls (q1,k1,v) and (q2,k2,v) then a1 − λ·a2: equality to the padded layout and
+                     CUDA-event times (the schemes of `attention_kernels.py`)
+
+Writes `benchmarks/results/gpu_check.md` and `.json`. Sizes are chosen so that the whole run takes a few minutes on
+one H100 (bf16). Without CUDA the script prints one line and exits 0; `--cpu-dry-run` runs every section with tiny
+sizes on CPU in float32 (skipping only what needs CUDA: flash_attention_2, the forced SDPA backends are replaced by
+the math backend) and writes the same tables, to test the script without a GPU.
+
+    python benchmarks/gpu_check.py                  # on one H100, a few minutes
+    python benchmarks/gpu_check.py --cpu-dry-run    # tiny sizes on CPU (the smoke test runs this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# `modeling_diff` is a top-level folder of the repo and the plain-torch reference lives with the tests: both import
+# from a checkout without `pip install -e .` (the GPU machine runs the script straight from the repo)
+for path in (ROOT, ROOT / "tests", HERE):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from attention_kernels import (  # noqa: E402
+    core_llama,
+    core_maps,
+    core_padded,
+    core_two_calls,
+    make_inputs,
+    split_query,
+)
+from speed import (  # noqa: E402
+    build_model,
+    config_numbers,
+    decode_seconds,
+    machine_info,
+    random_ids,
+    train_step_seconds,
+)
+
+# tolerance on max |Δlogit| relative to the largest reference logit; bf16 keeps ~3 significant digits
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+SIZES = {
+    "gpu": {
+        "device": "cuda",
+        "dtypes": [torch.float32, torch.bfloat16],  # (a) and (b) check both; (c) and (d) time the last one
+        "correctness": dict(hidden=512, layers=4, heads=16, kv_heads=4, vocab=4096, intermediate=1376, T=256, batch=2),
+        "compile": dict(hidden=512, layers=4, heads=16, kv_heads=4, vocab=4096, intermediate=1376, prompt=16, new=32),
+        # ~1.1B parameters: Llama-3.2-1B's shape (hidden 2048, 16 layers, 32/8 heads, MLP 8192) with a 32K vocabulary
+        "speed": dict(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=32000,
+                      seq_lens=[2048, 4096], new_tokens=64, repeats=3),
+        # one T: each new shape is one more FlexAttention compilation (training, inference, decode)
+        "kernels": dict(heads=32, kv_heads=8, head_dim=64, seq_lens=[4096], cache_lens=[4096], check_len=4096,
+                        repeats=10, decode_steps=20),
+    },
+    "cpu-dry-run": {
+        "device": "cpu",
+        "dtypes": [torch.float32],
+        "correctness": dict(hidden=64, layers=2, heads=8, kv_heads=4, vocab=97, intermediate=96, T=12, batch=2),
+        "compile": dict(hidden=64, layers=2, heads=8, kv_heads=4, vocab=97, intermediate=96, prompt=6, new=5),
+        "speed": dict(hidden=64, layers=2, heads=8, kv_heads=4, intermediate=96, vocab=97, seq_lens=[32, 64],
+                      new_tokens=4, repeats=1),
+        "kernels": dict(heads=8, kv_heads=4, head_dim=16, seq_lens=[32, 64], cache_lens=[64], check_len=32, repeats=1,
+                        decode_steps=2),
+    },
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def synchronize(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def device_seconds(fn, device: str) -> float:
+    """Seconds of `fn()`: CUDA events on a GPU (kernel time, the queue drained), the wall clock on CPU."""
+    if device != "cuda":
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def diff_config(version: int, s: dict, **extra):
+    from modeling_diff import DiffTransformerConfig
+
+    return DiffTransformerConfig(
+        diff_version=version, vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
+        max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra,
+    )
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (a) correctness against the plain-torch reference
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def section_correctness(mode: dict) -> tuple[str, dict]:
+    """Logits of V1 and V2 on every attention implementation, each dtype, against the float64 reference."""
+    from reference import causal_lm_forward
+
+    from modeling_diff import DiffTransformerForCausalLM
+
+    s, device = mode["correctness"], mode["device"]
+    implementations = ["eager", "sdpa", "flex_attention"]
+    skipped = []
+    if device == "cuda" and flash_attn_available():
+        implementations.append("flash_attention_2")
+    else:
+        reason = "needs CUDA" if device != "cuda" else "flash_attn does not import"
+        skipped.append(f"flash_attention_2 ({reason})")
+    rows, raw = [], []
+    ids = random_ids(s["vocab"], s["batch"] * s["T"], seed=1).view(s["batch"], s["T"])
+    for version in (1, 2):
+        torch.manual_seed(version)
+        model = DiffTransformerForCausalLM(diff_config(version, s)).eval()
+        with torch.no_grad():  # scale q and k so that the softmax maps are peaked, as the tests do
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(8.0)
+                layer.self_attn.k_proj.weight.mul_(8.0)
+        reference, _ = causal_lm_forward(model, ids)
+        scale = reference.abs().max().item()
+        for dtype in mode["dtypes"]:
+            for attn in implementations:
+                if attn == "flash_attention_2" and dtype == torch.float32:
+                    continue  # flash kernels take half precision only
+                try:
+                    other = copy.deepcopy(model)
+                    other.set_attn_implementation(attn)
+                    other.to(device=device, dtype=dtype)
+                    with torch.no_grad():
+                        logits = other(ids.to(device)).logits.double().cpu()
+                    delta = (logits - reference).abs().max().item()
+                    verdict = "PASS" if delta <= TOLERANCE[dtype] * scale else "FAIL"
+                    cells = [f"{delta:.3g}", f"{TOLERANCE[dtype] * scale:.3g}", verdict]
+                except Exception as err:  # one implementation failing must not hide the others
+                    cells, delta = ["-", "-", f"ERROR {type(err).__name__}: {str(err).splitlines()[0][:120]}"], None
+                rows.append([f"V{version}", attn, dtype_name(dtype)] + cells)
+                raw.append({"version": version, "attn": attn, "dtype": dtype_name(dtype), "max_abs_diff": delta,
+                            "reference_max_abs_logit": scale, "verdict": cells[-1]})
+    text = (
+        f"Random models (hidden {s['hidden']}, {s['layers']} layers, {s['heads']} query / {s['kv_heads']} KV heads, "
+        f"vocab {s['vocab']}, q_proj and k_proj scaled ×8 so that the maps are peaked), batch {s['batch']} × "
+        f"T={s['T']}, against `tests/reference.py` (one head at a time, materialised maps, float64 on CPU). "
+        f"Tolerance: max |Δlogit| ≤ {TOLERANCE[torch.float32]:g} (float32) or {TOLERANCE[torch.bfloat16]:g} "
+        "(bfloat16) × the largest reference logit.\n\n"
+        + table(["model", "attn_implementation", "dtype", "max abs Δlogit", "tolerance", "verdict"], rows)
+        + ("\n\nNot run: " + "; ".join(skipped) if skipped else "")
+    )
+    return text, {"rows": raw, "skipped": skipped}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (b) compiled static-cache decode equals generate()
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def section_compile(mode: dict) -> tuple[str, dict]:
+    """torch.compile(fullgraph) of the forward, decoding on a StaticCache, against generate()'s greedy tokens."""
+    from transformers import StaticCache
+
+    from modeling_diff import DiffTransformerForCausalLM
+
+    s, device = mode["compile"], mode["device"]
+    rows, raw = [], []
+    prompt = random_ids(s["vocab"], s["prompt"], seed=2).to(device)
+    dtype = mode["dtypes"][-1]  # one compilation per model: bf16 on the GPU (float32 is checked in (a))
+    for version in (1, 2):
+        torch.manual_seed(version)
+        model = DiffTransformerForCausalLM._from_config(diff_config(version, s), attn_implementation="sdpa")
+        model = model.to(device=device, dtype=dtype).eval()
+        expected = model.generate(prompt, do_sample=False, max_new_tokens=s["new"], pad_token_id=0,
+                                  eos_token_id=None)[0, s["prompt"]:]
+        cache = StaticCache(config=model.config, max_cache_len=s["prompt"] + s["new"] + 8)
+        step = torch.compile(model.forward, fullgraph=True, dynamic=False)
+        started = time.perf_counter()
+        with torch.no_grad():
+            token = model(prompt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            tokens = [token]
+            for position in range(s["prompt"], s["prompt"] + s["new"] - 1):
+                out = step(token, cache=cache, use_cache=True, position_ids=torch.tensor([[position]], device=device))
+                token = out.logits[:, -1:].argmax(-1)
+                tokens.append(token)
+        synchronize(device)
+        compiled = torch.cat(tokens, dim=1)[0]
+        same = torch.equal(compiled, expected)
+        first = next((i for i in range(len(expected)) if compiled[i] != expected[i]), None)
+        rows.append([f"V{version}", dtype_name(dtype), s["new"], "yes" if same else "NO",
+                     "-" if first is None else first, f"{time.perf_counter() - started:.1f}"])
+        raw.append({"version": version, "dtype": dtype_name(dtype), "equal": same, "first_difference": first,
+                    "compiled": compiled.tolist(), "generate": expected.tolist()})
+    text = (
+        f"Random models (hidden {s['hidden']}, {s['layers']} layers, {s['heads']} query / {s['kv_heads']} KV heads), "
+        f"sdpa, a {s['prompt']}-token prompt: the prefill runs eagerly on a StaticCache, then every one-token step "
+        "through `torch.compile(model.forward, fullgraph=True, dynamic=False)`; `generate()` is greedy with the "
+        "default dynamic cache. A bf16 difference can be a rounding tie between two kernels (the first differing "
+        "position says where).\n\n"
+        + table(["model", "dtype", "new tokens", "tokens equal", "first difference", "seconds (compile incl.)"], rows)
+    )
+    return text, {"rows": raw}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (c) training step and decode at ~1B, against Llama and DiffLlama
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def section_speed(mode: dict) -> tuple[str, dict]:
+    """Interleaved training-step and decode times of the four models of speed.py at the `speed` sizes."""
+    s, device, dtype = mode["speed"], mode["device"], mode["dtypes"][-1]
+    numbers = config_numbers(SimpleNamespace(
+        vocab=s["vocab"], hidden=s["hidden"], intermediate=s["intermediate"], layers=s["layers"], heads=s["heads"],
+        kv_heads=s["kv_heads"], seq_lens=s["seq_lens"], prompt_len=max(s["seq_lens"]), new_tokens=s["new_tokens"],
+        max_positions=max(s["seq_lens"]) + s["new_tokens"],
+    ))
+    names = ["llama", "diffllama", "diff-v1", "diff-v2"]
+    with torch.device(device):  # built in place on the GPU: initialising 4 × 1B parameters on the CPU takes minutes
+        models = {name: build_model(name, numbers, "sdpa", dtype) for name in names}
+    params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
+    ids = {t: random_ids(s["vocab"], t, seed=t).to(device) for t in s["seq_lens"]}
+
+    def decode_per_token(model, prompt):
+        # speed.decode_seconds times its loop without draining the GPU queue: time the whole call on the device
+        # clock, with and without the new tokens, and keep the difference (the prefill cancels)
+        with_tokens = device_seconds(lambda: decode_seconds(model, prompt, s["new_tokens"]), device)
+        prefill_only = device_seconds(lambda: decode_seconds(model, prompt, 0), device)
+        return (with_tokens - prefill_only) / s["new_tokens"]
+
+    measures = {}
+    for t in s["seq_lens"]:
+        measures[f"train_{t}"] = lambda m, t=t: device_seconds(lambda: train_step_seconds(m, ids[t]), device)
+        measures[f"decode_{t}"] = lambda m, t=t: decode_per_token(m, ids[t])
+    times = {key: {name: [] for name in names} for key in measures}
+    for key, measure in measures.items():
+        for repetition in range(s["repeats"] + 1):  # 0 is the warm-up; the order alternates
+            for name in names if repetition % 2 == 0 else names[::-1]:
+                seconds = measure(models[name])
+                if repetition:
+                    times[key][name].append(seconds)
+        print(f"  (c) {key} done", flush=True)
+    del models
+    median = {key: {name: statistics.median(v) for name, v in per.items()} for key, per in times.items()}
+    rows = [["parameters"] + [f"{params[n] / 1e6:.1f} M" for n in names]]
+    for key in measures:
+        kind, t = key.split("_")
+        m = median[key]
+        if kind == "train":
+            rows.append([f"training step fwd+bwd, T={t}"]
+                        + [f"{m[n] / m['llama']:.3f}× · {m[n] * 1e3:.1f} ms" for n in names])
+        else:
+            rows.append([f"decode tok/s after a {t}-token prompt"]
+                        + [f"{m['llama'] / m[n]:.3f}× · {1 / m[n]:.1f} tok/s" for n in names])
+    text = (
+        f"Models of `speed.py` (same config numbers: hidden {s['hidden']}, {s['layers']} layers, {s['heads']} query / "
+        f"{s['kv_heads']} KV heads, MLP {s['intermediate']}, vocab {s['vocab']}, untied), {dtype_name(dtype)}, sdpa, "
+        f"batch 1, on {device}. Median of {s['repeats']} after a warm-up, models interleaved. Decode: "
+        f"{s['new_tokens']} greedy one-token forwards on the DynamicCache after a T-token prompt (the prefill is "
+        "subtracted). Each cell: ratio to Llama (for tok/s higher is better) · absolute.\n\n"
+        + table(["measure", "Llama", "DiffLlama", "Diff V1", "Diff V2"], rows)
+    )
+    return text, {"seconds": times, "median": median, "params": params}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (d) V1's attention core: the padded one-call layout against kernels with their own V width
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def core_flex_two_calls(q, key, value, lam, causal, block_masks=None):
+    """FlexAttention with its own V width: (q1, k1, v) and (q2, k2, v), q/k of width d and v of width 2d, then
+    a1 − λ·a2. Output (B, T, H/2, 2d) like the schemes of attention_kernels.py."""
+    dim, groups = q.shape[-1], key.shape[1]
+    q1, q2 = split_query(q, groups)  # (B, G, P, T, d)
+    batch, _, per_group, length, _ = q1.shape
+    mask = causal_block_mask(length, key.shape[-2], str(q.device)) if causal else None
+
+    def call(query, k):
+        query = query.reshape(batch, groups * per_group, length, dim)
+        return compiled_flex()(query, k, value, block_mask=mask, enable_gqa=True, scale=dim**-0.5)
+
+    out = torch.addcmul(call(q1, key[..., :dim]), lam, call(q2, key[..., dim:]), value=-1)
+    out = out.view(batch, groups, per_group, length, 2 * dim)
+    return out.permute(0, 3, 1, 2, 4).reshape(batch, length, groups * per_group, 2 * dim)
+
+
+@functools.lru_cache(maxsize=None)
+def causal_block_mask(length: int, source: int, device: str):
+    """FlexAttention's causal block mask for `length` queries at the end of `source` keys, built once per shape."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    offset = source - length
+    return create_block_mask(lambda b, h, qi, ki: qi + offset >= ki, None, None, length, source, device=device)
+
+
+_FLEX = {}
+
+
+def compiled_flex():
+    """flex_attention compiled once (uncompiled it runs a slow reference path)."""
+    if "fn" not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["fn"]
+
+
+def forced_sdpa(backend_name: str, device: str):
+    """core_two_calls with the SDPA backend forced; on CPU (dry run) the math backend stands in for CUDA's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name) if device == "cuda" else SDPBackend.MATH
+
+    def core(q, key, value, lam, causal):
+        with sdpa_kernel(backend):
+            try:
+                return core_two_calls(q, key, value, lam, causal)
+            except RuntimeError:  # this kernel refuses GQA: one K/V head per differential head (the same function)
+                REPEATED_KV.add(backend_name)
+                per_group = q.shape[2] // (2 * key.shape[1])
+                key, value = key.repeat_interleave(per_group, 1), value.repeat_interleave(per_group, 1)
+                return core_two_calls(q, key, value, lam, causal)
+
+    return core
+
+
+REPEATED_KV = set()  # forced SDPA backends that needed K/V repeated per head (noted under the table)
+
+
+def section_kernels(mode: dict) -> tuple[str, dict]:
+    """Equality to the padded layout and device times of each V1 core scheme (forward+backward, one decode step)."""
+    s, device, dtype = mode["kernels"], mode["device"], mode["dtypes"][-1]
+    dry = "" if device == "cuda" else " (dry run: math backend)"
+    schemes = {
+        "llama": ("Llama core: 1 sdpa call, q/k/v width d (baseline)", core_llama),
+        "padded": ("V1 padded: q zero-padded to 2d, key k1‖k2, 1 sdpa call (the model)", core_padded),
+        "mem-efficient": ("V1 2 calls, q/k width d, v width 2d, SDPA memory-efficient" + dry,
+                          forced_sdpa("EFFICIENT_ATTENTION", device)),
+        "cudnn": ("V1 2 calls, q/k width d, v width 2d, SDPA cuDNN" + dry, forced_sdpa("CUDNN_ATTENTION", device)),
+        "flex": ("V1 2 calls, q/k width d, v width 2d, FlexAttention (compiled)", core_flex_two_calls),
+    }
+    args = SimpleNamespace(heads=s["heads"], kv_heads=s["kv_heads"], head_dim=s["head_dim"])
+
+    def inputs(name, length, source, grad):
+        q, key, value, lam = make_inputs(name, length, source, args, requires_grad=False)
+        return [t.to(device=device, dtype=dtype).requires_grad_(grad) for t in (q, key, value, lam)]
+
+    # equality: every V1 scheme against the padded layout (same dtype) and the float32 materialised maps
+    checks, errors = {}, {}
+    for name in list(schemes)[2:]:
+        worst_padded = worst_maps = 0.0
+        try:
+            for length, source, causal in ((s["check_len"], s["check_len"], True), (1, s["check_len"], False)):
+                x = inputs(name, length, source, False)
+                with torch.no_grad():
+                    out = schemes[name][1](*x, causal=causal).float()
+                    padded = core_padded(*x, causal=causal).float()
+                    maps = core_maps(*[t.float() for t in x], causal=causal)
+                worst_padded = max(worst_padded, (out - padded).abs().max().item())
+                worst_maps = max(worst_maps, (out - maps).abs().max().item())
+            checks[name] = (worst_padded, worst_maps)
+        except Exception as err:
+            errors[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+
+    measures = [(f"train_{t}", t, t, True) for t in s["seq_lens"]]
+    measures += [(f"decode_{c}", 1, c, False) for c in s["cache_lens"]]
+    times = {key: {name: [] for name in schemes} for key, *_ in measures}
+    for key, length, source, training in measures:
+        prepared = {name: inputs(name, length, source, training) for name in schemes}
+        failed = set(errors)  # a scheme that failed its equality check, or this measure, is not timed further
+        for repetition in range(s["repeats"] + 1):  # 0 is the warm-up (and the compilation of flex)
+            for name in [n for n in (schemes if repetition % 2 == 0 else list(schemes)[::-1]) if n not in failed]:
+                core, x = schemes[name][1], prepared[name]
+
+                def run(core=core, x=x):
+                    if training:
+                        for t in x:
+                            t.grad = None
+                        out = core(*x, causal=True)
+                        out.backward(torch.ones_like(out))
+                    else:
+                        with torch.no_grad():
+                            for _ in range(s["decode_steps"]):
+                                core(*x, causal=False)
+
+                try:
+                    seconds = device_seconds(run, device) / (1 if training else s["decode_steps"])
+                except Exception as err:  # e.g. no backward for flex_attention on CPU
+                    failed.add(name)
+                    errors[f"{name}, {key}"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                    continue
+                if repetition:
+                    times[key][name].append(seconds)
+        print(f"  (d) {key} done", flush=True)
+    median = {key: {n: (statistics.median(v) if v else None) for n, v in per.items()} for key, per in times.items()}
+
+    def cell(key, name):
+        value, base = median[key][name], median[key]["llama"]
+        if value is None:
+            return "failed"
+        return f"{value / base:.2f}× · {value * 1e3:.3f} ms" if base else f"{value * 1e3:.3f} ms"
+
+    header = ["scheme"] + [f"fwd+bwd T={t}" for t in s["seq_lens"]] + [f"decode step S={c}" for c in s["cache_lens"]]
+    header += ["max abs Δ to padded", "max abs Δ to fp32 maps"]
+    rows = []
+    for name, (label, _) in schemes.items():
+        check = checks.get(name)
+        rows.append([label] + [cell(key, name) for key, *_ in measures]
+                    + ([f"{check[0]:.3g}", f"{check[1]:.3g}"] if check else ["-", "-"]))
+    text = (
+        f"{s['heads']} query heads, {s['kv_heads']} KV heads (Llama's counting), head_dim {s['head_dim']}, batch 1, "
+        f"{dtype_name(dtype)}, on {device}; times are {'CUDA events' if device == 'cuda' else 'wall clock'}, median "
+        f"of {s['repeats']} after a warm-up, schemes interleaved; a decode step is one query token per head against "
+        f"a cache of S tokens (mean of {s['decode_steps']}). Each cell: ratio to Llama's core · time. Equality is "
+        f"checked on a {s['check_len']}-token causal problem and a decode step, against the padded layout in the "
+        "same dtype and against materialised maps in float32.\n\n" + table(header, rows)
+        + ("\n\nFailures: " + "; ".join(f"{n}: {e}" for n, e in errors.items()) if errors else "")
+        + ("\n\nK/V repeated per head (the kernel refused GQA): " + ", ".join(sorted(REPEATED_KV))
+           if REPEATED_KV else "")
+    )
+    return text, {"seconds": times, "median": median, "checks": checks, "errors": errors,
+                  "repeated_kv": sorted(REPEATED_KV)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------------------------
+
+SECTIONS = {
+    "correctness": ("(a) Correctness against the plain-torch reference", section_correctness),
+    "compile": ("(b) Compiled static-cache decode equals generate()", section_compile),
+    "speed": ("(c) Training step and decode at ~1B parameters", section_speed),
+    "kernels": ("(d) V1's attention core: the padded layout against kernels with their own V width", section_kernels),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-dry-run", action="store_true",
+                        help="for testing the script without a GPU: run every section with tiny sizes on CPU in "
+                        "float32 (CUDA-only kernels skipped or replaced) and write the same markdown")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
+                        help="which sections to run (default: all)")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "gpu_check.md",
+                        help="markdown results file; the JSON goes next to it "
+                        "(default: benchmarks/results/gpu_check.md)")
+    return parser.parse_args(argv)
+
+
+def write_results(args, info: dict, parts: list[str], results: dict, seconds: float, done: int) -> str:
+    """Write the markdown (header + the sections run so far) and the JSON; return the markdown."""
+    dry = args.cpu_dry_run
+    header = (
+        f"# GPU check{' (CPU dry run: tiny sizes, float32, the numbers mean nothing)' if dry else ''}\n\n"
+        f"Produced by `python benchmarks/gpu_check.py{' --cpu-dry-run' if dry else ''}` on {info['date_utc']}: "
+        f"{done} of {len(args.sections)} sections in {seconds:.0f} s.\n\n"
+        f"- Machine: {info['gpu']}; CPU {info['cpu']}, {info['logical_cores']} logical cores, 1-minute load average "
+        f"{os.getloadavg()[0]:.2f} at the end\n"
+        f"- Versions: Python {info['python']}, torch {info['torch']} (CUDA {info['cuda']}), transformers "
+        f"{info['transformers']}\n"
+    )
+    text = header + "\n" + "\n".join(parts)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    results["seconds"] = seconds
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+    return text
+
+
+def main(argv=None) -> int:
+    """Run the sections, each guarded; write the markdown and JSON; return the exit status (0)."""
+    args = parse_args(argv)
+    if not args.cpu_dry_run and not torch.cuda.is_available():
+        print("CUDA is not available: the GPU check was not run (use --cpu-dry-run to test the script on CPU).")
+        return 0
+    mode = SIZES["cpu-dry-run" if args.cpu_dry_run else "gpu"]
+    if args.cpu_dry_run:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
+    started = time.perf_counter()
+    info = machine_info(torch.get_num_threads())
+    info["gpu"] = torch.cuda.get_device_name() if mode["device"] == "cuda" else "none (CPU dry run)"
+    info["cuda"] = torch.version.cuda
+    parts, results = [], {"machine": info, "sections": {}}
+    for key in args.sections:
+        title, section = SECTIONS[key]
+        print(f"{title} ...", flush=True)
+        section_start = time.perf_counter()
+        try:
+            text, raw = section(mode)
+            status = "ok"
+        except Exception as err:  # a failing section is recorded and the next one runs
+            text = f"**FAILED** with `{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}`\n\n" \
+                   f"```\n{traceback.format_exc(limit=6)}```"
+            raw, status = {"error": f"{type(err).__name__}: {err}"}, "failed"
+        seconds = time.perf_counter() - section_start
+        print(f"{title}: {status} in {seconds:.0f} s", flush=True)
+        parts.append(f"## {title}\n\n{text}\n\n_{status}, {seconds:.0f} s_\n")
+        results["sections"][key] = {"status": status, "seconds": seconds, **raw}
+        # written after every section, so that a run stopped by its time limit keeps what it measured
+        text = write_results(args, info, parts, results, time.perf_counter() - started, done=len(parts))
+    print(text)
+    print(f"wrote {args.out} and {args.out.with_suffix('.json').name} in {results['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
