@@ -124,8 +124,11 @@ def idle_cores_threads() -> int:
     more than it brings (benchmarks/results/demo_steps.md: at load average 4.6-5.4 on 2 cores, a bf16 training step
     took 8.9 s on 1 thread and 51 s on 2, medians of one interleaved run).
     """
-    idle = round((os.cpu_count() or 1) - os.getloadavg()[0])
-    return max(1, min(torch.get_num_threads(), idle))
+    # a core counts as busy only while a whole job holds it: the 1-minute average decays slowly after a job ends
+    # (a fresh-clone run that started at load 0.83, a minute after a benchmark, took 9.1 min on 1 thread and
+    # 6.0 min on 2: benchmarks/results/demo_fresh_clone*.md)
+    busy = int(os.getloadavg()[0])
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - busy))
 
 
 def native_bf16() -> bool:
