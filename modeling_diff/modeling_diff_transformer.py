@@ -207,9 +207,9 @@ class DiffTransformerAttention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
-        self.num_kv_groups = config.num_key_value_heads // 2  # (k1‖k2, v) groups
+        num_kv_groups = config.num_key_value_heads // 2  # (k1‖k2, v) groups
         # the interface sees num_attention_heads maps (q1 and q2 of each differential head) on num_kv_groups keys
-        self.num_key_value_groups = config.num_attention_heads // self.num_kv_groups
+        self.num_key_value_groups = config.num_attention_heads // num_kv_groups
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
