@@ -29,6 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 from modeling_diff_cli.common import embedded_smollm2, load_model
 from modeling_diff_cli.serve import serve_in_background
 from modeling_diff_conversion import convert
@@ -132,7 +133,7 @@ def main(argv=None) -> dict:
         args.requests, args.max_tokens = 2, 4
     questions = QUESTIONS[: args.requests]
 
-    info = machine_info(torch_threads())
+    info = machine_info(torch.get_num_threads())
     info["load_before"] = "%.2f %.2f %.2f" % os.getloadavg()
     results: dict = {}
     with tempfile.TemporaryDirectory() as work:
@@ -152,12 +153,6 @@ def main(argv=None) -> dict:
         json.dumps({"machine": info, "args": vars(args), "results": results}, indent=2)
     )
     return results
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 if __name__ == "__main__":

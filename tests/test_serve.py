@@ -6,6 +6,8 @@ import httpx2 as httpx
 import pytest
 import torch
 from helpers import assert_one_line_error, run_cli
+from modeling_diff_cli.common import load_model
+from modeling_diff_cli.generate import prompt_ids
 from modeling_diff_cli.serve import chat_request_problem, free_port, serve_in_background
 from modeling_diff_conversion import convert
 from openai import OpenAI
@@ -77,23 +79,21 @@ def server(request, served_models):
         yield base, folder
 
 
-def generate_answer(folder, question: str) -> str:
-    """What `generate()` answers, greedily, on the same chat template."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )["input_ids"]
-    out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+def generate_answers(folder) -> dict[str, str]:
+    """What `generate()` answers to each of QUESTIONS, greedily, on the same chat template (one model load)."""
+    model, tokenizer = load_model(str(folder))
+    answers = {}
+    for question in QUESTIONS:
+        ids = prompt_ids(tokenizer, question, chat=True)
+        out = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        answers[question] = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    return answers
 
 
 def test_serve_answers_like_generate(server):
     base, folder = server
     client = OpenAI(base_url=f"{base}/v1", api_key="unused")
-    expected = {question: generate_answer(folder, question) for question in QUESTIONS}
+    expected = generate_answers(folder)
     assert len(set(expected.values())) == len(QUESTIONS)  # the answers tell the questions apart
 
     def ask(question):
