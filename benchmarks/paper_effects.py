@@ -102,6 +102,16 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="training steps per model (default: the preset's)")
     parser.add_argument("--workers", type=int, default=None,
                         help="training processes run in parallel, one job (model, seed) each (default: the preset's)")
+    parser.add_argument("--lr-sweep", type=float, nargs="+", metavar="LR", default=None,
+                        help="the learning-rate question: train the --models (default: Llama and V1) at each of "
+                             "these peak learning rates, and write paper_effects_lr_sweep.md/.json/.png comparing "
+                             "every model at its own best rate (by held-out perplexity)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=None,
+                        help="models to train (default: all three; with --lr-sweep: llama diff-v1)")
+    parser.add_argument("--reuse", type=Path, default=None,
+                        help="a finished study's JSON (e.g. benchmarks/results/paper_effects.json): its runs with "
+                             "the same settings (any learning rate) are taken instead of retrained, and the report "
+                             "names them")
     parser.add_argument("--report-only", action="store_true",
                         help="do not train: write the report from the runs finished so far by an interrupted study "
                              "(OUT/paper_effects.partial.json), saying which runs are missing")
@@ -295,7 +305,8 @@ def run_job(job: dict, queue=None) -> dict:
     report("phase", "eval")
     started = time.time()
     model.eval()
-    results = {"model": name, "seed": seed, "parameters": count_parameters(model),
+    results = {"model": name, "seed": seed, "learning_rate": settings.learning_rate,
+               "parameters": count_parameters(model),
                "train_loss_last": losses[-1] if losses else None, "train_loss_curve": losses,
                "train_seconds": train_seconds, "train_tokens": settings.steps * settings.batch_size * settings.seq_len,
                "train_loss_mean": history.training_loss}
@@ -357,7 +368,8 @@ def metric_rows(results: list[dict], settings: Settings) -> list[tuple[str, str,
         ("attention on answer (last layer)", "higher", collect(lambda r: r["attention"]["answer_share"])),
         ("attention on noise context (last layer)", "lower", collect(lambda r: r["attention"]["noise_share"])),
         (RATIO_LABEL, "higher", collect(lambda r: r["attention"]["answer_to_noise"])),
-        ("attention logits top-1 / median", "lower", collect(lambda r: r["outliers"]["attention_logits"]["top1_ratio"])),
+        ("attention logits top-1 / median", "lower",
+         collect(lambda r: r["outliers"]["attention_logits"]["top1_ratio"])),
         ("attention logits top-10 / median", "lower",
          collect(lambda r: r["outliers"]["attention_logits"]["top10_ratio"])),
         ("hidden states top-1 / median", "lower", collect(lambda r: r["outliers"]["hidden_states"]["top1_ratio"])),
@@ -733,8 +745,6 @@ def main(argv=None):
     scratch.mkdir(exist_ok=True)
     started = time.time()
 
-    from tqdm.auto import tqdm
-
     train_texts, _ = corpus()
     tokenizer = train_tokenizer(train_texts, settings.vocab_size)
     tokenizer_file = str(scratch / "tokenizer.json")
@@ -750,39 +760,13 @@ def main(argv=None):
                                                                                 sys.argv[1:]))
     state = {"settings": asdict(settings), "parameters": params, "preset": preset, "command": command,
              "started": started, "load_samples": []}
+    if args.lr_sweep:
+        return lr_sweep(args, settings, state, tokenizer_file, scratch, out)
+    models = args.models or MODELS
     jobs = [{"model": m, "seed": s, "settings": asdict(settings), "tokenizer_file": tokenizer_file,
-             "scratch": str(scratch / f"{m}-{s}")} for s in settings.seeds for m in MODELS]
-    bar = tqdm(total=len(jobs) * settings.steps, desc="training steps (all runs)", unit="step", dynamic_ncols=True)
-    results = []
-    if settings.workers <= 1:
-        import queue as queue_module
-
-        progress = queue_module.SimpleQueue()
-        for job in jobs:
-            results.append(run_job(job, progress))
-            _sample_load(state)
-            while not progress.empty():
-                _drain_one(progress.get(), bar, results)
-            _write_partial(out, results, state)
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, wait
-
-        context = multiprocessing.get_context("spawn")
-        with context.Manager() as manager:
-            progress = manager.Queue()
-            with ProcessPoolExecutor(settings.workers, mp_context=context) as pool:
-                futures = [pool.submit(run_job, job, progress) for job in jobs]
-                pending = set(futures)
-                while pending:
-                    done, pending = wait(pending, timeout=1.0)
-                    _sample_load(state)
-                    while not progress.empty():
-                        _drain_one(progress.get(), bar, results)
-                    if done:
-                        _write_partial(out, [f.result() for f in futures if f.done()], state)
-                results = [f.result() for f in futures]
-    bar.close()
+             "scratch": str(scratch / f"{m}-{s}")} for s in settings.seeds for m in models]
+    results = run_jobs(run_job, jobs, settings.workers, len(jobs) * settings.steps,
+                       out / "paper_effects.partial.json", state)
     wall = time.time() - started
     (out / "paper_effects.partial.json").unlink(missing_ok=True)
     shutil.rmtree(scratch, ignore_errors=True)  # the tokenizer file and the Trainer's empty output folders
@@ -794,6 +778,171 @@ def main(argv=None):
     return results
 
 
+def lr_sweep(args, settings: Settings, state: dict, tokenizer_file: str, scratch: Path, out: Path) -> list[dict]:
+    """Train `args.models` (default Llama and V1) at every rate of `args.lr_sweep` and seed; write the sweep report.
+
+    Runs found in `args.reuse` with the same settings apart from the learning rate are taken, not retrained.
+    """
+    models = args.models or ("llama", "diff-v1")
+    reused = []
+    if args.reuse:
+        earlier = json.loads(args.reuse.read_text())
+        same = {k: v for k, v in earlier["settings"].items() if k not in ("learning_rate", "seeds", "workers")} == {
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(settings).items()
+            if k not in ("learning_rate", "seeds", "workers")}
+        if not same:
+            raise SystemExit(f"error: {args.reuse} was run with other settings; drop --reuse or match its settings")
+        for r in earlier["results"]:
+            r = dict(r, learning_rate=r.get("learning_rate", earlier["settings"]["learning_rate"]),
+                     reused_from=args.reuse.name)
+            if r["model"] in models and r["seed"] in settings.seeds and any(
+                    math.isclose(r["learning_rate"], lr) for lr in args.lr_sweep):
+                reused.append(r)
+    done = {(r["model"], r["seed"], round(r["learning_rate"], 12)) for r in reused}
+    jobs = [{"model": m, "seed": s, "settings": asdict(replace(settings, learning_rate=lr)),
+             "tokenizer_file": tokenizer_file, "scratch": str(scratch / f"{m}-{s}-{lr:g}")}
+            for lr in args.lr_sweep for s in settings.seeds for m in models if (m, s, round(lr, 12)) not in done]
+    state.update(learning_rates=list(args.lr_sweep), models=list(models), reused=len(reused))
+    print(f"{len(jobs)} runs to train, {len(reused)} reused from {args.reuse}")
+    results = reused + run_jobs(run_job, jobs, settings.workers, len(jobs) * settings.steps,
+                                out / "paper_effects_lr_sweep.partial.json", state)
+    state = {k: v for k, v in state.items() if not k.startswith("_")}
+    state.update(results=results, wall_seconds=time.time() - state["started"])
+    (out / "paper_effects_lr_sweep.json").write_text(json.dumps(state, indent=1))
+    write_sweep_report(state, out)
+    (out / "paper_effects_lr_sweep.partial.json").unlink(missing_ok=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return results
+
+
+def write_sweep_report(state: dict, out: Path) -> Path:
+    """paper_effects_lr_sweep.md and .png: perplexity per model and rate, and each model at its own best rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["settings"].items()})
+    results, rates, models = state["results"], state["learning_rates"], state["models"]
+
+    def ppl(model, rate):
+        return mean_std([r["ppl"] for r in results if r["model"] == model and math.isclose(r["learning_rate"], rate)])
+
+    best = {m: min(rates, key=lambda rate, m=m: ppl(m, rate)[0]) for m in models}
+    lines = ["| model | " + " | ".join(f"lr {rate:g}" for rate in rates) + " |", "| --- |" + " --- |" * len(rates)]
+    for m in models:
+        cells = [_fmt(*ppl(m, rate)) for rate in rates]
+        lines.append(f"| {LABELS[m]} | " + " | ".join(f"**{c}**" if math.isclose(rate, best[m]) else c
+                                                     for c, rate in zip(cells, rates)) + " |")
+    at_best = [r for r in results if math.isclose(r["learning_rate"], best[r["model"]])]
+    table, _ = results_table(at_best, settings)
+    verdicts = []
+    for m in models:
+        if m == "llama":
+            continue
+        own = f"each at its own best rate ({LABELS[m]} {best[m]:g}, Llama {best['llama']:g})"
+        for label, runs in ((own, at_best),
+                            *[(f"both at {rate:g}", [r for r in results if math.isclose(r["learning_rate"], rate)])
+                              for rate in rates]):
+            verdict, ours, base = compare(runs, lambda r: r["ppl"], m, "lower")
+            verdicts.append(f"- {LABELS[m]} vs Llama, {label}: perplexity {ours:.2f} vs {base:.2f} — **{verdict}** "
+                            f"(gap {ours - base:+.2f}).")
+    reused = sorted({r["reused_from"] for r in results if r.get("reused_from")})
+    n_reused = sum(1 for r in results if r.get("reused_from"))
+    loads = state.get("load_samples") or []
+    fig, axis = plt.subplots(figsize=(6, 4))
+    for m in models:
+        stats = [ppl(m, rate) for rate in rates]
+        axis.errorbar(rates, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3,
+                      label=LABELS[m])
+    axis.set_xscale("log")
+    axis.set_xlabel("peak learning rate")
+    axis.set_ylabel("held-out perplexity (lower is better)")
+    axis.set_title("Text study: learning-rate sweep (mean ± std over seeds)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    fig.tight_layout()
+    fig.savefig(out / "paper_effects_lr_sweep.png", dpi=120)
+    plt.close(fig)
+    text = [
+        "# Text study: does V1's perplexity gap survive a learning-rate sweep?",
+        "",
+        f"Produced by `{state['command']}`; per-run values in "
+        "[`paper_effects_lr_sweep.json`](paper_effects_lr_sweep.json). Settings are the default text study's "
+        "(`paper_effects.md`), apart from the peak learning rate.",
+        "",
+        f"- **Machine:** {machine_description()}.",
+        "- **Load:** " + (f"1-minute load average during the run: mean {statistics.fmean(loads):.1f}, max "
+                          f"{max(loads):.1f}, on {os.cpu_count()} cores." if loads else "not recorded."),
+        f"- **Wall time:** {state['wall_seconds'] / 60:.1f} min for the {len(results) - n_reused} runs trained here "
+        f"({settings.workers} worker(s) × {settings.threads_per_worker} thread(s))"
+        + (f"; {n_reused} runs at the same settings were taken from {', '.join(reused)} (the default study, "
+           "same code path, same sequences) instead of retrained." if n_reused else "."),
+        "",
+        "## Held-out perplexity (mean ± std over seeds "
+        f"{', '.join(map(str, settings.seeds))}; bold = each model's best rate)",
+        "",
+        *lines,
+        "",
+        "![learning-rate sweep](paper_effects_lr_sweep.png)",
+        "",
+        "## The V1 question (\"better\"/\"worse\" only when the means differ by more than the sum of the two stds)",
+        "",
+        *verdicts,
+        "",
+        "## Every metric, each model at its own best rate",
+        "",
+        table,
+        "",
+    ]
+    path = out / "paper_effects_lr_sweep.md"
+    path.write_text("\n".join(text) + "\n", encoding="utf-8")
+    return path
+
+
+def run_jobs(job_fn, jobs: list[dict], workers: int, total_steps: int, partial: Path, state: dict) -> list[dict]:
+    """Run `job_fn(job, queue)` for every job, in `workers` spawned processes (in this one when workers ≤ 1).
+
+    Shows one progress bar over `total_steps` training steps of all jobs (jobs report through the queue, see
+    `_drain_one`), samples the load into `state["load_samples"]`, and after every finished job writes `state` with
+    the finished results to `partial` (for ``--report-only`` after an interruption). Returns results in job order.
+    """
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, desc="training steps (all runs)", unit="step", dynamic_ncols=True)
+    results = []
+    if workers <= 1:
+        import queue as queue_module
+
+        progress = queue_module.SimpleQueue()
+        for job in jobs:
+            results.append(job_fn(job, progress))
+            _sample_load(state)
+            while not progress.empty():
+                _drain_one(progress.get(), bar)
+            _write_partial(partial, results, state)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, wait
+
+        context = multiprocessing.get_context("spawn")
+        with context.Manager() as manager:
+            progress = manager.Queue()
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                futures = [pool.submit(job_fn, job, progress) for job in jobs]
+                pending = set(futures)
+                while pending:
+                    done, pending = wait(pending, timeout=1.0)
+                    _sample_load(state)
+                    while not progress.empty():
+                        _drain_one(progress.get(), bar)
+                    if done:
+                        _write_partial(partial, [f.result() for f in futures if f.done()], state)
+                results = [f.result() for f in futures]
+    bar.close()
+    return results
+
+
 def _sample_load(state: dict):
     """Record the 1-minute load average (at most every 30 s): the report says how busy the shared machine was."""
     if hasattr(os, "getloadavg") and time.time() - state.get("_last_load", 0) >= 30:
@@ -801,10 +950,11 @@ def _sample_load(state: dict):
         state["load_samples"].append(round(os.getloadavg()[0], 2))
 
 
-def _write_partial(out: Path, results: list[dict], state: dict):
-    """Keep the finished runs on disk while the study goes on (`paper_effects.partial.json`), for --report-only."""
-    state = dict(state, results=results, elapsed_seconds=time.time() - state["started"])
-    (out / "paper_effects.partial.json").write_text(json.dumps(state, indent=1))
+def _write_partial(partial: Path, results: list[dict], state: dict):
+    """Keep the finished runs on disk while the study goes on (`partial`), for --report-only."""
+    state = {k: v for k, v in state.items() if not k.startswith("_")}
+    state.update(results=results, elapsed_seconds=time.time() - state["started"])
+    partial.write_text(json.dumps(state, indent=1))
 
 
 def report_from_partial(out: Path, note: str = ""):
@@ -826,12 +976,15 @@ def report_from_partial(out: Path, note: str = ""):
     print(f"wrote {out / 'paper_effects.md'} from {len(results)} finished runs; missing: {', '.join(missing) or '-'}")
 
 
-def _drain_one(message, bar, results):
+def _drain_one(message, bar):
+    """Show one job's message on the shared bar: a finished step, its loss or accuracy, a phase, the job's end."""
     tag, kind, value = message
     if kind == "step":
         bar.update(value)
     elif kind == "loss":
         bar.set_postfix_str(f"{tag}: loss {value:.3f}")
+    elif kind == "acc":
+        bar.set_postfix_str(f"{tag}: accuracy {value:.0%}")
     elif kind == "phase":
         bar.set_postfix_str(f"{tag}: evaluating")
     elif kind == "done":
