@@ -4,19 +4,22 @@ Trains Llama, DiffTransformer V1 and DiffTransformer V2 from scratch with the �
 recall (MQAR, as in Zoology, Arora et al. 2023) with the paper's condition added: irrelevant context. Each sequence
 holds `pairs` key–value pairs, most of them distractors that are never queried, with filler tokens scattered between
 the pairs up to a context length; then `queries` of the keys follow, each with its value, and the model is trained
-and scored on predicting those values:
+and scored on predicting those values. By default each context pair is ONE token standing for (key, value):
 
-    <s>  f f k₁ v₁ f k₂ v₂ f f f k₃ v₃ …  (context: pairs + filler)  k₂ v₂ k₉ v₉ …  (queries: loss on the values)
+    <s>  f f [k₁v₁] f [k₂v₂] f f f [k₃v₃] …  (context: pairs + filler)   k₂ v₂ k₃ v₃ …  (queries: loss on the values)
 
-Keys, values and fillers are three disjoint token ranges. Everything is drawn from a seed; evaluation sequences are
-drawn like training ones, from other seeds. Training mixes every cell of the difficulty grid (number of pairs ×
-context length); evaluation scores each cell on its own.
+so retrieval is one attention hop: match the query key against the pair tokens, copy the value. With
+``--two-token-pairs`` a pair is written ``k v`` (Zoology's format), which also needs an induction circuit across two
+layers; no model learned that within this CPU budget (``results/recall_calibration.md``), so it is not the default.
+Keys, values, fillers and pair tokens are disjoint token ranges. Everything is drawn from a seed; evaluation
+sequences are drawn like training ones, from other streams of the seed. Training mixes every cell of the difficulty
+grid (number of pairs × context length); evaluation scores each cell on its own.
 
 For each model width, model, learning rate and seed it records:
 
 - recall accuracy per cell at the end (share of queries whose value is the argmax prediction),
 - the accuracy curve per cell during training and the steps to reach 90%,
-- where the last layer looks from each query key: the attention on the queried pair (its key and value tokens),
+- where the last layer looks from each query key: the attention on the queried pair (its token(s)),
   on the distractor pairs and on the filler, each as a share of the row's total absolute attention (a differential
   row need not sum to 1 and can be negative: Diff models report their differential map),
 - the parameter count (the three models are within 2% at each width; V1 with the paper's heads, V2 with DIFF V2's).
@@ -211,10 +214,10 @@ def recall_accuracy(model, batch: dict, chunk: int = 32) -> float:
 def attention_shares(model, batch: dict) -> dict:
     """Where the last layer looks from each query key, as shares of the row's total absolute attention.
 
-    For every query key position: the attention on the queried pair (its key and value tokens), on all distractor
-    pairs, and on the filler; each divided by the sum of |attention| over the row. For softmax maps the divisor is
-    1; a differential row sums to 1 − λ and can hold negative entries, so the shares put both kinds of map on one
-    scale, and a negative share means net negative attention. Averaged over heads (``mean``) and, for the head that
+    For every query key position: the attention on the queried pair (its token, or key and value tokens), on all
+    distractor pairs, and on the filler; each divided by the sum of |attention| over the row. For softmax maps the
+    divisor is 1; a differential row sums to 1 − λ and can hold negative entries, so the shares put both kinds of map
+    on one scale, and a negative share means net negative attention. Averaged over heads (``mean``) and, for the head that
     attends most to the queried pair, that head alone (``best_head``).
     """
     import torch
@@ -585,7 +588,10 @@ def write_report(state: dict, out: Path, missing: list[str] = (), note: str = ""
         "## Settings",
         "",
         f"- Task: MQAR with distractors. Vocabulary {settings.vocab_size}: {settings.num_keys} key tokens, "
-        f"{settings.num_values} value tokens, {settings.num_fillers} filler tokens, PAD, BOS. Each sequence: BOS, a "
+        f"{settings.num_values} value tokens, {settings.num_fillers} filler tokens"
+        + (f", {settings.num_keys * settings.num_values} pair tokens (one per key–value combination; a context pair "
+           "is one token)" if settings.fused_pairs else " (a context pair is two tokens, key then value)")
+        + ", PAD, BOS. Each sequence: BOS, a "
         f"context of `pairs` key–value pairs (distinct keys, values drawn with replacement) with filler tokens "
         f"scattered uniformly into the gaps up to the context length, then {settings.queries} queried keys (distinct, "
         f"from the pairs; the other pairs are distractors), each followed by its value. Loss and accuracy only on "
@@ -611,7 +617,7 @@ def write_report(state: dict, out: Path, missing: list[str] = (), note: str = ""
         f"{', '.join(f'{r:g}' for r in settings.learning_rates)}, seeds {', '.join(map(str, settings.seeds))}. A "
         "model's best rate is the one with the highest mean accuracy over cells and seeds.",
         "- Attention shares: eager attention, last layer, at every query-key position (the position that predicts "
-        "the value); the attention summed over the queried pair's two tokens, over every distractor pair's tokens "
+        "the value); the attention summed over the queried pair's token(s), over every distractor pair's tokens "
         "and over the filler, each divided by the row's total |attention| (1 for softmax; a differential row sums "
         "to 1 − λ and may hold negative entries, so shares can be negative and are on one scale for all models).",
         "",

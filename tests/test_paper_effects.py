@@ -49,3 +49,25 @@ def test_help_documents_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--smoke", "--scale", "--seeds", "--steps", "--workers", "--out"):
         assert flag in text
+
+
+def test_lr_sweep_reuses_matching_runs_and_compares_each_model_at_its_best_rate(tmp_path):
+    study = load_study()
+    study.main(["--smoke", "--out", str(tmp_path), "--models", "llama", "diff-v1"])
+    earlier = json.loads((tmp_path / "paper_effects.json").read_text())
+    rate = earlier["settings"]["learning_rate"]
+    results = study.main(["--smoke", "--out", str(tmp_path), "--lr-sweep", str(rate), "3e-3",
+                          "--reuse", str(tmp_path / "paper_effects.json")])
+    assert sorted((r["model"], r["learning_rate"]) for r in results) == sorted(
+        (m, lr) for m in ("llama", "diff-v1") for lr in (rate, 3e-3))
+    reused = [r for r in results if r.get("reused_from")]
+    assert {(r["model"], r["ppl"]) for r in reused} == {(r["model"], r["ppl"]) for r in earlier["results"]}
+    data = json.loads((tmp_path / "paper_effects_lr_sweep.json").read_text())
+    assert data["learning_rates"] == [rate, 3e-3] and len(data["results"]) == 4
+    report = (tmp_path / "paper_effects_lr_sweep.md").read_text()
+    best = {m: min((r for r in results if r["model"] == m), key=lambda r: r["ppl"]) for m in ("llama", "diff-v1")}
+    for m, run in best.items():  # the bold cell of each row is the model's lowest perplexity
+        assert f"**{run['ppl']:.1f} ± 0.0**" in report
+    assert "each at its own best rate" in report and "2 runs at the same settings were taken" in report
+    assert (tmp_path / "paper_effects_lr_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "paper_effects_lr_sweep.partial.json").exists()
