@@ -217,8 +217,8 @@ def attention_shares(model, batch: dict) -> dict:
     For every query key position: the attention on the queried pair (its token, or key and value tokens), on all
     distractor pairs, and on the filler; each divided by the sum of |attention| over the row. For softmax maps the
     divisor is 1; a differential row sums to 1 − λ and can hold negative entries, so the shares put both kinds of map
-    on one scale, and a negative share means net negative attention. Averaged over heads (``mean``) and, for the head that
-    attends most to the queried pair, that head alone (``best_head``).
+    on one scale, and a negative share means net negative attention. Averaged over heads (``mean``) and, for the head
+    that attends most to the queried pair, that head alone (``best_head``).
     """
     import torch
     from modeling_diff_eval.metrics import attn_implementation
