@@ -212,34 +212,42 @@ def recall_accuracy(model, batch: dict, chunk: int = 32) -> float:
 
 
 def attention_shares(model, batch: dict) -> dict:
-    """Where the last layer looks from each query key, as shares of the row's total absolute attention.
+    """Where each layer looks from each query key, as shares of the row's total absolute attention.
 
     For every query key position: the attention on the queried pair (its token, or key and value tokens), on all
     distractor pairs, and on the filler; each divided by the sum of |attention| over the row. For softmax maps the
     divisor is 1; a differential row sums to 1 − λ and can hold negative entries, so the shares put both kinds of map
     on one scale, and a negative share means net negative attention. Averaged over heads (``mean``) and, for the head
-    that attends most to the queried pair, that head alone (``best_head``).
+    that attends most to the queried pair, that head alone (``best_head``). The top-level ``mean``/``best_head`` are
+    the last layer's; ``layers`` holds the same for every layer, first to last.
     """
     import torch
     from modeling_diff_eval.metrics import attn_implementation
 
-    totals = {"mean": np.zeros(3), "best_head": np.zeros(3)}
-    count = 0
     with torch.no_grad(), attn_implementation(model, "eager"):
         ids = torch.as_tensor(batch["input_ids"])
-        rows = model(input_ids=ids, attention_mask=(ids != PAD).long(),
-                     output_attentions=True).attentions[-1].float()  # (batch, heads, T, T)
-        for b, t in zip(*np.nonzero(batch["query_pair"] >= 0)):
-            row = rows[b, :, t]  # (heads, T)
-            segment = torch.as_tensor(batch["segment"][b])
-            asked = int(batch["query_pair"][b, t])
-            scale = row.abs().sum(-1).clamp_min(1e-9)
-            parts = torch.stack([row[:, segment == asked].sum(-1),
-                                 row[:, (segment >= 0) & (segment != asked)].sum(-1),
-                                 row[:, segment == -2].sum(-1)], -1) / scale[:, None]  # (heads, 3)
-            totals["mean"] += parts.mean(0).numpy()
-            totals["best_head"] += parts[parts[:, 0].argmax()].numpy()
-            count += 1
+        maps = model(input_ids=ids, attention_mask=(ids != PAD).long(), output_attentions=True).attentions
+    layers = [layer_shares(rows.float(), batch) for rows in maps]  # each rows: (batch, heads, T, T)
+    return {**layers[-1], "layers": layers}
+
+
+def layer_shares(rows, batch: dict) -> dict:
+    """`attention_shares` for one layer's maps ``rows`` of shape (batch, heads, T, T)."""
+    import torch
+
+    totals = {"mean": np.zeros(3), "best_head": np.zeros(3)}
+    count = 0
+    for b, t in zip(*np.nonzero(batch["query_pair"] >= 0)):
+        row = rows[b, :, t]  # (heads, T)
+        segment = torch.as_tensor(batch["segment"][b])
+        asked = int(batch["query_pair"][b, t])
+        scale = row.abs().sum(-1).clamp_min(1e-9)
+        parts = torch.stack([row[:, segment == asked].sum(-1),
+                             row[:, (segment >= 0) & (segment != asked)].sum(-1),
+                             row[:, segment == -2].sum(-1)], -1) / scale[:, None]  # (heads, 3)
+        totals["mean"] += parts.mean(0).numpy()
+        totals["best_head"] += parts[parts[:, 0].argmax()].numpy()
+        count += 1
     names = ("queried_pair", "distractor_pairs", "filler")
     return {kind: dict(zip(names, (v / max(count, 1)).tolist())) for kind, v in totals.items()}
 
@@ -549,6 +557,24 @@ def make_chart(results: list[dict], settings: Settings, width: int, out: Path, n
     return name
 
 
+READING = """
+- **What is tested.** The paper's retrieval claim: with many distractor pairs and irrelevant filler in the context,
+  does subtracting two softmax maps let attention find the queried key more reliably? With one-token pairs the task
+  is exactly that, one attention hop (match the query key, copy the value); it does not test the induction circuits
+  that two-token formats and natural text also need.
+- **Learning rate and seeds.** Small models learn this task through a plateau followed by a jump, and when the jump
+  comes varies with the rate and the seed. A comparison at one shared rate can therefore favour whichever model
+  that rate suits; here every model is reported at its own best rate, every rate's numbers are in the sweep table,
+  and a difference counts only when it exceeds the seed spread.
+- **Attention shares.** A softmax row sums to 1; a differential row sums to 1 − λ and can hold negative entries. The
+  shares divide by the row's total |attention|, so 100% on the queried pair means all of the row's attention mass
+  is there, for either kind of map. The last layer is measured (of 2); a model may also retrieve partly in the
+  first layer, which these shares do not see.
+- **Scale.** ~0.1M-parameter models, a few minutes of CPU training each: an answer for this scale and this task,
+  not for the paper's 3B models.
+"""
+
+
 def write_report(state: dict, out: Path, missing: list[str] = (), note: str = "") -> Path:
     """Write recall_study.md, recall_study.json and one chart per width from `state` (settings, runs, timing)."""
     settings = settings_from_dict(state["settings"])
@@ -556,7 +582,8 @@ def write_report(state: dict, out: Path, missing: list[str] = (), note: str = ""
     wall = state.get("wall_seconds", state.get("elapsed_seconds", float("nan")))
     loads = state.get("load_samples") or []
     (out / "recall_study.json").write_text(json.dumps({k: v for k, v in state.items() if k != "started"}, indent=1))
-    easy = settings.cells[0]
+    layers_file = out / "recall_study_layers.json"
+    layers = json.loads(layers_file.read_text()) if layers_file.exists() else None
     lines = [
         "# Associative recall among distractors: Llama vs DiffTransformer V1 and V2",
         "",
@@ -578,13 +605,21 @@ def write_report(state: dict, out: Path, missing: list[str] = (), note: str = ""
         lines += [f"## Width {width}", "", "Each model at its own best learning rate (mean ± std over seeds "
                   f"{', '.join(map(str, settings.seeds))}):", "", *headline_table(results, settings, width), "",
                   "### Findings", "", "\"Better\"/\"worse\" only when the means differ by more than the sum of the "
-                  "two standard deviations over seeds.", "", *findings(results, settings, width), "",
+                  "two standard deviations over seeds.", "", *findings(results, settings, width),
+                  *(retrieval_layer_findings(layers, settings, width) if layers else []), "",
                   f"![recall study, width {width}]({chart})", "",
                   "### Learning-rate sweep (accuracy, mean over cells; bold = the rate each model is reported at)",
                   "", *sweep_table(results, settings, width), "",
                   "### Per cell, each model at its best rate", "", *cell_tables(results, settings, width), ""]
+        if layers:
+            lines += ["### Every layer's attention (re-trained best-rate runs, `--layers`)", "",
+                      *layer_table(layers, settings, width), ""]
     params = {(r["model"], r["width"]): r["parameters"] for r in results}
     lines += [
+        "## How to read this",
+        "",
+        READING.strip(),
+        "",
         "## Settings",
         "",
         f"- Task: MQAR with distractors. Vocabulary {settings.vocab_size}: {settings.num_keys} key tokens, "
@@ -622,7 +657,6 @@ def write_report(state: dict, out: Path, missing: list[str] = (), note: str = ""
         "to 1 − λ and may hold negative entries, so shares can be negative and are on one scale for all models).",
         "",
     ]
-    del easy
     path = out / "recall_study.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -650,6 +684,10 @@ def parse_args(argv=None):
                         help="write each context pair as two tokens, key then value (Zoology's MQAR format), instead "
                              "of one key–value token; solving it needs an induction circuit across two layers, which "
                              "no model formed within the CPU budget here (see the report's note)")
+    parser.add_argument("--layers", action="store_true",
+                        help="after a study: re-train each model at its best rate (read from OUT/recall_study.json), "
+                             "every seed, measure the attention shares of every layer, check that the accuracies "
+                             "are reproduced, write OUT/recall_study_layers.json and re-render the report")
     parser.add_argument("--report-only", action="store_true",
                         help="do not train: write the report from OUT/recall_study.partial.json (an interrupted "
                              "study) or OUT/recall_study.json (a finished one)")
@@ -673,6 +711,9 @@ def main(argv=None):
         path = write_report(state, out, missing, args.note)
         print(f"wrote {path} from {len(state['results'])} runs; missing: {len(missing)}")
         return state["results"]
+
+    if args.layers:
+        return layers_study(out, argv)
 
     preset = "smoke" if args.smoke else "default"
     settings = PRESETS[preset]
@@ -706,6 +747,81 @@ def main(argv=None):
     shutil.rmtree(scratch, ignore_errors=True)
     print(f"wrote {path} in {state['wall_seconds'] / 60:.1f} min")
     return results
+
+
+def layers_study(out: Path, argv=None) -> list[dict]:
+    """`--layers`: re-train every model at its best rate (each seed) and measure every layer's attention shares."""
+    state = json.loads((out / "recall_study.json").read_text())
+    settings = settings_from_dict(state["settings"])
+    results = state["results"]
+    jobs = [{"model": m, "width": w, "learning_rate": best_rate(results, m, w), "seed": s,
+             "settings": asdict(settings), "scratch": str(out / ".recall_study_scratch" / f"{m}-{w}-{s}")}
+            for w in sorted({r["width"] for r in results}) for m in MODELS for s in settings.seeds]
+    started = time.time()
+    layers = {"command": "python benchmarks/recall_study.py" + "".join(f" {a}" for a in (argv if argv is not None
+                                                                                          else sys.argv[1:])),
+              "started": started, "load_samples": []}
+    reruns = run_jobs(run_job, jobs, settings.workers, len(jobs) * settings.steps,
+                      out / "recall_study_layers.partial.json", layers)
+    for run in reruns:
+        original = runs_of(results, run["model"], run["width"], run["learning_rate"])
+        original = next(r for r in original if r["seed"] == run["seed"])
+        run["acc_difference_to_study"] = max(abs(run["acc"][c] - original["acc"][c]) for c in run["acc"])
+        del run["curve"], run["train_loss_curve"]
+    layers = {k: v for k, v in layers.items() if not k.startswith("_") and k != "started"}
+    layers.update(runs=reruns, wall_seconds=time.time() - started)
+    (out / "recall_study_layers.json").write_text(json.dumps(layers, indent=1))
+    (out / "recall_study_layers.partial.json").unlink(missing_ok=True)
+    shutil.rmtree(out / ".recall_study_scratch", ignore_errors=True)
+    path = write_report(state, out)
+    print(f"wrote {out / 'recall_study_layers.json'} and re-rendered {path} in {layers['wall_seconds'] / 60:.1f} min")
+    return reruns
+
+
+def layer_table(layers: dict, settings: Settings, width: int) -> list[str]:
+    """Attention shares of every layer at the hardest cell, from the `--layers` re-runs (mean over seeds)."""
+    runs = [r for r in layers["runs"] if r["width"] == width]
+    hard = cell_name(settings.cells[-1])
+    count = len(runs[0]["attention"][hard]["layers"]) if runs else 0
+    lines = ["| model (lr) | layer | queried pair | distractor pairs | filler | queried pair, best head |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for m in MODELS:
+        mine = [r for r in runs if r["model"] == m]
+        for layer in range(count):
+            shares = [r["attention"][hard]["layers"][layer] for r in mine]
+            cells = [fmt(mean_std([x["mean"][k] for x in shares])) for k in ("queried_pair", "distractor_pairs",
+                                                                           "filler")]
+            best = fmt(mean_std([x["best_head"]["queried_pair"] for x in shares]))
+            lines.append(f"| {LABELS[m]} ({mine[0]['learning_rate']:g}) | {layer + 1} of {count} | "
+                         + " | ".join(cells) + f" | {best} |")
+    reproduced = max(r["acc_difference_to_study"] for r in runs)
+    return [f"From `{layers['command']}` ({layers['wall_seconds'] / 60:.1f} min): every model re-trained at its best "
+            f"rate, each seed, with the same data and initialisation; the largest difference between a re-trained "
+            f"run's accuracy in any cell and the study's is {reproduced:.1%}. Shares at {hard}, mean ± std over "
+            "seeds:", "", *lines]
+
+
+def retrieval_layer_findings(layers: dict, settings: Settings, width: int) -> list[str]:
+    """The attention claim again, in the layer where each model puts the most attention on the queried pair."""
+    runs = [r for r in layers["runs"] if r["width"] == width]
+    hard = cell_name(settings.cells[-1])
+
+    def peak(model):
+        mine = [r for r in runs if r["model"] == model]
+        count = len(mine[0]["attention"][hard]["layers"])
+        means = [statistics.fmean(r["attention"][hard]["layers"][i]["mean"]["queried_pair"] for r in mine)
+                 for i in range(count)]
+        layer = max(range(count), key=means.__getitem__)
+        return layer, [r["attention"][hard]["layers"][layer]["mean"]["queried_pair"] for r in mine]
+
+    base_layer, base = peak("llama")
+    parts = []
+    for m in ("diff-v1", "diff-v2"):
+        layer, ours = peak(m)
+        parts.append(f"{LABELS[m]} (layer {layer + 1}): **{verdict(ours, base)}** ({statistics.fmean(ours):.1%} vs "
+                     f"{statistics.fmean(base):.1%})")
+    return [f"- Paper: more attention on the queried pair ({hard}), here measured in the layer where each model puts "
+            f"the most (Llama: layer {base_layer + 1}) — " + "; ".join(parts) + "."]
 
 
 def job_keys(settings: Settings) -> list[tuple]:

@@ -66,18 +66,18 @@ def test_sequences_hold_each_queried_value_and_are_reproducible(study, fused):
 
 
 class MapModel(torch.nn.Module):
-    """Returns a fixed last-layer attention map: for checking attention_shares against hand-computed shares."""
+    """Returns fixed attention maps, one per layer: for checking attention_shares against hand-computed shares."""
 
-    def __init__(self, attention):
+    def __init__(self, *attentions):
         super().__init__()
-        self.attention = attention
+        self.attentions = attentions
         self.config = SimpleNamespace(_attn_implementation="sdpa")
 
     def set_attn_implementation(self, name):
         self.config._attn_implementation = name
 
     def forward(self, input_ids, attention_mask=None, output_attentions=False):
-        return SimpleNamespace(attentions=(self.attention,))
+        return SimpleNamespace(attentions=self.attentions)
 
 
 def test_attention_shares_divide_by_the_absolute_row_sum(study):
@@ -87,7 +87,11 @@ def test_attention_shares_divide_by_the_absolute_row_sum(study):
     attention = torch.zeros(1, 2, 7, 7)
     attention[0, 0, 6] = torch.tensor([0.1, 0.1, 0.1, 0.1, 0.2, 0.4, 0.0])  # a softmax row (sums to 1)
     attention[0, 1, 6] = torch.tensor([0.0, -0.1, 0.3, -0.1, 0.0, 0.5, 0.0])  # a differential row: |sum| 1.0, sum 0.6
-    shares = study.attention_shares(MapModel(attention), batch)
+    first = torch.zeros(1, 2, 7, 7)
+    first[0, :, 6, 1] = 1.0  # layer 1: every head on the filler
+    shares = study.attention_shares(MapModel(first, attention), batch)
+    assert shares["layers"][0]["mean"] == pytest.approx({"queried_pair": 0, "distractor_pairs": 0, "filler": 1})
+    assert shares["layers"][1]["mean"] == shares["mean"]  # the top level is the last layer
     expected = {"queried_pair": (0.6 + 0.5) / 2, "distractor_pairs": (0.2 + 0.2) / 2, "filler": (0.1 - 0.1) / 2}
     assert shares["mean"] == pytest.approx(expected, abs=1e-6)
     best = {"queried_pair": 0.6, "distractor_pairs": 0.2, "filler": 0.1}  # head 0 puts more on the queried pair
@@ -126,6 +130,14 @@ def test_recall_study_smoke(study, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.name in report
     assert not (tmp_path / "recall_study.partial.json").exists()
     assert not (tmp_path / ".recall_study_scratch").exists()
+
+    # --layers re-trains each model at its best rate: same data and initialisation, so the same accuracies
+    reruns = study.main(["--layers", "--out", str(tmp_path)])
+    assert sorted(r["model"] for r in reruns) == sorted(study.MODELS)
+    assert all(r["acc_difference_to_study"] == 0 for r in reruns)
+    assert all(len(r["attention"][cell]["layers"]) == settings.num_hidden_layers for r in reruns for cell in cells)
+    report = (tmp_path / "recall_study.md").read_text()
+    assert "### Every layer's attention" in report and "the layer where each model puts the most" in report
 
     # the report can be re-rendered from the saved runs alone
     (tmp_path / "recall_study.md").unlink()
