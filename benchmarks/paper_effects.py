@@ -249,11 +249,43 @@ def paper_schedule(optimizer, steps: int, warmup: int, min_lr_ratio: float):
     return LambdaLR(optimizer, factor)
 
 
+def study_trainer(model, data, settings, learning_rate: float, seed: int, output_dir: str, callbacks: list,
+                  quiet: bool, sequential: bool = False):
+    """The 🤗 Trainer with the studies' one recipe, for any model: AdamW with `settings.adam_betas` and
+    `settings.weight_decay`, gradient clipping 1.0, the paper's schedule (`paper_schedule`), fp32, `settings.steps`
+    steps of `settings.batch_size`. `sequential` feeds the data in its stored order instead of shuffled by `seed`."""
+    import torch
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainingArguments
+
+    class StudyTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            if sequential:
+                return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+            return super()._get_train_sampler(train_dataset)
+
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:
+                self.lr_scheduler = paper_schedule(optimizer or self.optimizer, num_training_steps,
+                                                   max(1, round(settings.warmup_fraction * num_training_steps)),
+                                                   settings.min_lr_ratio)
+            return self.lr_scheduler
+
+    args = TrainingArguments(
+        output_dir=output_dir, max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
+        learning_rate=learning_rate, adam_beta1=settings.adam_betas[0], adam_beta2=settings.adam_betas[1],
+        weight_decay=settings.weight_decay, max_grad_norm=1.0, logging_steps=max(1, settings.steps // 20),
+        save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=quiet, dataloader_num_workers=0,
+    )
+    return StudyTrainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+
+
 def run_job(job: dict, queue=None) -> dict:
     """Train `job["model"]` with `job["seed"]` and run every measurement; returns a JSON-serialisable dict."""
     import torch
     from modeling_diff_eval.tasks import run_task
-    from transformers import PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments
+    from transformers import PreTrainedTokenizerFast, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
     settings = Settings(**job["settings"])
@@ -280,23 +312,9 @@ def run_job(job: dict, queue=None) -> dict:
             if logs and "loss" in logs:
                 report("loss", logs["loss"])
 
-    class PaperScheduleTrainer(Trainer):
-        def create_scheduler(self, num_training_steps, optimizer=None):
-            if self.lr_scheduler is None:
-                self.lr_scheduler = paper_schedule(optimizer or self.optimizer, num_training_steps,
-                                                   max(1, round(settings.warmup_fraction * num_training_steps)),
-                                                   settings.min_lr_ratio)
-            return self.lr_scheduler
-
-    args = TrainingArguments(
-        output_dir=job["scratch"], max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate, adam_beta1=settings.adam_betas[0], adam_beta2=settings.adam_betas[1],
-        weight_decay=settings.weight_decay, max_grad_norm=1.0, logging_steps=max(1, settings.steps // 20),
-        save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=queue is not None, dataloader_num_workers=0,
-    )
     started = time.time()
-    trainer = PaperScheduleTrainer(model=model, args=args, train_dataset=data, callbacks=[Progress()])
+    trainer = study_trainer(model, data, settings, settings.learning_rate, seed, job["scratch"], [Progress()],
+                            quiet=queue is not None)
     trainer.remove_callback(PrinterCallback)  # progress goes to the study's own bar
     history = trainer.train()
     train_seconds = time.time() - started

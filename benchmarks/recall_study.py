@@ -57,8 +57,8 @@ from paper_effects import (  # noqa: E402  (the shared study harness: models, sc
     machine_description,
     mean_std,
     model_configs,
-    paper_schedule,
     run_jobs,
+    study_trainer,
 )
 from paper_effects import Settings as TextSettings  # noqa: E402
 
@@ -276,8 +276,7 @@ def model_config(settings: Settings, width: int, name: str):
 def run_job(job: dict, queue=None) -> dict:
     """Train `job["model"]` at `job["width"]`, `job["learning_rate"]`, `job["seed"]`; measure; return a dict."""
     import torch
-    from torch.utils.data import SequentialSampler
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
     settings = Settings(**job["settings"])
@@ -306,27 +305,10 @@ def run_job(job: dict, queue=None) -> dict:
                 check(state.global_step)
                 report("acc", curve[-1]["acc"][cell_name(settings.cells[0])])
 
-    class StudyTrainer(Trainer):
-        def _get_train_sampler(self, train_dataset=None):
-            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
-
-        def create_scheduler(self, num_training_steps, optimizer=None):
-            if self.lr_scheduler is None:
-                self.lr_scheduler = paper_schedule(optimizer or self.optimizer, num_training_steps,
-                                                   max(1, round(settings.warmup_fraction * num_training_steps)),
-                                                   settings.min_lr_ratio)
-            return self.lr_scheduler
-
-    args = TrainingArguments(
-        output_dir=job["scratch"], max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
-        learning_rate=rate, adam_beta1=settings.adam_betas[0], adam_beta2=settings.adam_betas[1],
-        weight_decay=settings.weight_decay, max_grad_norm=1.0, logging_steps=max(1, settings.steps // 20),
-        save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=queue is not None, dataloader_num_workers=0,
-    )
     started = time.time()
     check(0)
-    trainer = StudyTrainer(model=model, args=args, train_dataset=data, callbacks=[Curve()])
+    trainer = study_trainer(model, data, settings, rate, seed, job["scratch"], [Curve()], quiet=queue is not None,
+                            sequential=True)
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     train_seconds = time.time() - started
@@ -498,6 +480,11 @@ def findings(results: list[dict], settings: Settings, width: int) -> list[str]:
                       + (f", mean {statistics.fmean(s for s in v if s is not None):.0f} steps"
                          if any(s is not None for s in v) else "") for m, v in reached.items())
     lines.append(f"- Learning speed: seeds reaching 90% in the easiest cell ({easy}) — {speed}.")
+    every = {m: [r for r in results if r["model"] == m and r["width"] == width] for m in best}
+    robust = "; ".join(f"{LABELS[m]} {sum(r['steps_to_90'][easy] is not None for r in runs)}/{len(runs)}"
+                       for m, runs in every.items())
+    lines.append(f"- Robustness to the learning rate: runs, over every rate and seed, that reached 90% in {easy} — "
+                 f"{robust}.")
     live = max((statistics.fmean(r["acc"][easy] for r in runs) for runs in best.values()), default=0.0)
     lines.append(f"- The instrument is {'live' if live >= 0.9 else '**not live**'}: the best model reaches "
                  f"{live:.1%} in the easiest cell (the study asks for ≥ 90%).")
