@@ -137,7 +137,7 @@ def test_recall_study_smoke(study, tmp_path):
     assert all(r["acc_difference_to_study"] == 0 for r in reruns)
     assert all(len(r["attention"][cell]["layers"]) == settings.num_hidden_layers for r in reruns for cell in cells)
     report = (tmp_path / "recall_study.md").read_text()
-    assert "### Every layer's attention" in report and "the layer where each model puts the most" in report
+    assert "### Every layer's attention" in report and "in each model's retrieval layer" in report
 
     # the report can be re-rendered from the saved runs alone
     (tmp_path / "recall_study.md").unlink()
