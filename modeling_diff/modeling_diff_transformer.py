@@ -301,6 +301,10 @@ class DiffTransformerAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
+        if attn_weights is not None and attn_weights.dim() != 4:
+            # flex_attention on an accelerator returns each map row's log-sum-exp (B, 2·heads, T), not the maps:
+            # there is no differential map to return
+            attn_weights = None
 
         # a float32 scalar: as a 0-dim tensor it leaves the dtype of the bf16/fp16 activations it multiplies
         lambda_full = self.lambda_full()
@@ -396,6 +400,9 @@ class DiffTransformerV2Attention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
+        if attn_weights is not None and attn_weights.dim() != 4:
+            # flex_attention on an accelerator returns each map row's log-sum-exp (B, 2·heads, T), not the maps
+            attn_weights = None
 
         lambda_gate = torch.sigmoid(self.lambda_proj(hidden_states))  # (B, T, heads)
         # CODEPATH: lambda_scale is 1.0 in every checkpoint (no multiply per layer and token); below 1 only while

@@ -54,16 +54,19 @@ def test_cpu_dry_run_writes_every_section(tmp_path):
         ["correctness", "compile", "speed", "kernels"], "ok"
     ), text
 
-    # (a) every implementation that runs on CPU, both variants, within the float32 tolerance of the reference
+    # (a) every implementation that runs on CPU, our two variants and the two transformers baselines, within the
+    # float32 tolerance of the float64 reference
     correctness = rows(section(text, "a"))
     implementations = ("eager", "sdpa", "flex_attention")
-    assert {(r[0], r[1]) for r in correctness} == {(v, a) for v in ("V1", "V2") for a in implementations}
-    assert all(r[2] == "float32" and r[5] == "PASS" and float(r[3]) <= float(r[4]) for r in correctness), correctness
+    models = ("Llama", "DiffLlama", "V1", "V2")
+    assert {(r[0], r[2]) for r in correctness} == {(m, a) for m in models for a in implementations}
+    assert all(r[1] == "×8" and r[3] == "float32" for r in correctness), correctness
+    assert all(r[7] == "PASS" and float(r[5]) <= float(r[6]) for r in correctness), correctness
     assert "flash_attention_2 (needs CUDA)" in section(text, "a")
 
-    # (b) compiled static-cache decoding reproduces generate() exactly
+    # (b) compiled static-cache decoding reproduces generate() exactly, for Llama and both variants
     compiled = rows(section(text, "b"))
-    assert [(r[0], r[3]) for r in compiled] == [("V1", "yes"), ("V2", "yes")]
+    assert [(r[0], r[3], r[7]) for r in compiled] == [(m, "yes", "equal") for m in ("Llama", "V1", "V2")]
     assert all(r["compiled"] == r["generate"] and len(r["generate"]) == 5 for r in data["sections"]["compile"]["rows"])
 
     # (c) four models, a training-step and a decode row per T, Llama at 1.000×

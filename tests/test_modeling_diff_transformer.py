@@ -137,6 +137,26 @@ def test_backends_agree_with_left_padding(layout):
 
 
 @pytest.mark.parametrize("layout", ["v1-gqa", "v2-gqa"])
+@torch.no_grad()
+def test_backend_returning_log_sum_exp_is_not_read_as_maps(layout):
+    """flex_attention on CUDA returns (output, log-sum-exp of each row) rather than (output, maps): the GPU check
+    found both variants crashing on it. A backend with that contract, registered here, must give sdpa's logits."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def sdpa_with_lse(module, query, key, value, attention_mask, **kwargs):
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return out, torch.zeros(query.shape[:3], dtype=torch.float32)  # (B, heads, T), like flex's lse
+
+    AttentionInterface.register("sdpa_with_lse", sdpa_with_lse)
+    model = make_model(layout, "sdpa")
+    ids = torch.randint(3, 97, (2, 11))
+    out = with_attn(model, "sdpa_with_lse")(ids, output_attentions=True)
+    torch.testing.assert_close(out.logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert all(attn is None for attn in out.attentions)
+
+
+@pytest.mark.parametrize("layout", ["v1-gqa", "v2-gqa"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_incremental_decoding_matches_full_forward(layout, attn):
     model = make_model(layout, attn)
