@@ -198,8 +198,11 @@ def section_correctness(mode: dict) -> tuple[str, dict]:
                     try:
                         other = copy.deepcopy(model)
                         other.set_attn_implementation(attn)
-                        other.to(device=device, dtype=dtype)
                         with torch.no_grad():
+                            if dtype == torch.float32:  # the same model and backend on CPU: what float32 costs here
+                                cpu_logits = other(ids).logits.double()
+                                row["cpu_relative"] = (cpu_logits - reference).abs().max().item() / scale
+                            other.to(device=device, dtype=dtype)
                             logits = other(ids.to(device)).logits.double().cpu()
                         row["max_abs_diff"] = (logits - reference).abs().max().item()
                         row["relative"] = row["max_abs_diff"] / scale
@@ -207,14 +210,17 @@ def section_correctness(mode: dict) -> tuple[str, dict]:
                         row["error"] = f"ERROR {type(err).__name__}: {str(err).splitlines()[0][:120]}"
                     raw.append(row)
 
-    # float32: a fixed tolerance. bf16: what bf16 costs Llama on the same problem (×2, two maps per head), or the
-    # fixed tolerance when that is larger
+    # float32: a fixed tolerance, or 4× what float32 costs the same model and backend on CPU (the path the test
+    # suite checks) when the problem is ill-conditioned enough for that to be larger. bf16: what bf16 costs Llama on
+    # the same problem (×2, two maps per head), or the fixed tolerance when that is larger.
     llama = {(r["qk_scale"], r["attn"], r["dtype"]): r["relative"] for r in raw if r["model"] == "Llama"}
     rows = []
     for r in raw:
         tolerance = TOLERANCE[getattr(torch, r["dtype"])]
         baseline = llama.get((r["qk_scale"], r["attn"], r["dtype"]))
-        if r["dtype"] != "float32" and baseline is not None:
+        if r["dtype"] == "float32" and r.get("cpu_relative") is not None:
+            tolerance = max(tolerance, 4 * r["cpu_relative"])
+        elif baseline is not None:
             tolerance = max(tolerance, 2 * baseline)
         r["tolerance"] = tolerance
         if "error" in r:
@@ -224,19 +230,22 @@ def section_correctness(mode: dict) -> tuple[str, dict]:
         else:
             r["verdict"] = "PASS" if r["relative"] <= tolerance else "FAIL"
         numbers = ["-", "-"] if "error" in r else [f"{r['max_abs_diff']:.3g}", f"{r['relative']:.2e}"]
-        rows.append([r["model"], f"×{r['qk_scale']:g}", r["attn"], r["dtype"], *numbers, f"{tolerance:.2e}",
+        cpu = f"{r['cpu_relative']:.2e}" if r.get("cpu_relative") is not None else "-"
+        rows.append([r["model"], f"×{r['qk_scale']:g}", r["attn"], r["dtype"], *numbers, cpu, f"{tolerance:.2e}",
                      r["verdict"]])
     text = (
         f"Random models (hidden {s['hidden']}, {s['layers']} layers, {s['heads']} query / {s['kv_heads']} KV heads, "
         f"vocab {s['vocab']}; q_proj and k_proj scaled by the factor shown: ×1 is the initialisation, ×8 peaks the "
         f"maps as the tests do), batch {s['batch']} × T={s['T']}. V1 and V2 against `tests/reference.py` (one head "
         "at a time, materialised maps, float64 on CPU); Llama and DiffLlama (transformers) against their own float64 "
-        "eager forward on CPU. Error: max |Δlogit| / max |reference logit|. Tolerance: "
-        f"{TOLERANCE[torch.float32]:g} in float32 (TF32 turned off for the check; found: {tf32_before}); in bfloat16 the larger of "
+        "eager forward on CPU. Error: max |Δlogit| / max |reference logit|; CPU error: the same model and backend "
+        "run in float32 on CPU, the path the test suite checks. Tolerance in float32 (TF32 turned off for the "
+        f"check; found: {tf32_before}): the larger of {TOLERANCE[torch.float32]:g} and 4× the CPU error (at ×8 "
+        "float32 itself loses digits, for Llama too). In bfloat16: the larger of "
         f"{TOLERANCE[torch.bfloat16]:g} and twice the Llama baseline's error on the same problem, backend and dtype "
         "(bf16 rounds q and k to 8 bits of mantissa, which peaked maps amplify for any attention).\n\n"
-        + table(["model", "q/k scale", "attn_implementation", "dtype", "max abs Δlogit", "error", "tolerance",
-                 "verdict"], rows)
+        + table(["model", "q/k scale", "attn_implementation", "dtype", "max abs Δlogit", "error", "CPU error",
+                 "tolerance", "verdict"], rows)
         + ("\n\nNot run: " + "; ".join(skipped) if skipped else "")
     )
     return text, {"rows": raw, "skipped": skipped, "tf32_before": tf32_before}
