@@ -5,14 +5,18 @@ Sections (each guards its own failure: an exception is written into the results 
 
     (a) correctness  V1 and V2 logits against the plain-torch reference of the tests (`tests/reference.py`, float64
                      on CPU) for every attention implementation that runs here: eager, sdpa, flex_attention, and
-                     flash_attention_2 when the `flash_attn` package imports; max |Δ| against a stated tolerance
-    (b) compile      `torch.compile(fullgraph=True)` decoding with a StaticCache gives `generate()`'s tokens
+                     flash_attention_2 when the `flash_attn` package imports, in float32 and bf16, at the
+                     initialisation and with peaked maps; Llama and DiffLlama as baselines; max |Δ| against a tolerance
+    (b) compile      `torch.compile(fullgraph=True)` decoding with a StaticCache gives `generate()`'s tokens (Llama
+                     as the baseline; a difference is classed as a rounding tie or a mismatch)
     (c) speed        training step (forward + backward) and decode tokens/s of Llama, DiffLlama, V1 and V2 at a ~1B
                      config at T = 2048 and 4096, models interleaved (the builders and measures of `speed.py`)
     (d) V1 core      the model's padded one-call layout against kernels that take q/k of width d with v of width 2d
                      (SDPA forced to the memory-efficient and to the cuDNN backend, FlexAttention with its own V
                      width), two calls (q1,k1,v) and (q2,k2,v) then a1 − λ·a2: equality to the padded layout and
                      CUDA-event times (the schemes of `attention_kernels.py`)
+    (e) compiled     decode tok/s of the models of (c) through `generate()` on a StaticCache, which generate()
+                     compiles on a GPU (the fast path for batch-1 decoding, where eager steps are launch-bound)
 
 Writes `benchmarks/results/gpu_check.md` and `.json`. Sizes are chosen so that the whole run takes a few minutes on
 one H100 (bf16). Without CUDA the script prints one line and exits 0; `--cpu-dry-run` runs every section with tiny
@@ -323,17 +327,25 @@ def section_compile(mode: dict) -> tuple[str, dict]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def section_speed(mode: dict) -> tuple[str, dict]:
-    """Interleaved training-step and decode times of the four models of speed.py at the `speed` sizes."""
+SPEED_NAMES = ["llama", "diffllama", "diff-v1", "diff-v2"]
+
+
+def speed_models(mode: dict) -> tuple[list[str], dict]:
+    """The four models of speed.py at the `speed` sizes, randomly initialised on the device in the timed dtype."""
     s, device, dtype = mode["speed"], mode["device"], mode["dtypes"][-1]
     numbers = config_numbers(SimpleNamespace(
         vocab=s["vocab"], hidden=s["hidden"], intermediate=s["intermediate"], layers=s["layers"], heads=s["heads"],
         kv_heads=s["kv_heads"], seq_lens=s["seq_lens"], prompt_len=max(s["seq_lens"]), new_tokens=s["new_tokens"],
-        max_positions=max(s["seq_lens"]) + s["new_tokens"],
+        max_positions=max(s["seq_lens"]) + 2 * s["new_tokens"],
     ))
-    names = ["llama", "diffllama", "diff-v1", "diff-v2"]
     with torch.device(device):  # built in place on the GPU: initialising 4 × 1B parameters on the CPU takes minutes
-        models = {name: build_model(name, numbers, "sdpa", dtype) for name in names}
+        return SPEED_NAMES, {name: build_model(name, numbers, "sdpa", dtype) for name in SPEED_NAMES}
+
+
+def section_speed(mode: dict) -> tuple[str, dict]:
+    """Interleaved training-step and decode times of the four models of speed.py at the `speed` sizes."""
+    s, device, dtype = mode["speed"], mode["device"], mode["dtypes"][-1]
+    names, models = speed_models(mode)
     params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
     ids = {t: random_ids(s["vocab"], t, seed=t).to(device) for t in s["seq_lens"]}
 
@@ -540,6 +552,61 @@ def section_kernels(mode: dict) -> tuple[str, dict]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# (e) decode through generate()'s own compilation (static cache), at ~1B
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def section_compiled_decode(mode: dict) -> tuple[str, dict]:
+    """Decode tok/s of `generate()` on a StaticCache (which generate() compiles on a GPU) for the four models.
+
+    Batch-1 decoding at this size is bound by the launches of small kernels, so eager tok/s ratios mostly count
+    operators; the compiled step (CUDA graphs) removes that cost, and this is the fast path a user would take.
+    """
+    from transformers import StaticCache
+
+    s, device = mode["speed"], mode["device"]
+    length, new = s["seq_lens"][0], s["new_tokens"]
+    names, models = speed_models(mode)
+    prompt = random_ids(s["vocab"], length, seed=length).to(device)
+    caches = {n: StaticCache(config=m.config, max_cache_len=length + new + 8) for n, m in models.items()}
+
+    @torch.inference_mode()
+    def generate(name, tokens):
+        caches[name].reset()  # one cache per model, reused: the compiled step keeps its shapes
+        return models[name].generate(prompt, cache=caches[name], max_new_tokens=tokens, min_new_tokens=tokens,
+                                     do_sample=False, pad_token_id=0, eos_token_id=None)[0, length:]
+
+    tokens, eager_tokens, times = {}, {}, {name: [] for name in names}
+    for repetition in range(s["repeats"] + 1):  # 0 is the warm-up, which compiles
+        for name in names if repetition % 2 == 0 else names[::-1]:
+            with_tokens = device_seconds(lambda: tokens.__setitem__(name, generate(name, new + 1)), device)
+            prefill_only = device_seconds(lambda: generate(name, 1), device)
+            if repetition:
+                times[name].append((with_tokens - prefill_only) / new)
+        print(f"  (e) repetition {repetition} done", flush=True)
+    with torch.inference_mode():  # the same tokens as eager decoding on the default dynamic cache?
+        for name in names:
+            eager_tokens[name] = models[name].generate(prompt, max_new_tokens=new + 1, do_sample=False,
+                                                       pad_token_id=0, eos_token_id=None)[0, length:]
+    median = {name: statistics.median(v) for name, v in times.items()}
+    agree = {n: next((i for i in range(new + 1) if tokens[n][i] != eager_tokens[n][i]), new + 1) for n in names}
+    llama = models["llama"]
+    compiled = llama._valid_auto_compile_criteria({"cache": caches["llama"]}, llama.generation_config)
+    rows = [[f"decode tok/s after a {length}-token prompt"]
+            + [f"{median['llama'] / median[n]:.3f}× · {1 / median[n]:.1f} tok/s" for n in names],
+            ["leading tokens equal to eager DynamicCache decoding"] + [f"{agree[n]} of {new + 1}" for n in names]]
+    text = (
+        f"The models of (c), {dtype_name(mode['dtypes'][-1])}, batch 1: `generate(prompt, cache=StaticCache(...))`, "
+        f"greedy, {new} new tokens after a {length}-token prompt, minus the same call with 1 new token (the prefill); "
+        f"generate() {'compiles' if compiled else 'does NOT compile (no GPU)'} its decoding step on this device. "
+        f"Median of {s['repeats']} after a warm-up that compiles, models interleaved. Each cell: ratio to Llama · "
+        "absolute. The last row compares the tokens with eager decoding on the default cache (bf16 ties can part "
+        "them).\n\n" + table(["measure", "Llama", "DiffLlama", "Diff V1", "Diff V2"], rows)
+    )
+    return text, {"seconds": times, "median": median, "compiled": compiled, "tokens_agree": agree}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -548,6 +615,7 @@ SECTIONS = {
     "compile": ("(b) Compiled static-cache decode equals generate()", section_compile),
     "speed": ("(c) Training step and decode at ~1B parameters", section_speed),
     "kernels": ("(d) V1's attention core: the padded layout against kernels with their own V width", section_kernels),
+    "compiled": ("(e) Decode through generate()'s compiled static-cache step at ~1B", section_compiled_decode),
 }
 
 

@@ -51,7 +51,7 @@ def test_cpu_dry_run_writes_every_section(tmp_path):
     text = out.read_text()
     data = json.loads(out.with_suffix(".json").read_text())
     assert {key: s["status"] for key, s in data["sections"].items()} == dict.fromkeys(
-        ["correctness", "compile", "speed", "kernels"], "ok"
+        ["correctness", "compile", "speed", "kernels", "compiled"], "ok"
     ), text
 
     # (a) every implementation that runs on CPU, our two variants and the two transformers baselines, within the
@@ -89,3 +89,11 @@ def test_cpu_dry_run_writes_every_section(tmp_path):
     assert flex[3] != "failed" and float(flex[-2]) < 1e-5  # the decode step runs on CPU
     if flex[1] == "failed":  # torch has no CPU backward for FlexAttention: recorded, not hidden
         assert "Failures: flex, train_32" in section(text, "d")
+
+    # (e) generate() on a StaticCache (compiled on a GPU only): the same tokens as eager decoding, Llama at 1.000×
+    compiled_decode = rows(section(text, "e"))
+    assert [r[0] for r in compiled_decode] == ["decode tok/s after a 32-token prompt",
+                                               "leading tokens equal to eager DynamicCache decoding"]
+    assert compiled_decode[0][1].startswith("1.000×")
+    assert compiled_decode[1][1:] == ["5 of 5"] * 4
+    assert "does NOT compile (no GPU)" in section(text, "e")
