@@ -16,7 +16,8 @@ Sections (each guards its own failure: an exception is written into the results 
                      width), two calls (q1,k1,v) and (q2,k2,v) then a1 − λ·a2: equality to the padded layout and
                      CUDA-event times (the schemes of `attention_kernels.py`)
     (e) compiled     decode tok/s of the models of (c) through `generate()` on a StaticCache, which generate()
-                     compiles on a GPU (the fast path for batch-1 decoding, where eager steps are launch-bound)
+                     compiles on a GPU (the fast path for batch-1 decoding, where eager steps are launch-bound);
+                     each model in a process of its own
 
 Writes `benchmarks/results/gpu_check.md` and `.json`. Sizes are chosen so that the whole run takes a few minutes on
 one H100 (bf16). Without CUDA the script prints one line and exits 0; `--cpu-dry-run` runs every section with tiny
@@ -36,6 +37,7 @@ import importlib.util
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -330,8 +332,9 @@ def section_compile(mode: dict) -> tuple[str, dict]:
 SPEED_NAMES = ["llama", "diffllama", "diff-v1", "diff-v2"]
 
 
-def speed_models(mode: dict) -> tuple[list[str], dict]:
-    """The four models of speed.py at the `speed` sizes, randomly initialised on the device in the timed dtype."""
+def speed_models(mode: dict, names: list[str] = SPEED_NAMES) -> tuple[list[str], dict]:
+    """Models of speed.py (default: all four) at the `speed` sizes, randomly initialised on the device in the timed
+    dtype; each model's weights depend only on its name (`build_model` seeds them), not on which others are built."""
     s, device, dtype = mode["speed"], mode["device"], mode["dtypes"][-1]
     numbers = config_numbers(SimpleNamespace(
         vocab=s["vocab"], hidden=s["hidden"], intermediate=s["intermediate"], layers=s["layers"], heads=s["heads"],
@@ -339,7 +342,7 @@ def speed_models(mode: dict) -> tuple[list[str], dict]:
         max_positions=max(s["seq_lens"]) + 2 * s["new_tokens"],
     ))
     with torch.device(device):  # built in place on the GPU: initialising 4 × 1B parameters on the CPU takes minutes
-        return SPEED_NAMES, {name: build_model(name, numbers, "sdpa", dtype) for name in SPEED_NAMES}
+        return names, {name: build_model(name, numbers, "sdpa", dtype) for name in names}
 
 
 def section_speed(mode: dict) -> tuple[str, dict]:
@@ -556,54 +559,87 @@ def section_kernels(mode: dict) -> tuple[str, dict]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def compiled_decode_worker(mode: dict, name: str) -> dict:
+    """One model's part of (e), in a process of its own: seconds per decoded token (one per repetition), its tokens,
+    eager decoding's tokens, and whether generate() compiled. With all four compiled ~1B models in one process,
+    torch's CUDA-graph trees failed ("storage data ptrs are not allocated in pool"), so each model gets a process."""
+    from transformers import StaticCache
+
+    s, device = mode["speed"], mode["device"]
+    length, new = s["seq_lens"][0], s["new_tokens"]
+    model = speed_models(mode, [name])[1][name]
+    prompt = random_ids(s["vocab"], length, seed=length).to(device)
+    cache = StaticCache(config=model.config, max_cache_len=length + new + 8)
+    last = {}
+
+    @torch.inference_mode()
+    def generate(tokens):
+        cache.reset()  # one cache, reused: the compiled step keeps its shapes
+        last["tokens"] = model.generate(prompt, cache=cache, max_new_tokens=tokens, min_new_tokens=tokens,
+                                        do_sample=False, pad_token_id=0, eos_token_id=None)[0, length:].tolist()
+
+    seconds = []
+    for repetition in range(s["repeats"] + 1):  # 0 is the warm-up, which compiles
+        prefill_only = device_seconds(lambda: generate(1), device)
+        with_tokens = device_seconds(lambda: generate(new + 1), device)
+        if repetition:
+            seconds.append((with_tokens - prefill_only) / new)
+    with torch.inference_mode():  # eager decoding on the default dynamic cache
+        eager = model.generate(prompt, max_new_tokens=new + 1, do_sample=False, pad_token_id=0,
+                               eos_token_id=None)[0, length:].tolist()
+    compiled = model._valid_auto_compile_criteria({"cache": cache}, model.generation_config)
+    return {"seconds": seconds, "tokens": last["tokens"], "eager_tokens": eager, "compiled": compiled}
+
+
 def section_compiled_decode(mode: dict) -> tuple[str, dict]:
     """Decode tok/s of `generate()` on a StaticCache (which generate() compiles on a GPU) for the four models.
 
     Batch-1 decoding at this size is bound by the launches of small kernels, so eager tok/s ratios mostly count
     operators; the compiled step (CUDA graphs) removes that cost, and this is the fast path a user would take.
+    Each model runs in its own process (`compiled_decode_worker`), one after the other.
     """
-    from transformers import StaticCache
-
-    s, device = mode["speed"], mode["device"]
+    s = mode["speed"]
     length, new = s["seq_lens"][0], s["new_tokens"]
-    names, models = speed_models(mode)
-    prompt = random_ids(s["vocab"], length, seed=length).to(device)
-    caches = {n: StaticCache(config=m.config, max_cache_len=length + new + 8) for n, m in models.items()}
+    results, errors = {}, {}
+    for name in SPEED_NAMES:
+        command = [sys.executable, str(Path(__file__).resolve()), "--compiled-decode-worker", name]
+        if mode["device"] == "cpu":
+            command.append("--cpu-dry-run")
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode == 0:
+            results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        else:
+            lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+            errors[name] = lines[-1][:300]
+        print(f"  (e) {name} {'done' if name in results else 'failed'}", flush=True)
+    median = {name: statistics.median(r["seconds"]) for name, r in results.items()}
 
-    @torch.inference_mode()
-    def generate(name, tokens):
-        caches[name].reset()  # one cache per model, reused: the compiled step keeps its shapes
-        return models[name].generate(prompt, cache=caches[name], max_new_tokens=tokens, min_new_tokens=tokens,
-                                     do_sample=False, pad_token_id=0, eos_token_id=None)[0, length:]
+    def speed_cell(name):
+        if name not in median:
+            return "failed"
+        ratio = f"{median['llama'] / median[name]:.3f}× · " if "llama" in median else ""
+        return f"{ratio}{1 / median[name]:.1f} tok/s"
 
-    tokens, eager_tokens, times = {}, {}, {name: [] for name in names}
-    for repetition in range(s["repeats"] + 1):  # 0 is the warm-up, which compiles
-        for name in names if repetition % 2 == 0 else names[::-1]:
-            with_tokens = device_seconds(lambda: tokens.__setitem__(name, generate(name, new + 1)), device)
-            prefill_only = device_seconds(lambda: generate(name, 1), device)
-            if repetition:
-                times[name].append((with_tokens - prefill_only) / new)
-        print(f"  (e) repetition {repetition} done", flush=True)
-    with torch.inference_mode():  # the same tokens as eager decoding on the default dynamic cache?
-        for name in names:
-            eager_tokens[name] = models[name].generate(prompt, max_new_tokens=new + 1, do_sample=False,
-                                                       pad_token_id=0, eos_token_id=None)[0, length:]
-    median = {name: statistics.median(v) for name, v in times.items()}
-    agree = {n: next((i for i in range(new + 1) if tokens[n][i] != eager_tokens[n][i]), new + 1) for n in names}
-    llama = models["llama"]
-    compiled = llama._valid_auto_compile_criteria({"cache": caches["llama"]}, llama.generation_config)
-    rows = [[f"decode tok/s after a {length}-token prompt"]
-            + [f"{median['llama'] / median[n]:.3f}× · {1 / median[n]:.1f} tok/s" for n in names],
-            ["leading tokens equal to eager DynamicCache decoding"] + [f"{agree[n]} of {new + 1}" for n in names]]
+    def agreement(name):
+        if name not in results:
+            return "failed"
+        compiled, eager = results[name]["tokens"], results[name]["eager_tokens"]
+        return f"{next((i for i in range(new + 1) if compiled[i] != eager[i]), new + 1)} of {new + 1}"
+
+    rows = [[f"decode tok/s after a {length}-token prompt"] + [speed_cell(n) for n in SPEED_NAMES],
+            ["leading tokens equal to eager DynamicCache decoding"] + [agreement(n) for n in SPEED_NAMES]]
+    compiled = any(r["compiled"] for r in results.values())
     text = (
-        f"The models of (c), {dtype_name(mode['dtypes'][-1])}, batch 1: `generate(prompt, cache=StaticCache(...))`, "
-        f"greedy, {new} new tokens after a {length}-token prompt, minus the same call with 1 new token (the prefill); "
-        f"generate() {'compiles' if compiled else 'does NOT compile (no GPU)'} its decoding step on this device. "
-        f"Median of {s['repeats']} after a warm-up that compiles, models interleaved. Each cell: ratio to Llama · "
-        "absolute. The last row compares the tokens with eager decoding on the default cache (bf16 ties can part "
-        "them).\n\n" + table(["measure", "Llama", "DiffLlama", "Diff V1", "Diff V2"], rows)
+        f"The models of (c), {dtype_name(mode['dtypes'][-1])}, batch 1, each in its own process: "
+        f"`generate(prompt, cache=StaticCache(...))`, greedy, {new} new tokens after a {length}-token prompt, minus "
+        f"the same call with 1 new token (the prefill); generate() "
+        f"{'compiles' if compiled else 'does NOT compile (no GPU)'} its decoding step on this device. Median of "
+        f"{s['repeats']} after a warm-up that compiles. Each cell: ratio to Llama · absolute. The last row compares "
+        "the tokens with eager decoding on the default cache (bf16 ties can part them).\n\n"
+        + table(["measure", "Llama", "DiffLlama", "Diff V1", "Diff V2"], rows)
+        + ("\n\nFailures: " + "; ".join(f"{n}: {e}" for n, e in errors.items()) if errors else "")
     )
-    return text, {"seconds": times, "median": median, "compiled": compiled, "tokens_agree": agree}
+    return text, {"results": results, "median": median, "errors": errors}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -626,6 +662,8 @@ def parse_args(argv=None):
                         "float32 (CUDA-only kernels skipped or replaced) and write the same markdown")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
                         help="which sections to run (default: all)")
+    parser.add_argument("--compiled-decode-worker", metavar="MODEL", choices=SPEED_NAMES,
+                        help=argparse.SUPPRESS)  # internal: section (e) runs each model in a process of its own
     parser.add_argument("--out", type=Path, default=HERE / "results" / "gpu_check.md",
                         help="markdown results file; the JSON goes next to it "
                         "(default: benchmarks/results/gpu_check.md)")
@@ -661,6 +699,9 @@ def main(argv=None) -> int:
     mode = SIZES["cpu-dry-run" if args.cpu_dry_run else "gpu"]
     if args.cpu_dry_run:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
+    if args.compiled_decode_worker:  # one model of section (e); the parent reads the last line
+        print(json.dumps(compiled_decode_worker(mode, args.compiled_decode_worker)))
+        return 0
     started = time.perf_counter()
     info = machine_info(torch.get_num_threads())
     info["gpu"] = torch.cuda.get_device_name() if mode["device"] == "cuda" else "none (CPU dry run)"
