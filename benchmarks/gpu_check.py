@@ -332,7 +332,7 @@ def section_compile(mode: dict) -> tuple[str, dict]:
 SPEED_NAMES = ["llama", "diffllama", "diff-v1", "diff-v2"]
 
 
-def speed_models(mode: dict, names: list[str] = SPEED_NAMES) -> tuple[list[str], dict]:
+def speed_models(mode: dict, names: list[str] = SPEED_NAMES) -> dict:
     """Models of speed.py (default: all four) at the `speed` sizes, randomly initialised on the device in the timed
     dtype; each model's weights depend only on its name (`build_model` seeds them), not on which others are built."""
     s, device, dtype = mode["speed"], mode["device"], mode["dtypes"][-1]
@@ -342,13 +342,13 @@ def speed_models(mode: dict, names: list[str] = SPEED_NAMES) -> tuple[list[str],
         max_positions=max(s["seq_lens"]) + 2 * s["new_tokens"],
     ))
     with torch.device(device):  # built in place on the GPU: initialising 4 × 1B parameters on the CPU takes minutes
-        return names, {name: build_model(name, numbers, "sdpa", dtype) for name in names}
+        return {name: build_model(name, numbers, "sdpa", dtype) for name in names}
 
 
 def section_speed(mode: dict) -> tuple[str, dict]:
     """Interleaved training-step and decode times of the four models of speed.py at the `speed` sizes."""
     s, device, dtype = mode["speed"], mode["device"], mode["dtypes"][-1]
-    names, models = speed_models(mode)
+    names, models = SPEED_NAMES, speed_models(mode)
     params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
     ids = {t: random_ids(s["vocab"], t, seed=t).to(device) for t in s["seq_lens"]}
 
@@ -567,7 +567,7 @@ def compiled_decode_worker(mode: dict, name: str) -> dict:
 
     s, device = mode["speed"], mode["device"]
     length, new = s["seq_lens"][0], s["new_tokens"]
-    model = speed_models(mode, [name])[1][name]
+    model = speed_models(mode, [name])[name]
     prompt = random_ids(s["vocab"], length, seed=length).to(device)
     cache = StaticCache(config=model.config, max_cache_len=length + new + 8)
     last = {}
