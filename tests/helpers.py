@@ -1,10 +1,17 @@
-"""Test helpers: run the CLI in a subprocess, and simulate the Hugging Face Hub offline."""
+"""Shared test builders: tiny configs, models and tokenizers, the CLI in a subprocess, an offline Hub."""
 
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
+from modeling_diff_eval.corpus import python_docs_texts
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
 
 
 def run_cli(*args, cwd=None, env=None, timeout=900) -> subprocess.CompletedProcess:
@@ -35,3 +42,59 @@ def add_to_hub_cache(cache_dir: Path, repo_id: str, folder: Path, commit: str = 
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
     return snapshot
+
+
+def tiny_config(diff_version=1, heads=8, kv_heads=4, **overrides):
+    """A small DiffTransformer config; heads/kv_heads follow Llama's counting."""
+    values = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
+        diff_version=diff_version,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    values.update(overrides)
+    return DiffTransformerConfig(**values)
+
+
+LAYOUTS = {  # name: (diff_version, query heads, kv heads)
+    "v1-mha": (1, 8, 8),
+    "v1-gqa": (1, 8, 4),
+    "v1-gqa4": (1, 8, 2),
+    "v2-gqa": (2, 8, 4),
+    "v2-gqa4": (2, 8, 2),
+    "v2-mqa": (2, 8, 1),
+}
+
+
+def make_model(layout, attn="eager", peaked=True, **overrides):
+    version, heads, kv = LAYOUTS[layout]
+    config = tiny_config(version, heads, kv, **overrides)
+    model = DiffTransformerForCausalLM._from_config(config, attn_implementation=attn).eval()
+    if peaked:  # scale q and k so that the softmax maps are far from uniform
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(15.0)
+                layer.self_attn.k_proj.weight.mul_(15.0)
+    return model
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A 400-token BPE trained on Python's docs in well under a second."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(python_docs_texts()[:10], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )

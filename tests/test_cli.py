@@ -10,31 +10,14 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from helpers import add_to_hub_cache, assert_one_line_error
+from helpers import add_to_hub_cache, assert_one_line_error, tiny_tokenizer
 from helpers import run_cli as cli
 from modeling_diff_cli.main import main
-from modeling_diff_eval.corpus import python_docs_texts
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
 
 ROOT = Path(__file__).parent.parent
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A 400-token BPE trained on Python's docs in well under a second."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(python_docs_texts()[:10], trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
 
 
 def tiny_train(source, output_dir, steps) -> list[str]:

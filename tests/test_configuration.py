@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_config
 
-from conftest import tiny_config
 from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
 
 NOMINAL = {"830m": 830e6, "1.4b": 1.4e9, "2.8b": 2.8e9, "6.8b": 6.8e9, "13.1b": 13.1e9}

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
+from helpers import LAYOUTS, make_model
 from transformers import ContinuousBatchingConfig, GenerationConfig
-
-from test_modeling_diff_transformer import LAYOUTS, make_model
 
 PROMPT_LENGTHS = (5, 40, 17, 70, 9, 33, 52)  # 16-token pages: most prompts span several pages
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 from modeling_diff_eval.metrics import answer_attention_share, capture_attention_logits, outlier_stats
 from modeling_diff_eval.needle import build_example, key_pool, needle_specs
 from modeling_diff_eval.tasks import TASK_NAMES, format_table, run_task

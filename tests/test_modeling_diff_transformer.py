@@ -5,32 +5,11 @@ import functools
 
 import pytest
 import torch
+from helpers import LAYOUTS, make_model, tiny_config
+from reference import causal_lm_forward
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
-from conftest import tiny_config
 from modeling_diff import DiffTransformerForCausalLM, DiffTransformerForSequenceClassification, DiffTransformerModel
-from reference import causal_lm_forward
-
-LAYOUTS = {  # name: (diff_version, query heads, kv heads)
-    "v1-mha": (1, 8, 8),
-    "v1-gqa": (1, 8, 4),
-    "v1-gqa4": (1, 8, 2),
-    "v2-gqa": (2, 8, 4),
-    "v2-gqa4": (2, 8, 2),
-    "v2-mqa": (2, 8, 1),
-}
-
-
-def make_model(layout, attn="eager", peaked=True, **overrides):
-    version, heads, kv = LAYOUTS[layout]
-    config = tiny_config(version, heads, kv, **overrides)
-    model = DiffTransformerForCausalLM._from_config(config, attn_implementation=attn).eval()
-    if peaked:  # scale q and k so that the softmax maps are far from uniform
-        with torch.no_grad():
-            for layer in model.model.layers:
-                layer.self_attn.q_proj.weight.mul_(15.0)
-                layer.self_attn.k_proj.weight.mul_(15.0)
-    return model
 
 
 def with_attn(model, attn):

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config, tiny_tokenizer
 from modeling_diff_cli.data import TokenBlocks
 from modeling_diff_cli.main import main
 from modeling_diff_cli.train import add_lora_adapters, lambda_parameters, save_lora_adapter, train_model
 from modeling_diff_eval.corpus import python_docs_texts
 from peft import AutoPeftModelForCausalLM
 from safetensors.torch import load_file
-from test_cli import tiny_tokenizer
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 

@@ -5,13 +5,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx2 as httpx
 import pytest
 import torch
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, run_cli, tiny_tokenizer
 from modeling_diff_cli.common import load_model
 from modeling_diff_cli.generate import prompt_ids
 from modeling_diff_cli.serve import chat_request_problem, free_port, serve_in_background
 from modeling_diff_conversion import convert
 from openai import OpenAI
-from test_cli import tiny_tokenizer
 from tokenizers import decoders
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 

@@ -8,10 +8,10 @@ import textwrap
 
 import pytest
 import torch
+from helpers import tiny_config
 from torch.utils.data import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from conftest import tiny_config
 from modeling_diff import DiffTransformerForCausalLM
 
 
