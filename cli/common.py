@@ -50,8 +50,9 @@ def resolve_model_path(model: str) -> tuple[str, str | None]:
 
 def load_model(model: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
     """A causal LM (DiffTransformer, Llama, DiffLlama, ...) and its tokenizer from a folder, Hub id or GGUF."""
-    import modeling_diff  # noqa: F401  (registers diff_transformer with the Auto classes)
     from transformers import AutoModelForCausalLM
+
+    import modeling_diff  # noqa: F401  (registers diff_transformer with the Auto classes)
 
     folder, gguf_file = resolve_model_path(model)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}

@@ -3,10 +3,6 @@
 import json
 from pathlib import Path
 
-import psutil
-import torch
-from torch.utils.data import Dataset
-
 from modeling_diff_eval.corpus import python_docs_texts, split_documents
 
 from .common import CLIError
@@ -82,51 +78,3 @@ def train_eval_texts(dataset: str | None, eval_fraction: float = 0.1, seed: int 
         cut = int(len(texts[0]) * (1 - eval_fraction))
         return [texts[0][:cut]], [texts[0][cut:]]
     return split_documents(texts, eval_fraction=eval_fraction, seed=seed)
-
-
-class TokenBlocks(Dataset):
-    """Documents joined with EOS and cut into blocks of `seq_len` tokens (the usual causal-LM packing)."""
-
-    def __init__(self, texts: list[str], tokenizer, seq_len: int):
-        eos = tokenizer.eos_token_id
-        ids: list[int] = []
-        for text in texts:
-            ids += tokenizer(text, add_special_tokens=False).input_ids + ([eos] if eos is not None else [])
-        n = len(ids) // seq_len
-        if n == 0:
-            raise CLIError(
-                f"the corpus has {len(ids)} tokens, fewer than one block of --seq-len {seq_len}; "
-                "give more text or a shorter --seq-len"
-            )
-        self.blocks = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
-
-    def __len__(self):
-        return len(self.blocks)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
-
-
-def check_fits_in_memory(
-    config, seq_len: int, batch_size: int, training: bool = True, gradient_checkpointing: bool = False
-):
-    """Refuse a sequence length whose activations cannot fit in this machine's free memory (a rough estimate)."""
-    if seq_len < 1 or batch_size < 1:
-        raise CLIError("--seq-len and --batch-size must be positive")
-    max_positions = getattr(config, "max_position_embeddings", None)
-    tokens = seq_len * batch_size
-    hidden, layers = config.hidden_size, config.num_hidden_layers
-    per_token = config.vocab_size * 3  # logits, their softmax and gradient
-    per_layer = hidden * 16 + config.intermediate_size * 4  # saved activations of one layer, fp32 words
-    if training:
-        per_token += (1 if gradient_checkpointing else layers) * per_layer
-    need = tokens * per_token * 4
-    available = psutil.virtual_memory().available
-    if need > 0.8 * available:
-        raise CLIError(
-            f"--seq-len {seq_len} with batch {batch_size} needs about {need / 2**30:.1f} GiB of activations but "
-            f"{available / 2**30:.1f} GiB is free; lower --seq-len or --batch-size"
-            + ("" if gradient_checkpointing or not training else ", or add --gradient-checkpointing")
-        )
-    if max_positions is not None and seq_len > 4 * max_positions:
-        raise CLIError(f"--seq-len {seq_len} is far beyond the model's max_position_embeddings ({max_positions})")

@@ -24,12 +24,12 @@ import psutil
 import torch
 from modeling_diff_conversion.output import atomic_output_dir
 from modeling_diff_conversion.verify import CHAT_PROMPT
+from modeling_diff_training import DiffTrainingArguments, train_model
 
 from .common import CLIError, embedded_smollm2, format_lambda_table, load_model
 from .data import train_eval_texts
 from .evaluate import evaluate_ppl
 from .generate import prompt_ids, stream
-from .train import train_model
 
 DEFAULT_PROMPT = "In Python, what does the `with` statement do? Answer in two sentences."
 # the embedded GGUF's provenance (its metadata names them); the demo converts a saved copy, which carries neither
@@ -189,18 +189,9 @@ def run(args) -> int:
             f"3/5 Fine-tune with the HF Trainer ({args.max_steps} steps, seq {args.seq_len}, batch {args.batch_size}, "
             f"{precision})"
         )
-        train_kw = dict(
-            max_steps=args.max_steps,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            bf16=bf16,
-            logging_steps=max(1, args.max_steps // 6),
-            save_steps=10**9,
-            seed=args.seed,
-        )
         diff.train()
-        diff_trainer = train_model(diff, tokenizer, train_texts, work / "diff", **train_kw)
+        diff_args = fine_tuning_args(args, work / "diff", bf16)
+        diff_trainer = train_model(diff, tokenizer, train_texts, diff_args, seq_len=args.seq_len)
         curves = {"DiffTransformer V2 (converted)": loss_curve(diff_trainer)}
         timer.lap("fine-tune Diff V2")
         diff.eval()
@@ -210,9 +201,9 @@ def run(args) -> int:
         if not args.no_baseline:
             print("\nthe same fine-tuning for the source Llama, as a baseline:")
             llama.train()
-            curves["SmolLM2 (Llama)"] = loss_curve(
-                train_model(llama, tokenizer, train_texts, work / "llama", **train_kw)
-            )
+            llama_args = fine_tuning_args(args, work / "llama", bf16)
+            llama_trainer = train_model(llama, tokenizer, train_texts, llama_args, seq_len=args.seq_len)
+            curves["SmolLM2 (Llama)"] = loss_curve(llama_trainer)
             timer.lap("fine-tune Llama baseline")
             llama.eval()
             ppl["Llama", "after"] = evaluate_ppl(llama, tokenizer, **eval_kw)["perplexity"]
@@ -268,6 +259,21 @@ def run(args) -> int:
     print(f"\ntime per stage ({torch.get_num_threads()} torch threads):\n{timer.table()}")
     print(f"demo finished in {(timer.last - timer.started) / 60:.1f} min")
     return 0
+
+
+def fine_tuning_args(args, output_dir: Path, bf16: bool) -> DiffTrainingArguments:
+    """The Trainer's settings for each fine-tuning: the project's defaults (warm-up, cosine), no checkpoints."""
+    return DiffTrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=args.max_steps,
+        learning_rate=args.lr,
+        per_device_train_batch_size=args.batch_size,
+        bf16=bf16,
+        logging_steps=max(1, args.max_steps // 6),
+        save_strategy="no",
+        seed=args.seed,
+        do_eval=False,  # the demo measures held-out perplexity itself, before and after
+    )
 
 
 def results_table(ppl: dict, args, precision: str) -> str:

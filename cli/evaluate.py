@@ -6,9 +6,10 @@ import time
 from pathlib import Path
 
 import torch
+from modeling_diff_training import check_fits_in_memory
 
 from .common import CLIError, format_lambda_table, lambda_statistics, load_model
-from .data import check_fits_in_memory, train_eval_texts
+from .data import train_eval_texts
 
 
 def add_arguments(parser):

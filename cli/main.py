@@ -8,6 +8,8 @@ import argparse
 import os
 import sys
 
+from transformers import HfArgumentParser
+
 from . import convert_cmd, demo, evaluate, generate, push, serve, train
 
 COMMANDS = {
@@ -24,24 +26,32 @@ COMMANDS = {
 }
 
 
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description's line breaks and shows every option's default, as HfArgumentParser's help does."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diff-transformer",
         description="The Differential Transformer (paper V1 and DIFF V2) for Hugging Face Transformers.",
         epilog="Start with `diff-transformer demo`. Each command has its own --help.",
     )
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show the full traceback when something fails")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # each command is an HfArgumentParser: a command with ARGUMENT_CLASSES (train) gets an option per dataclass field
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=HfArgumentParser)
     for name, (module, help_text) in COMMANDS.items():
+        dataclass_types = getattr(module, "ARGUMENT_CLASSES", None)
         command = sub.add_parser(
             name,
             help=help_text,
             description=(module.__doc__ or help_text).strip(),
-            parents=[common],
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            dataclass_types=dataclass_types,
+            formatter_class=DefaultsHelpFormatter if dataclass_types else argparse.RawDescriptionHelpFormatter,
+            # a later flag takes over an option string from a dataclass field: the old spellings, and --debug
+            conflict_handler="resolve" if dataclass_types else "error",
         )
         module.add_arguments(command)
+        # last, so that for train it replaces TrainingArguments' own --debug (underflow/overflow detection)
+        command.add_argument("--debug", action="store_true", help="show the full traceback when something fails")
         command.set_defaults(run=module.run)
     return parser
 
@@ -59,10 +69,11 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         from modeling_diff_conversion import ConversionError
+        from modeling_diff_training import TrainingError
 
         from .common import CLIError
 
-        if isinstance(err, (CLIError, ConversionError)):
+        if isinstance(err, (CLIError, ConversionError, TrainingError)):
             print(f"error: {err}", file=sys.stderr)
         else:
             print(

@@ -51,19 +51,27 @@ def run(args) -> int:
         print("dry run: nothing was uploaded")
         return 0
 
+    url = upload_folder(folder, args.repo_id, args.private, args.revision, args.commit_message)
+    print(f"uploaded: {url}")
+    return 0
+
+
+def upload_folder(folder: Path, repo_id: str, private=False, revision=None, message="Upload model", token=None) -> str:
+    """Upload every file of `files_to_upload(folder)` as one commit (creating the repository if missing).
+
+    The token comes from `token`, else HF_TOKEN or `hf auth login`, as usual. Returns the commit's URL.
+    """
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    api = HfApi()  # the token comes from HF_TOKEN or `hf auth login`, as usual
+    api = HfApi(token=token)
+    files = files_to_upload(folder)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name, _ in files]
     try:
-        api.create_repo(args.repo_id, private=args.private, exist_ok=True)
-        if args.revision:
-            api.create_branch(args.repo_id, branch=args.revision, exist_ok=True)
-        # one commit with exactly the files listed above
-        info = api.create_commit(
-            args.repo_id, operations=operations, commit_message=args.commit_message, revision=args.revision
-        )
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id  # a bare name: the user's own
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        # one commit with exactly the files listed by files_to_upload
+        info = api.create_commit(repo_id, operations=operations, commit_message=message, revision=revision)
     except Exception as err:
-        raise CLIError(f"upload to {args.repo_id} failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
-    print(f"uploaded: {getattr(info, 'commit_url', info)}")
-    return 0
+        raise CLIError(f"upload to {repo_id} failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+    return getattr(info, "commit_url", info)

@@ -8,20 +8,20 @@ from pathlib import Path
 from .source import ConversionError
 
 
-def check_output_dir(path: str | Path, force: bool):
-    """Refuse an existing, non-empty output folder unless `force`."""
+def check_output_dir(path: str | Path, force: bool, flag: str = "--force"):
+    """Refuse an existing, non-empty output folder unless `force` (the option `flag` of the command that writes it)."""
     final = Path(path).expanduser()
     if final.exists() and (not final.is_dir() or any(final.iterdir())) and not force:
-        raise ConversionError(f"{path} exists and is not empty; pass --force to replace it")
+        raise ConversionError(f"{path} exists and is not empty; pass {flag} to replace it")
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: str | Path, force: bool = False):
+def atomic_output_dir(path: str | Path, force: bool = False, flag: str = "--force"):
     """Yield a temporary sibling folder that becomes `path` only if the block finishes without an error.
 
     An interrupted or failed block leaves nothing behind: neither `path` nor the temporary folder.
     """
-    check_output_dir(path, force)
+    check_output_dir(path, force, flag)
     final = Path(path).expanduser().resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))

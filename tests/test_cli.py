@@ -1,6 +1,7 @@
 """The `diff-transformer` command: each subcommand's happy path and a failure, DDP, push, offline Hub."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,9 +22,9 @@ ROOT = Path(__file__).parent.parent
 
 
 def tiny_train(source, output_dir, steps) -> list[str]:
-    """`train SOURCE --output-dir OUT --max-steps N` at the tiny sizes every CLI training test uses."""
-    return ["train", str(source), "--output-dir", str(output_dir), "--max-steps", str(steps), "--seq-len", "32",
-            "--batch-size", "2"]
+    """`train SOURCE --output_dir OUT --max_steps N` at the tiny sizes every CLI training test uses."""
+    return ["train", str(source), "--output_dir", str(output_dir), "--max_steps", str(steps), "--seq_len", "32",
+            "--per_device_train_batch_size", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -59,23 +60,39 @@ def test_help_texts_exist():
 
 
 def test_train_happy_path_and_failures(models_dir, tmp_path):
-    result = cli(*tiny_train(models_dir / "diff", tmp_path / "trained", 3), "--logging-steps", 1)
+    from modeling_diff_cli.data import train_eval_texts
+    from modeling_diff_training import TokenBlocks
+
+    result = cli(*tiny_train(models_dir / "diff", tmp_path / "trained", 3), "--logging_steps", 1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "loss " in result.stdout and "saved the trained model" in result.stdout
+    assert "warning:" not in result.stderr  # no old spelling, no deprecation line
     trained = DiffTransformerForCausalLM.from_pretrained(tmp_path / "trained")
     before = DiffTransformerForCausalLM.from_pretrained(models_dir / "diff")
     assert not torch.equal(trained.lm_head.weight, before.lm_head.weight)
     assert not Path(str(tmp_path / "trained") + "-checkpoints").exists()
+    # the default schedule: a linear warm-up over a tenth of the steps (1 of 3), then cosine down from the peak 5e-5
+    history = json.loads((tmp_path / "trained" / "trainer_state.json").read_text())["log_history"]
+    rates = [e["learning_rate"] for e in history if "learning_rate" in e]
+    assert rates == pytest.approx([0.0, 5e-5, 2.5e-5], abs=1e-12), rates
+    # the held-out split is the Trainer's eval_dataset: its loss is the trained model's loss on the held-out blocks
+    (eval_loss,) = [e["eval_loss"] for e in history if "eval_loss" in e]
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path / "trained")
+    blocks = TokenBlocks(train_eval_texts(None, 0.1, 0)[1], tokenizer, 32).blocks
+    with torch.no_grad():
+        expected = sum(trained(b, labels=b).loss.item() * len(b) for b in blocks.split(8)) / len(blocks)
+    assert eval_loss == pytest.approx(expected, rel=1e-4)
+    assert f"held-out loss {eval_loss:.4f}" in result.stdout
 
     assert_one_line_error(
         cli(
             "train",
             models_dir / "diff",
-            "--output-dir",
+            "--output_dir",
             tmp_path / "x",
             "--dataset",
             "no-such-dataset-anywhere",
-            "--max-steps",
+            "--max_steps",
             1,
         ),
         "unknown dataset",
@@ -85,11 +102,11 @@ def test_train_happy_path_and_failures(models_dir, tmp_path):
         cli(
             "train",
             models_dir / "diff",
-            "--output-dir",
+            "--output_dir",
             tmp_path / "x",
             "--dataset",
             tmp_path / "empty.txt",
-            "--max-steps",
+            "--max_steps",
             1,
         ),
         "is empty",
@@ -98,13 +115,13 @@ def test_train_happy_path_and_failures(models_dir, tmp_path):
         cli(
             "train",
             models_dir / "diff",
-            "--output-dir",
+            "--output_dir",
             tmp_path / "x",
-            "--seq-len",
+            "--seq_len",
             10**7,
-            "--batch-size",
+            "--per_device_train_batch_size",
             64,
-            "--max-steps",
+            "--max_steps",
             1,
         ),
         "GiB of activations",
@@ -115,33 +132,132 @@ def test_train_happy_path_and_failures(models_dir, tmp_path):
 def test_train_resumes_from_checkpoints(models_dir, tmp_path):
     from modeling_diff_cli.common import load_model
     from modeling_diff_cli.data import train_eval_texts
-    from modeling_diff_cli.train import train_model
+    from modeling_diff_training import DiffTrainingArguments, train_model
 
-    checkpoints = Path(str(tmp_path / "out") + "-checkpoints")
+    checkpoints = Path(str((tmp_path / "out").resolve()) + "-checkpoints")
     model, tokenizer = load_model(str(models_dir / "diff"))
-    train_model(
-        model,
-        tokenizer,
-        train_eval_texts(None)[0],
-        tmp_path / "out",
-        max_steps=2,
-        save_steps=1,
-        seq_len=32,
-        batch_size=2,
-        checkpoint_dir=checkpoints,
+    args = DiffTrainingArguments(
+        output_dir=str(checkpoints), max_steps=2, save_steps=1, logging_steps=1, per_device_train_batch_size=2,
         disable_tqdm=True,
     )
+    first = train_model(model, tokenizer, train_eval_texts(None)[0], args, seq_len=32)
     assert (checkpoints / "checkpoint-2").is_dir()
-    result = cli(*tiny_train(models_dir / "diff", tmp_path / "out", 4), "--logging-steps", 1)
+    result = cli(*tiny_train(models_dir / "diff", tmp_path / "out", 4), "--logging_steps", 1)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming from the checkpoints" in result.stdout
+    assert f"resuming from {checkpoints / 'checkpoint-2'}" in result.stdout
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    losses = [(e["step"], e["loss"]) for e in history if "loss" in e]
+    assert losses[:2] == [(e["step"], e["loss"]) for e in first.state.log_history if "loss" in e]  # from checkpoint-2
+    assert [step for step, _ in losses] == [1, 2, 3, 4]
     assert "'epoch'" in result.stdout or "loss" in result.stdout
     assert (tmp_path / "out" / "model.safetensors").exists() and not checkpoints.exists()
 
 
+def test_train_help_lists_the_trainer_options():
+    result = cli("train", "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    for option in ("--lr_scheduler_type", "--warmup_steps", "--report_to", "--push_to_hub", "--save_total_limit",
+                   "--optim", "--max_grad_norm", "--eval_strategy", "--resume_from_checkpoint", "--seq_len",
+                   "--overwrite_output_dir", "--debug", "--lr LEARNING_RATE"):
+        assert option in result.stdout, option
+    assert "use --learning_rate" in result.stdout  # the old spelling names its successor
+
+
+def test_train_trainer_options_take_effect(models_dir, tmp_path, monkeypatch):
+    """The options of the issue's example; an interruption at the final evaluation keeps the checkpoints to look at."""
+    from transformers import Trainer
+
+    def interrupt(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "evaluate", interrupt)
+    out = tmp_path / "out"
+    options = ["--lr_scheduler_type", "constant", "--warmup_ratio", "0.1", "--save_total_limit", "1",
+               "--save_steps", "1", "--logging_steps", "1", "--learning_rate", "1e-3"]
+    assert main([*tiny_train(models_dir / "diff", out, 4), *options]) == 130
+    checkpoints = Path(str(out.resolve()) + "-checkpoints")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-4"]  # --save_total_limit 1
+    state = json.loads((checkpoints / "checkpoint-4" / "trainer_state.json").read_text())
+    rates = [e["learning_rate"] for e in state["log_history"] if "learning_rate" in e]
+    assert rates == [1e-3] * 4  # constant: no warm-up ramp, no decay
+    assert not out.exists()
+
+
+def test_train_old_spellings_still_work_with_one_deprecation_line_each(capsys):
+    from modeling_diff_cli.main import build_parser
+    from modeling_diff_cli.train import parse_arguments
+
+    old = ["--lr", "1e-3", "--batch-size", "3", "--grad-accum", "2", "--epochs", "2", "--gradient-checkpointing",
+           "--force", "--warmup_ratio", "0.2"]
+    args = build_parser().parse_args(["train", "m", "--output-dir", "d", "--seq-len", "64", "--save-steps", "7", *old])
+    model_args, data_args, training, output, fsdp, push = parse_arguments(args)
+    assert (training.learning_rate, training.per_device_train_batch_size, training.gradient_accumulation_steps) == (
+        1e-3, 3, 2)
+    assert training.num_train_epochs == 2 and training.max_steps == -1  # epochs: no default step count
+    assert training.activation_checkpointing and training.overwrite_output_dir and training.warmup_steps == 0.2
+    assert (model_args.model_name_or_path, data_args.seq_len, training.save_steps, output) == ("m", 64, 7, Path("d"))
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 7 and all("is deprecated" in w for w in warnings), warnings
+    assert "warning: --lr is deprecated and goes away in the next release; use --learning_rate" in warnings
+
+
+def test_training_defaults_and_warmup_scale_with_epochs(tmp_path):
+    from modeling_diff_training import DiffTrainingArguments
+
+    steps = DiffTrainingArguments(output_dir=str(tmp_path))
+    assert (steps.max_steps, steps.learning_rate, steps.per_device_train_batch_size) == (100, 5e-5, 4)
+    assert (steps.lr_scheduler_type.value, steps.weight_decay, steps.save_total_limit, steps.seed) == (
+        "cosine", 0.01, 2, 0)
+    assert steps.get_warmup_steps(100) == 10  # as before: a tenth of the default 100 steps
+    epochs = DiffTrainingArguments(output_dir=str(tmp_path), num_train_epochs=3)
+    assert epochs.max_steps == -1 and epochs.get_warmup_steps(900) == 90  # a tenth of however many steps
+    assert DiffTrainingArguments(output_dir=str(tmp_path), warmup_steps=7).get_warmup_steps(900) == 7
+
+
+def test_train_reads_a_config_file(models_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model_name_or_path: {models_dir / 'diff'}\noutput_dir: {tmp_path / 'out'}\nmax_steps: 2\nseq_len: 32\n"
+        "per_device_train_batch_size: 2\nlogging_steps: 1\nlr_scheduler_type: constant\ndo_eval: false\n"
+    )
+    result = cli("train", config)
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    assert [e["learning_rate"] for e in history if "learning_rate" in e] == [5e-5, 5e-5]
+    assert not any("eval_loss" in e for e in history)
+
+    assert_one_line_error(cli("train", config, "--max_steps", 3), "the only argument: put --max_steps")
+    (tmp_path / "bad.json").write_text('{"output_dir": "x", "learning_rat": 1}')
+    assert_one_line_error(cli("train", tmp_path / "bad.json"), "unknown options learning_rat")
+    assert not (tmp_path / "x").exists()
+
+
+def test_train_push_to_hub_uploads_the_trained_folder(models_dir, tmp_path, monkeypatch):
+    calls = {}
+
+    def fake_create_repo(self, repo_id, **kwargs):
+        calls["repo"] = (repo_id, kwargs.get("private"))
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def fake_create_commit(self, repo_id, operations, commit_message=None, revision=None, **kwargs):
+        calls["files"] = sorted(op.path_in_repo for op in operations)
+        return huggingface_hub.CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/abc", commit_message=commit_message,
+            commit_description="", oid="abc",
+        )
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fake_create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", fake_create_commit)
+    extra = ["--push_to_hub", "--hub_model_id", "me/tiny-trained", "--hub_private_repo", "true", "--do_eval", "false"]
+    assert main([*tiny_train(models_dir / "diff", tmp_path / "out", 1), *extra]) == 0
+    assert calls["repo"] == ("me/tiny-trained", True)
+    assert calls["files"] == sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "model.safetensors" in calls["files"] and "trainer_state.json" in calls["files"]
+
+
 def test_distillation_loss_and_lambda_warmup(models_dir):
     from modeling_diff_cli.common import load_model
-    from modeling_diff_cli.train import DistillationTrainer, LambdaWarmup
+    from modeling_diff_training import DistillationTrainer, LambdaWarmup
     from transformers import TrainingArguments
 
     student, _ = load_model(str(models_dir / "diff"))
@@ -174,9 +290,9 @@ def test_train_with_distillation_cli(models_dir, tmp_path):
         *tiny_train(models_dir / "diff", tmp_path / "d", 2),
         "--distill-from",
         models_dir / "llama",
-        "--lambda-warmup-steps",
+        "--lambda_warmup_steps",
         2,
-        "--gradient-checkpointing",
+        "--activation_checkpointing",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "d" / "model.safetensors").exists()
@@ -236,6 +352,7 @@ def test_push_dry_run_and_intercepted_upload(models_dir, monkeypatch, capsys):
 
     def fake_create_repo(self, repo_id, **kwargs):
         calls["repo"] = (repo_id, kwargs.get("private"))
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
 
     def fake_create_commit(self, repo_id, operations, commit_message=None, revision=None, **kwargs):
         calls["commit"] = (repo_id, sorted(op.path_in_repo for op in operations), commit_message, revision)
@@ -290,8 +407,16 @@ def test_ddp_training_with_two_cpu_processes(models_dir, tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "saved the trained model" in result.stdout
+    assert result.stdout.count("saved the trained model") == 1  # rank 0 alone writes
     assert (tmp_path / "ddp" / "model.safetensors").exists()
+    # one DDP job, not two lone processes: each step took 2 sequences from each of the 2 ranks
+    from modeling_diff_cli.data import train_eval_texts
+    from modeling_diff_training import TokenBlocks
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(models_dir / "diff")
+    blocks = len(TokenBlocks(train_eval_texts(None)[0], tokenizer, 32))
+    state = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())
+    assert state["epoch"] == pytest.approx(2 / math.ceil(blocks / 4), rel=1e-3)
 
 
 BLOCKED_HUB_LOAD = textwrap.dedent(

@@ -13,10 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import tiny_config, tiny_tokenizer
-from modeling_diff_cli.data import TokenBlocks
 from modeling_diff_cli.main import main
-from modeling_diff_cli.train import add_lora_adapters, lambda_parameters, save_lora_adapter, train_model
 from modeling_diff_eval.corpus import python_docs_texts
+from modeling_diff_training import (
+    DiffTrainingArguments,
+    TokenBlocks,
+    add_lora_adapters,
+    lambda_parameters,
+    save_lora_adapter,
+    train_model,
+)
 from peft import AutoPeftModelForCausalLM
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -38,9 +44,10 @@ def torchrun(*args, port: int) -> subprocess.CompletedProcess:
     )
 
 
-def train_args(model, output_dir, *extra, steps=4) -> list[str]:
-    """A few training steps at tiny sizes; the global batch is 4 sequences (pass --batch-size 2 under torchrun)."""
-    settings = f"--max-steps {steps} --seq-len 32 --logging-steps 1 --lr 1e-2".split()
+def train_args(model, output_dir, *extra, steps=4, batch=4) -> list[str]:
+    """A few training steps at tiny sizes; the global batch is 4 sequences (pass batch=2 under torchrun)."""
+    settings = f"--max_steps {steps} --seq_len 32 --logging_steps 1 --learning_rate 1e-2".split()
+    settings += ["--per_device_train_batch_size", str(batch)]
     return ["train", str(model), "--output-dir", str(output_dir), *settings, *extra]
 
 
@@ -130,7 +137,7 @@ def test_fsdp_training_matches_one_process_and_saves_a_plain_model(models, block
     result = torchrun(
         "-m",
         "modeling_diff_cli.main",
-        *train_args(models / "v1", tmp_path / "fsdp", "--batch-size", "2", "--fsdp"),
+        *train_args(models / "v1", tmp_path / "fsdp", "--fsdp", batch=2),
         port=29532,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -139,7 +146,7 @@ def test_fsdp_training_matches_one_process_and_saves_a_plain_model(models, block
         for n in re.search(r"rank 0 held ([\d,]+) of the model's ([\d,]+)", result.stdout).groups()
     )
     assert held < 0.6 * total  # really sharded: each rank keeps about half of the weights
-    assert main(train_args(models / "v1", tmp_path / "one", "--batch-size", "4")) == 0  # same global batch
+    assert main(train_args(models / "v1", tmp_path / "one")) == 0  # same global batch
 
     fsdp = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp")  # one process, no distributed config
     one = AutoModelForCausalLM.from_pretrained(tmp_path / "one")
@@ -171,18 +178,11 @@ def test_lora_adapter_reloads_with_its_lambda_parameters(models, blocks, tmp_pat
     model = add_lora_adapters(base, r=8, alpha=16)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or ".lambda_" in n for n in trainable)
-    train_model(
-        model,
-        tokenizer,
-        python_docs_texts()[:40],
-        tmp_path,
-        max_steps=6,
-        lr=1e-2,
-        seq_len=32,
-        batch_size=4,
-        save_steps=1000,
+    args = DiffTrainingArguments(
+        output_dir=str(tmp_path), max_steps=6, learning_rate=1e-2, per_device_train_batch_size=4, save_strategy="no",
         disable_tqdm=True,
     )
+    train_model(model, tokenizer, python_docs_texts()[:40], args, seq_len=32)
     model.eval()
     save_lora_adapter(model, tmp_path / "adapter")
 
@@ -196,14 +196,14 @@ def test_lora_adapter_reloads_with_its_lambda_parameters(models, blocks, tmp_pat
 
 def test_lora_cli_lowers_the_loss_merges_and_runs_under_torchrun(models, blocks, tmp_path):
     lora = ["--lora", "--lora-r", "8", "--lora-alpha", "16"]
-    assert main(train_args(models / "v1", tmp_path / "adapter", "--batch-size", "4", *lora, steps=12)) == 0
+    assert main(train_args(models / "v1", tmp_path / "adapter", *lora, steps=12)) == 0
     assert (
-        main(train_args(models / "v1", tmp_path / "merged", "--batch-size", "4", *lora, "--merge-lora", steps=12)) == 0
+        main(train_args(models / "v1", tmp_path / "merged", *lora, "--merge-lora", steps=12)) == 0
     )
     ddp = torchrun(
         "-m",
         "modeling_diff_cli.main",
-        *train_args(models / "v1", tmp_path / "ddp", "--batch-size", "2", *lora, steps=12),
+        *train_args(models / "v1", tmp_path / "ddp", *lora, steps=12, batch=2),
         port=29533,
     )
     assert ddp.returncode == 0, ddp.stderr[-4000:]

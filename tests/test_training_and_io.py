@@ -133,3 +133,34 @@ def test_saved_folder_loads_with_trust_remote_code_without_the_package(tmp_path,
     with torch.no_grad():
         expected = model(ids).logits
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+
+
+LAYERS = {  # folder: the project packages its code may import (the import graph reads top-down)
+    "modeling_diff": set(),
+    "conversion": {"modeling_diff"},
+    "training": {"modeling_diff"},
+    "evaluation": {"modeling_diff"},
+}
+PROJECT_PACKAGES = {
+    "modeling_diff", "modeling_diff_conversion", "modeling_diff_training", "modeling_diff_eval", "modeling_diff_cli"
+}
+
+
+@pytest.mark.parametrize("folder", sorted(LAYERS))
+def test_library_packages_import_only_the_layers_below(folder):
+    """model <- conversion / training / evaluation <- CLI: no library package imports the CLI or a sibling."""
+    import ast
+    from pathlib import Path
+
+    allowed = LAYERS[folder]
+    for path in sorted((Path(__file__).parent.parent / folder).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                assert top not in PROJECT_PACKAGES or top in allowed, f"{path.name} imports {name}"

@@ -1,0 +1,35 @@
+"""Fine-tuning and distillation of causal LMs with the Hugging Face Trainer (installed as `modeling_diff_training`).
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from modeling_diff_training import DiffTrainingArguments, train_model
+
+model = AutoModelForCausalLM.from_pretrained("my-diff-model")
+tokenizer = AutoTokenizer.from_pretrained("my-diff-model")
+args = DiffTrainingArguments(output_dir="checkpoints", max_steps=200, learning_rate=1e-4)
+trainer = train_model(model, tokenizer, train_texts, args, eval_texts=held_out_texts, lambda_warmup_steps=50)
+trainer.save_model("my-fine-tuned-model")
+
+The pieces are usable on their own with any Trainer: `TokenBlocks` (packed causal-LM blocks), `LambdaWarmup` (a
+callback), `DistillationTrainer` (LM loss + KL to a teacher), the LoRA helpers and the FSDP2 helpers.
+"""
+
+from .arguments import DataArguments, DiffTrainingArguments, ModelArguments, TrainingError
+from .data import TokenBlocks, check_fits_in_memory
+from .lora import LORA_TARGET_MODULES, add_lora_adapters, lambda_parameters, save_lora_adapter
+from .trainer import DistillationTrainer, LambdaWarmup, train_model
+
+__all__ = [
+    "DataArguments",
+    "DiffTrainingArguments",
+    "DistillationTrainer",
+    "LORA_TARGET_MODULES",
+    "LambdaWarmup",
+    "ModelArguments",
+    "TokenBlocks",
+    "TrainingError",
+    "add_lora_adapters",
+    "check_fits_in_memory",
+    "lambda_parameters",
+    "save_lora_adapter",
+    "train_model",
+]

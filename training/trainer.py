@@ -1,0 +1,102 @@
+"""The Trainer pieces: λ warm-up, distillation, and `train_model`, which puts them together for a text corpus."""
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.utils import logging
+
+from .arguments import TrainingError
+from .data import TokenBlocks, check_fits_in_memory
+
+logger = logging.get_logger(__name__)
+
+
+class LambdaWarmup(TrainerCallback):
+    """Sets config.lambda_scale = min(1, step / warmup_steps) before each step, and 1 at the end."""
+
+    def __init__(self, model, warmup_steps: int):
+        self.config, self.warmup_steps = model.config, warmup_steps
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.config.lambda_scale = min(1.0, state.global_step / self.warmup_steps)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.config.lambda_scale = 1.0
+
+
+class DistillationTrainer(Trainer):
+    """Trainer whose loss is the usual LM loss plus `weight` x KL(teacher || student), per token."""
+
+    def __init__(self, *args, teacher=None, distill_weight=1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher, self.distill_weight = teacher.to(self.args.device), distill_weight
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=inputs["input_ids"]).logits
+        student = F.log_softmax(outputs.logits.float(), dim=-1)  # (batch, seq, vocab)
+        teacher = F.log_softmax(teacher_logits.float(), dim=-1)
+        kl = F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
+        loss = loss + self.distill_weight * kl
+        return (loss, outputs) if return_outputs else loss
+
+
+def train_model(
+    model,
+    tokenizer,
+    train_texts: list[str],
+    args: TrainingArguments,
+    *,
+    eval_texts: list[str] | None = None,
+    seq_len: int = 256,
+    lambda_warmup_steps: int = 0,
+    teacher=None,
+    distill_weight: float = 1.0,
+    resume_from_checkpoint: str | bool | None = None,
+):
+    """Train `model` in place with the HF Trainer and return the Trainer (its `state.log_history` has the losses).
+
+    The texts are packed into blocks of `seq_len` tokens. `args` is any `TrainingArguments`; `DiffTrainingArguments`
+    brings this project's defaults. The blocks of `eval_texts` are the Trainer's `eval_dataset`: evaluated whenever
+    `args.eval_strategy` says, and once more after training when `args.do_eval` (`eval_loss` in the log history).
+    With a `teacher`, the loss adds `distill_weight` x KL(teacher || student) (`DistillationTrainer`). A model loaded
+    by `load_fsdp_model` trains with FSDP2 (with `save_strategy="no"`): the Trainer sees that transformers sharded it.
+    """
+    check_fits_in_memory(
+        model.config,
+        seq_len,
+        args.per_device_train_batch_size,
+        training=True,
+        gradient_checkpointing=args.activation_checkpointing,
+    )
+    train_data = TokenBlocks(train_texts, tokenizer, seq_len)
+    if len(train_data) == 0:
+        raise TrainingError(
+            f"the training text has {train_data.num_tokens} tokens, fewer than one block of seq_len {seq_len}; "
+            "give more text or a shorter seq_len"
+        )
+    eval_data = TokenBlocks(eval_texts, tokenizer, seq_len) if eval_texts else None
+    if eval_data is not None and len(eval_data) == 0:
+        if args.eval_strategy != "no":
+            raise TrainingError(
+                f"the held-out text has {eval_data.num_tokens} tokens, fewer than one block of seq_len {seq_len}, "
+                f"and eval_strategy is {args.eval_strategy.value!r}: hold out more text or turn evaluation off"
+            )
+        logger.warning(f"the held-out text has {eval_data.num_tokens} tokens, fewer than one block: no evaluation")
+        eval_data = None
+    callbacks = []
+    if lambda_warmup_steps > 0:
+        if getattr(model.config, "model_type", None) != "diff_transformer":
+            raise TrainingError("the λ warm-up needs a DiffTransformer model")
+        callbacks.append(LambdaWarmup(model, lambda_warmup_steps))
+    trainer_class, extra = Trainer, {}
+    if teacher is not None:
+        trainer_class, extra = DistillationTrainer, {"teacher": teacher.eval(), "distill_weight": distill_weight}
+    trainer = trainer_class(
+        model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, callbacks=callbacks, **extra
+    )
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    if eval_data is not None and args.do_eval:
+        trainer.evaluate()
+    return trainer
