@@ -1,7 +1,8 @@
-"""An independent reference for differential attention, written from the equations.
+"""An independent reference for differential attention, written from the equations (`modeling_diff_eval.reference`).
 
 Plain torch, one head at a time, with materialised softmax maps. It reads only the weights of a model (by name),
-never its modules, so a layout or pairing bug in `modeling_diff` cannot hide in both places.
+never its modules, so a layout or pairing bug in `modeling_diff` cannot hide in both places. The model tests and the
+GPU check (`benchmarks/gpu/gpu_check.py`) compare the model against it.
 
 V1 (paper):  o_i = (softmax(q1 k1ᵀ/√d) − λ softmax(q2 k2ᵀ/√d)) v,   then RMSNorm(2d)·(1 − λ_init)
              λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init,   λ_init = 0.8 − 0.6·exp(−0.3·layer)

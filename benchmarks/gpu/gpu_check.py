@@ -1,31 +1,31 @@
-#!/usr/bin/env python
-"""The GPU check of issue 13: correctness in bf16, compiled decode, speed at ~1B, and V1's attention core on CUDA.
+"""The GPU check: correctness in bf16, compiled decode, speed at ~1B, and V1's attention core on CUDA.
 
 Sections (each guards its own failure: an exception is written into the results and the next section runs):
 
-    (a) correctness  V1 and V2 logits against the plain-torch reference of the tests (`tests/reference.py`, float64
+    (a) correctness  V1 and V2 logits against the plain-torch reference (`modeling_diff_eval.reference`, float64
                      on CPU) for every attention implementation that runs here: eager, sdpa, flex_attention, and
                      flash_attention_2 when the `flash_attn` package imports, in float32 and bf16, at the
                      initialisation and with peaked maps; Llama and DiffLlama as baselines; max |Δ| against a tolerance
     (b) compile      `torch.compile(fullgraph=True)` decoding with a StaticCache gives `generate()`'s tokens (Llama
                      as the baseline; a difference is classed as a rounding tie or a mismatch)
     (c) speed        training step (forward + backward) and decode tokens/s of Llama, DiffLlama, V1 and V2 at a ~1B
-                     config at T = 2048 and 4096, models interleaved (the builders and measures of `speed.py`)
+                     config at T = 2048 and 4096, models interleaved (the harness's builders and measures)
     (d) V1 core      the model's padded one-call layout against kernels that take q/k of width d with v of width 2d
                      (SDPA forced to the memory-efficient and to the cuDNN backend, FlexAttention with its own V
                      width), two calls (q1,k1,v) and (q2,k2,v) then a1 − λ·a2: equality to the padded layout and
-                     CUDA-event times (the schemes of `attention_kernels.py`)
+                     CUDA-event times (the schemes of `benchmarks.harness.cores`)
     (e) compiled     decode tok/s of the models of (c) through `generate()` on a StaticCache, which generate()
                      compiles on a GPU (the fast path for batch-1 decoding, where eager steps are launch-bound);
                      each model in a process of its own
 
-Writes `benchmarks/results/gpu_check.md` and `.json`. Sizes are chosen so that the whole run takes a few minutes on
-one H100 (bf16). Without CUDA the script prints one line and exits 0; `--cpu-dry-run` runs every section with tiny
-sizes on CPU in float32 (skipping only what needs CUDA: flash_attention_2, the forced SDPA backends are replaced by
-the math backend) and writes the same tables, to test the script without a GPU.
+Writes `benchmarks/results/gpu_check/gpu_check.md` and `.json`. Sizes are chosen so that the whole run takes a few
+minutes on one H100 (bf16). Without CUDA the script prints one line and exits 0; `--cpu-dry-run` runs every section
+with tiny sizes on CPU in float32 (skipping only what needs CUDA: flash_attention_2, the forced SDPA backends are
+replaced by the math backend) and writes the same tables, to test the script without a GPU.
 
-    python benchmarks/gpu_check.py                  # on one H100, a few minutes
-    python benchmarks/gpu_check.py --cpu-dry-run    # tiny sizes on CPU (the smoke test runs this)
+    bash benchmarks/gpu/gpu_check.sh                      # on a GPU machine without this project installed
+    python -m benchmarks.gpu.gpu_check                    # on one H100 with the project installed, a few minutes
+    python -m benchmarks.gpu.gpu_check --cpu-dry-run      # tiny sizes on CPU (the smoke test runs this)
 """
 
 from __future__ import annotations
@@ -46,30 +46,10 @@ from types import SimpleNamespace
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-# `modeling_diff` is a top-level folder of the repo and the plain-torch reference lives with the tests: both import
-# from a checkout without `pip install -e .` (the GPU machine runs the script straight from the repo)
-for path in (ROOT, ROOT / "tests", HERE):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from attention_kernels import (  # noqa: E402
-    core_llama,
-    core_maps,
-    core_padded,
-    core_two_calls,
-    make_inputs,
-    split_query,
-)
-from speed import (  # noqa: E402
-    build_model,
-    config_numbers,
-    decode_seconds,
-    machine_info,
-    random_ids,
-    train_step_seconds,
-)
+from benchmarks.harness.cores import core_llama, core_maps, core_padded, core_two_calls, make_inputs, split_query
+from benchmarks.harness.models import ROOT, build_model, config_numbers, parameter_count, random_ids
+from benchmarks.harness.report import RESULTS, command, header, machine_info, table, write_text
+from benchmarks.harness.timing import decode_seconds, time_interleaved, train_step_seconds
 
 # tolerance on max |Δlogit| relative to the largest reference logit; bf16 keeps ~3 significant digits
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -131,11 +111,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def small_numbers(s: dict) -> dict:
-    """Config numbers (`speed.config_numbers`) of the small models of sections (a) and (b)."""
-    return config_numbers(SimpleNamespace(
-        vocab=s["vocab"], hidden=s["hidden"], intermediate=s["intermediate"], layers=s["layers"], heads=s["heads"],
-        kv_heads=s["kv_heads"], seq_lens=[1024], prompt_len=0, new_tokens=0, max_positions=1024,
-    ))
+    """Config numbers of the small models of sections (a) and (b)."""
+    return config_numbers(SimpleNamespace(**s), max_positions=1024)
 
 
 @functools.lru_cache(maxsize=1)
@@ -147,11 +124,6 @@ def float32_is_ieee():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
     return before
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
 
 
 def flash_attn_available() -> bool:
@@ -166,10 +138,10 @@ def flash_attn_available() -> bool:
 def section_correctness(mode: dict) -> tuple[str, dict]:
     """Logits of V1, V2, Llama and DiffLlama on every attention implementation and dtype, against float64.
 
-    V1 and V2 are checked against `tests/reference.py` (the equations, one head at a time); Llama and DiffLlama,
-    the baselines that say what bf16 costs any attention, against their own float64 forward on CPU.
+    V1 and V2 are checked against `modeling_diff_eval.reference` (the equations, one head at a time); Llama and
+    DiffLlama, the baselines that say what bf16 costs any attention, against their own float64 forward on CPU.
     """
-    from reference import causal_lm_forward
+    from modeling_diff_eval.reference import causal_lm_forward
 
     s, device = mode["correctness"], mode["device"]
     tf32_before = float32_is_ieee()
@@ -242,10 +214,10 @@ def section_correctness(mode: dict) -> tuple[str, dict]:
     text = (
         f"Random models (hidden {s['hidden']}, {s['layers']} layers, {s['heads']} query / {s['kv_heads']} KV heads, "
         f"vocab {s['vocab']}; q_proj and k_proj scaled by the factor shown: ×1 is the initialisation, ×8 peaks the "
-        f"maps as the tests do), batch {s['batch']} × T={s['T']}. V1 and V2 against `tests/reference.py` (one head "
-        "at a time, materialised maps, float64 on CPU); Llama and DiffLlama (transformers) against their own float64 "
-        "eager forward on CPU. Error: max |Δlogit| / max |reference logit|; CPU error: the same model and backend "
-        "run in float32 on CPU, the path the test suite checks. Tolerance in float32 (TF32 turned off for the "
+        f"maps as the tests do), batch {s['batch']} × T={s['T']}. V1 and V2 against `modeling_diff_eval.reference` "
+        "(one head at a time, materialised maps, float64 on CPU); Llama and DiffLlama (transformers) against their "
+        "own float64 eager forward on CPU. Error: max |Δlogit| / max |reference logit|; CPU error: the same model and "
+        "backend run in float32 on CPU, the path the test suite checks. Tolerance in float32 (TF32 turned off for the "
         f"check; found: {tf32_before}): the larger of {TOLERANCE[torch.float32]:g} and 4× the CPU error (at ×8 "
         "float32 itself loses digits, for Llama too). In bfloat16: the larger of "
         f"{TOLERANCE[torch.bfloat16]:g} and twice the Llama baseline's error on the same problem, backend and dtype "
@@ -333,27 +305,24 @@ SPEED_NAMES = ["llama", "diffllama", "diff-v1", "diff-v2"]
 
 
 def speed_models(mode: dict, names: list[str] = SPEED_NAMES) -> dict:
-    """Models of speed.py (default: all four) at the `speed` sizes, randomly initialised on the device in the timed
-    dtype; each model's weights depend only on its name (`build_model` seeds them), not on which others are built."""
+    """The speed benchmark's models (default: all four) at the `speed` sizes, randomly initialised on the device in the
+    timed dtype; each model's weights depend only on its name (`build_model` seeds them), not on which others are
+    built."""
     s, device, dtype = mode["speed"], mode["device"], mode["dtypes"][-1]
-    numbers = config_numbers(SimpleNamespace(
-        vocab=s["vocab"], hidden=s["hidden"], intermediate=s["intermediate"], layers=s["layers"], heads=s["heads"],
-        kv_heads=s["kv_heads"], seq_lens=s["seq_lens"], prompt_len=max(s["seq_lens"]), new_tokens=s["new_tokens"],
-        max_positions=max(s["seq_lens"]) + 2 * s["new_tokens"],
-    ))
+    numbers = config_numbers(SimpleNamespace(**s), max_positions=max(s["seq_lens"]) + 2 * s["new_tokens"])
     with torch.device(device):  # built in place on the GPU: initialising 4 × 1B parameters on the CPU takes minutes
         return {name: build_model(name, numbers, "sdpa", dtype) for name in names}
 
 
 def section_speed(mode: dict) -> tuple[str, dict]:
-    """Interleaved training-step and decode times of the four models of speed.py at the `speed` sizes."""
+    """Interleaved training-step and decode times of the speed benchmark's four models at the `speed` sizes."""
     s, device, dtype = mode["speed"], mode["device"], mode["dtypes"][-1]
     names, models = SPEED_NAMES, speed_models(mode)
-    params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
+    params = {name: parameter_count(model) for name, model in models.items()}
     ids = {t: random_ids(s["vocab"], t, seed=t).to(device) for t in s["seq_lens"]}
 
     def decode_per_token(model, prompt):
-        # speed.decode_seconds times its loop without draining the GPU queue: time the whole call on the device
+        # decode_seconds times its loop without draining the GPU queue: time the whole call on the device
         # clock, with and without the new tokens, and keep the difference (the prefill cancels)
         with_tokens = device_seconds(lambda: decode_seconds(model, prompt, s["new_tokens"]), device)
         prefill_only = device_seconds(lambda: decode_seconds(model, prompt, 0), device)
@@ -363,14 +332,8 @@ def section_speed(mode: dict) -> tuple[str, dict]:
     for t in s["seq_lens"]:
         measures[f"train_{t}"] = lambda m, t=t: device_seconds(lambda: train_step_seconds(m, ids[t]), device)
         measures[f"decode_{t}"] = lambda m, t=t: decode_per_token(m, ids[t])
-    times = {key: {name: [] for name in names} for key in measures}
-    for key, measure in measures.items():
-        for repetition in range(s["repeats"] + 1):  # 0 is the warm-up; the order alternates
-            for name in names if repetition % 2 == 0 else names[::-1]:
-                seconds = measure(models[name])
-                if repetition:
-                    times[key][name].append(seconds)
-        print(f"  (c) {key} done", flush=True)
+    raw = time_interleaved(models, list(measures.items()), s["repeats"])  # repetition 0 is the warm-up
+    times = {key: {name: raw[name][key] for name in names} for key in measures}
     del models
     median = {key: {name: statistics.median(v) for name, v in per.items()} for key, per in times.items()}
     rows = [["parameters"] + [f"{params[n] / 1e6:.1f} M" for n in names]]
@@ -384,11 +347,11 @@ def section_speed(mode: dict) -> tuple[str, dict]:
             rows.append([f"decode tok/s after a {t}-token prompt"]
                         + [f"{m['llama'] / m[n]:.3f}× · {1 / m[n]:.1f} tok/s" for n in names])
     text = (
-        f"Models of `speed.py` (same config numbers: hidden {s['hidden']}, {s['layers']} layers, {s['heads']} query / "
-        f"{s['kv_heads']} KV heads, MLP {s['intermediate']}, vocab {s['vocab']}, untied), {dtype_name(dtype)}, sdpa, "
-        f"batch 1, on {device}. Median of {s['repeats']} after a warm-up, models interleaved. Decode: "
-        f"{s['new_tokens']} greedy one-token forwards on the DynamicCache after a T-token prompt (the prefill is "
-        "subtracted). Each cell: ratio to Llama (for tok/s higher is better) · absolute.\n\n"
+        f"The speed benchmark's models (same config numbers: hidden {s['hidden']}, {s['layers']} layers, "
+        f"{s['heads']} query / {s['kv_heads']} KV heads, MLP {s['intermediate']}, vocab {s['vocab']}, untied), "
+        f"{dtype_name(dtype)}, sdpa, batch 1, on {device}. Median of {s['repeats']} after a warm-up, models "
+        f"interleaved. Decode: {s['new_tokens']} greedy one-token forwards on the DynamicCache after a T-token prompt "
+        "(the prefill is subtracted). Each cell: ratio to Llama (for tok/s higher is better) · absolute.\n\n"
         + table(["measure", "Llama", "DiffLlama", "Diff V1", "Diff V2"], rows)
     )
     return text, {"seconds": times, "median": median, "params": params}
@@ -602,10 +565,10 @@ def section_compiled_decode(mode: dict) -> tuple[str, dict]:
     length, new = s["seq_lens"][0], s["new_tokens"]
     results, errors = {}, {}
     for name in SPEED_NAMES:
-        command = [sys.executable, str(Path(__file__).resolve()), "--compiled-decode-worker", name]
+        argv = [sys.executable, "-m", "benchmarks.gpu.gpu_check", "--compiled-decode-worker", name]
         if mode["device"] == "cpu":
-            command.append("--cpu-dry-run")
-        done = subprocess.run(command, capture_output=True, text=True)
+            argv.append("--cpu-dry-run")
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
         if done.returncode == 0:
             results[name] = json.loads(done.stdout.strip().splitlines()[-1])
         else:
@@ -664,29 +627,23 @@ def parse_args(argv=None):
                         help="which sections to run (default: all)")
     parser.add_argument("--compiled-decode-worker", metavar="MODEL", choices=SPEED_NAMES,
                         help=argparse.SUPPRESS)  # internal: section (e) runs each model in a process of its own
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "gpu_check.md",
+    parser.add_argument("--out", type=Path, default=RESULTS / "gpu_check" / "gpu_check.md",
                         help="markdown results file; the JSON goes next to it "
-                        "(default: benchmarks/results/gpu_check.md)")
-    return parser.parse_args(argv)
+                        "(default: benchmarks/results/gpu_check/gpu_check.md)")
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
 
 
-def write_results(args, info: dict, parts: list[str], results: dict, seconds: float, done: int) -> str:
+def write_report(args, info: dict, parts: list[str], results: dict, seconds: float, done: int) -> str:
     """Write the markdown (header + the sections run so far) and the JSON; return the markdown."""
-    dry = args.cpu_dry_run
-    header = (
-        f"# GPU check{' (CPU dry run: tiny sizes, float32, the numbers mean nothing)' if dry else ''}\n\n"
-        f"Produced by `python benchmarks/gpu_check.py{' --cpu-dry-run' if dry else ''}` on {info['date_utc']}: "
-        f"{done} of {len(args.sections)} sections in {seconds:.0f} s.\n\n"
-        f"- Machine: {info['gpu']}; CPU {info['cpu']}, {info['logical_cores']} logical cores, 1-minute load average "
-        f"{os.getloadavg()[0]:.2f} at the end\n"
-        f"- Versions: Python {info['python']}, torch {info['torch']} (CUDA {info['cuda']}), transformers "
-        f"{info['transformers']}\n"
-    )
-    text = header + "\n" + "\n".join(parts)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    dry = " (CPU dry run: tiny sizes, float32, the numbers mean nothing)" if args.cpu_dry_run else ""
+    lines = header(f"GPU check{dry}", command("benchmarks.gpu.gpu_check", args.argv), info,
+                   f"{done} of {len(args.sections)} sections in {seconds:.0f} s; CUDA {info['cuda']}")
+    text = "\n".join(lines) + "\n" + "\n".join(parts)
     results["seconds"] = seconds
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+    write_text(args.out, text)
+    write_text(args.out.with_suffix(".json"), json.dumps(results, indent=1, default=str))
     return text
 
 
@@ -703,9 +660,7 @@ def main(argv=None) -> int:
         print(json.dumps(compiled_decode_worker(mode, args.compiled_decode_worker)))
         return 0
     started = time.perf_counter()
-    info = machine_info(torch.get_num_threads())
-    info["gpu"] = torch.cuda.get_device_name() if mode["device"] == "cuda" else "none (CPU dry run)"
-    info["cuda"] = torch.version.cuda
+    info = dict(machine_info(), cuda=torch.version.cuda)
     parts, results = [], {"machine": info, "sections": {}}
     for key in args.sections:
         title, section = SECTIONS[key]
@@ -723,7 +678,7 @@ def main(argv=None) -> int:
         parts.append(f"## {title}\n\n{text}\n\n_{status}, {seconds:.0f} s_\n")
         results["sections"][key] = {"status": status, "seconds": seconds, **raw}
         # written after every section, so that a run stopped by its time limit keeps what it measured
-        text = write_results(args, info, parts, results, time.perf_counter() - started, done=len(parts))
+        text = write_report(args, info, parts, results, time.perf_counter() - started, done=len(parts))
     print(text)
     print(f"wrote {args.out} and {args.out.with_suffix('.json').name} in {results['seconds']:.0f} s")
     return 0

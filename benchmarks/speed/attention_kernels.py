@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """The V1 differential-attention core alone: which way of computing it is fastest on CPU sdpa?
 
 Differential attention (paper V1) per differential head i of KV group g:
@@ -22,27 +21,28 @@ with the cache layout of `modeling_diff`: one key of width 2d per KV group holdi
 
 Timed, interleaved and median of `--repeats`: the training core (forward + backward, causal, batch 1) at each
 `--seq-lens`, and one decode step (one query token per head against a cache of `--cache-lens` tokens, no grad).
-Every scheme is checked against (d) for equal outputs first. Writes `benchmarks/results/attention_kernels.md`
-and a PNG next to it; `--profile` prints torch.profiler's top operators of each scheme at the first T.
+Every scheme is checked against (d) for equal outputs first. Writes
+`benchmarks/results/attention_kernels/attention_kernels.md` and a PNG next to it; `--profile` appends
+torch.profiler's top operators of each scheme at the first T.
 
-    python benchmarks/attention_kernels.py            # about 2 minutes on 2 cores
-    python benchmarks/attention_kernels.py --quick    # tiny settings, for the smoke test
+    python -m benchmarks.speed.attention_kernels            # about 2 minutes on 2 cores
+    python -m benchmarks.speed.attention_kernels --quick    # tiny settings, for the smoke test
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-HERE = Path(__file__).resolve().parent
+from benchmarks.harness.cores import CORES, core_maps, make_inputs
+from benchmarks.harness.report import RESULTS, bar_chart, command, header, machine_info, settings_of, write_results
+from benchmarks.harness.timing import time_interleaved
+
 SCHEMES = ("llama", "padded", "padded-stack", "4-call", "2-call", "maps")
 DESCRIPTIONS = {
     "llama": "Llama core: 1 sdpa call, q/k/v width d (baseline)",
@@ -55,137 +55,8 @@ DESCRIPTIONS = {
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The schemes. Inputs: q (B, T, H, d) straight from q_proj + RoPE, key/value (B, G, S, 2d) as in the cache.
-# Output: (B, T, H/2, 2d), the differential heads before the per-head norm. `lam` is the layer's scalar λ.
-# Query head layout (the model's): heads = (G groups, P heads per group, 2 maps) with the map innermost.
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def split_query(q: torch.Tensor, groups: int):
-    """(B, T, H, d) -> q1, q2 of shape (B, G, P, T, d) each (views)."""
-    batch, length, heads, dim = q.shape
-    q = q.view(batch, length, groups, heads // (2 * groups), 2, dim)
-    return q[..., 0, :].permute(0, 2, 3, 1, 4), q[..., 1, :].permute(0, 2, 3, 1, 4)
-
-
-def merge_heads(out: torch.Tensor) -> torch.Tensor:
-    """(B, G, P, T, 2d) -> (B, T, G·P, 2d)."""
-    batch, groups, per_group, length, width = out.shape
-    return out.permute(0, 3, 1, 2, 4).reshape(batch, length, groups * per_group, width)
-
-
-def core_padded(q, key, value, lam, causal, build="diag_embed"):
-    """(a) One sdpa call: [q1‖0] and [0‖q2] against the k1‖k2 key; the model's scheme.
-
-    `build="diag_embed"` builds the padded queries as the model does (one kernel, q1 and q2 of a head adjacent);
-    `build="pad+stack"` makes them with two `F.pad` and a `torch.stack`, maps outermost in each KV group.
-    """
-    batch, length, heads, dim = q.shape
-    groups = key.shape[1]
-    per_group = heads // (2 * groups)
-    q = q.view(batch, length, groups, per_group, 2, dim)
-    if build == "diag_embed":
-        query = torch.diag_embed(q.transpose(-1, -2), dim1=-3, dim2=-2)  # (B, T, G, P, 2, 2, d)
-    else:
-        query = torch.stack((F.pad(q[..., 0, :], (0, dim)), F.pad(q[..., 1, :], (dim, 0))), dim=3)  # G, 2, P
-    query = query.view(batch, length, heads, 2 * dim).transpose(1, 2)
-    # the scale stays 1/√d: the zero half adds nothing to the product, so the width is still d
-    out = F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=dim**-0.5, enable_gqa=True)
-    if build == "diag_embed":
-        out = out.view(batch, groups, per_group, 2, length, 2 * dim)
-        return merge_heads(torch.addcmul(out[:, :, :, 0], lam, out[:, :, :, 1], value=-1))
-    out = out.view(batch, groups, 2, per_group, length, 2 * dim)
-    return merge_heads(torch.addcmul(out[:, :, 0], lam, out[:, :, 1], value=-1))
-
-
-def core_padded_stack(q, key, value, lam, causal):
-    """(a') As (a), with the padded queries built by pad + pad + stack."""
-    return core_padded(q, key, value, lam, causal, build="pad+stack")
-
-
-def core_four_calls(q, key, value, lam, causal):
-    """(b) Four sdpa calls at width d: (q1,k1) and (q2,k2), each with both halves of the value."""
-    dim = q.shape[-1]
-    groups = key.shape[1]
-    q1, q2 = split_query(q, groups)
-    batch, _, per_group, length, _ = q1.shape
-    k1, k2 = key[..., :dim], key[..., dim:]
-    v1, v2 = value[..., :dim], value[..., dim:]
-
-    def call(query, k, v):  # GQA: the P heads of a group share k and v
-        query = query.reshape(batch, groups * per_group, length, dim)
-        return F.scaled_dot_product_attention(query, k, v, is_causal=causal, enable_gqa=True)
-
-    out1 = torch.cat((call(q1, k1, v1), call(q1, k1, v2)), dim=-1)
-    out2 = torch.cat((call(q2, k2, v1), call(q2, k2, v2)), dim=-1)
-    out = (out1 - lam * out2).view(batch, groups, per_group, length, 2 * dim)
-    return merge_heads(out)
-
-
-def core_two_calls(q, key, value, lam, causal):
-    """(c) Two sdpa calls, q/k of width d and the whole 2d value (CPU sdpa falls back to its math kernel)."""
-    dim = q.shape[-1]
-    groups = key.shape[1]
-    q1, q2 = split_query(q, groups)
-    batch, _, per_group, length, _ = q1.shape
-
-    def call(query, k):
-        query = query.reshape(batch, groups * per_group, length, dim)
-        return F.scaled_dot_product_attention(query, k, value, is_causal=causal, enable_gqa=True)
-
-    out = call(q1, key[..., :dim]) - lam * call(q2, key[..., dim:])
-    return merge_heads(out.view(batch, groups, per_group, length, 2 * dim))
-
-
-def core_maps(q, key, value, lam, causal):
-    """(d) Materialised maps: two width-d score matrices, their softmaxes subtracted, one product with v."""
-    dim = q.shape[-1]
-    groups = key.shape[1]
-    q1, q2 = split_query(q, groups)  # (B, G, P, T, d)
-    length, source = q1.shape[-2], key.shape[-2]
-    k1 = key[..., :dim].unsqueeze(2)  # (B, G, 1, S, d), broadcast over the P heads of the group
-    k2 = key[..., dim:].unsqueeze(2)
-    scale = dim**-0.5
-    s1 = torch.matmul(q1, k1.transpose(-1, -2)) * scale
-    s2 = torch.matmul(q2, k2.transpose(-1, -2)) * scale
-    if causal:
-        mask = torch.ones(length, source, dtype=torch.bool, device=q.device).tril(source - length)
-        s1 = s1.masked_fill(~mask, float("-inf"))
-        s2 = s2.masked_fill(~mask, float("-inf"))
-    attn = torch.softmax(s1, dim=-1) - lam * torch.softmax(s2, dim=-1)
-    return merge_heads(torch.matmul(attn, value.unsqueeze(2)))
-
-
-def core_llama(q, key, value, lam, causal):
-    """Baseline: Llama's core with the same config numbers, q (B, T, H, d), k/v (B, 2G, S, d)."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), key, value, is_causal=causal, enable_gqa=True)
-    return out.transpose(1, 2)
-
-
-CORES = {"llama": core_llama, "padded": core_padded, "padded-stack": core_padded_stack, "4-call": core_four_calls,
-         "2-call": core_two_calls, "maps": core_maps}
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def make_inputs(scheme, length, source, args, requires_grad):
-    """Random q (B, T, H, d) and key/value (B, G, S, 2d); Llama gets (B, 2G, S, d) key/value instead."""
-    generator = torch.Generator().manual_seed(0)
-    q = torch.randn(1, length, args.heads, args.head_dim, generator=generator)
-    if scheme == "llama":
-        key = torch.randn(1, args.kv_heads, source, args.head_dim, generator=generator)
-        value = torch.randn(1, args.kv_heads, source, args.head_dim, generator=generator)
-    else:
-        key = torch.randn(1, args.kv_heads // 2, source, 2 * args.head_dim, generator=generator)
-        value = torch.randn(1, args.kv_heads // 2, source, 2 * args.head_dim, generator=generator)
-    lam = torch.tensor(0.5)
-    if requires_grad:
-        for tensor in (q, key, value, lam):
-            tensor.requires_grad_(True)
-    return q, key, value, lam
 
 
 def train_seconds(scheme, inputs) -> float:
@@ -237,46 +108,27 @@ def profile_schemes(length, args) -> str:
 
 def run(args) -> dict:
     """Time every scheme, interleaved; return {measure: {scheme: median seconds}}."""
-    results, raw = {}, {}
-    measures = [(f"train_{t}", t) for t in args.seq_lens] + [(f"decode_{s}", s) for s in args.cache_lens]
-    with tqdm(total=len(measures) * (args.repeats + 1) * len(SCHEMES), desc="attention cores", unit="run") as bar:
-        for key, size in measures:
-            training = key.startswith("train")
-            inputs = {s: make_inputs(s, size if training else 1, size, args, requires_grad=training) for s in SCHEMES}
-            for repetition in range(args.repeats + 1):  # 0 is the warm-up
-                order = SCHEMES if repetition % 2 == 0 else SCHEMES[::-1]
-                for scheme in order:
-                    bar.set_postfix_str(f"{key} {scheme}")
-                    if training:
-                        seconds = train_seconds(scheme, inputs[scheme])
-                    else:
-                        seconds = decode_seconds(scheme, inputs[scheme], args.decode_steps)
-                    if repetition:
-                        raw.setdefault(key, {}).setdefault(scheme, []).append(seconds)
-                    bar.update()
-            results[key] = {s: statistics.median(v) for s, v in raw[key].items()}
-    return results
+    measures = []
+    for length in args.seq_lens:
+        inputs = {s: make_inputs(s, length, length, args, requires_grad=True) for s in SCHEMES}
+        measures.append((f"train_{length}", lambda scheme, x=inputs: train_seconds(scheme, x[scheme])))
+    for source in args.cache_lens:
+        inputs = {s: make_inputs(s, 1, source, args, requires_grad=False) for s in SCHEMES}
+        measures.append((f"decode_{source}",
+                         lambda scheme, x=inputs: decode_seconds(scheme, x[scheme], args.decode_steps)))
+    raw = time_interleaved({scheme: scheme for scheme in SCHEMES}, measures, args.repeats)
+    return {key: {s: statistics.median(raw[s][key]) for s in SCHEMES} for key, _ in measures}
 
 
-def markdown(results, differences, args, profile_text: str = "") -> str:
+def markdown(results, differences, info, args, profile_text: str = "") -> str:
     """The results file: settings, the table of ratios to Llama's core, the equality check."""
-    sys.path.insert(0, str(HERE))
-    from speed import machine_info
-
-    info = machine_info(args.threads)
-    lines = [
-        "# The V1 attention core alone, CPU sdpa",
-        "",
-        f"Produced by `python benchmarks/attention_kernels.py {' '.join(args.argv)}`".rstrip()
-        + f" on {info['date_utc']}.",
-        "",
-        f"- Machine: {info['cpu']}, {info['logical_cores']} logical cores, torch threads = {args.threads} "
-        f"(1-minute load average {os.getloadavg()[0]:.2f} when the run ended; ratios come from one interleaved run)",
-        f"- Versions: Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}",
-        f"- Shapes: {args.heads} query heads, {args.kv_heads} KV heads (Llama's counting), head_dim {args.head_dim}, "
+    lines = header(
+        "The V1 attention core alone, CPU sdpa", command("benchmarks.speed.attention_kernels", args.argv), info,
+        f"Shapes: {args.heads} query heads, {args.kv_heads} KV heads (Llama's counting), head_dim {args.head_dim}, "
         f"batch 1, float32. Median of {args.repeats} after a warm-up, schemes interleaved.",
-        f"- Decode: mean of {args.decode_steps} steps of one query token per head against a cache of S tokens.",
-        "",
+        f"Decode: mean of {args.decode_steps} steps of one query token per head against a cache of S tokens.",
+    )
+    lines += [
         "Each cell: ratio to Llama's core · absolute time.",
         "",
         "| scheme | " + " | ".join(
@@ -294,36 +146,20 @@ def markdown(results, differences, args, profile_text: str = "") -> str:
     lines += ["", "Max |difference| to (d) on a 64-token causal problem and a decode step (all schemes compute "
               "the same function):", ""]
     lines += [f"- {scheme}: {value:.2e}" for scheme, value in differences.items()]
-    lines += ["", "![ratio to Llama's core](attention_kernels.png)", ""]
+    lines += ["", f"![ratio to Llama's core]({args.out.with_suffix('.png').name})", ""]
     if profile_text:
         lines += ["## torch.profiler, top operators by self CPU time", "", profile_text]
     return "\n".join(lines)
 
 
-def plot(results, path: Path, args) -> None:
-    """Grouped bars: ratio of each V1 scheme to Llama's core, per measure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results, path: Path, args) -> dict:
+    """Grouped bars: ratio of each V1 scheme to Llama's core, per measure; returns the plotted ratios."""
     keys = list(results)
-    schemes = SCHEMES[1:]
-    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(keys) + 2), 4.5))
-    width = 0.8 / len(schemes)
-    for index, scheme in enumerate(schemes):
-        xs = [position + (index - (len(schemes) - 1) / 2) * width for position in range(len(keys))]
-        ax.bar(xs, [results[k][scheme] / results[k]["llama"] for k in keys], width, label=DESCRIPTIONS[scheme])
-    ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="Llama's core")
-    ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels([k.replace("train_", "fwd+bwd T=").replace("decode_", "decode S=") for k in keys])
-    ax.set_ylabel("time / Llama's core time")
-    ax.set_title(f"V1 attention core, CPU sdpa, {args.heads} heads / {args.kv_heads} KV heads, d={args.head_dim}, "
-                 f"{args.threads} threads")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    series = {DESCRIPTIONS[scheme]: [results[k][scheme] / results[k]["llama"] for k in keys] for scheme in SCHEMES[1:]}
+    labels = [k.replace("train_", "fwd+bwd T=").replace("decode_", "decode S=") for k in keys]
+    return bar_chart(path, labels, series, "time / Llama's core time",
+                     f"V1 attention core, CPU sdpa, {args.heads} heads / {args.kv_heads} KV heads, d={args.head_dim}, "
+                     f"{args.threads} threads")
 
 
 def parse_args(argv=None):
@@ -343,10 +179,11 @@ def parse_args(argv=None):
     parser.add_argument("--profile", action="store_true",
                         help="also profile every scheme with torch.profiler at the first T and append the tables")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny settings (T 32 64, S 32, 1 repetition, 1 thread) for the smoke test; numbers mean nothing")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "attention_kernels.md",
-                        help="markdown results file; the PNG goes next to it "
-                        "(default: benchmarks/results/attention_kernels.md)")
+                        help="tiny settings (T 32 64, S 32, 1 repetition, 1 thread) for the smoke test; numbers mean "
+                        "nothing")
+    parser.add_argument("--out", type=Path, default=RESULTS / "attention_kernels" / "attention_kernels.md",
+                        help="markdown results file; the PNG and the JSON go next to it "
+                        "(default: benchmarks/results/attention_kernels/attention_kernels.md)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.kv_heads % 2 or args.heads % args.kv_heads:
@@ -358,18 +195,18 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    """Check, time, (optionally) profile, then write the markdown and the PNG."""
+    """Check, time, (optionally) profile, then write the markdown, the PNG and the JSON."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    info = machine_info(args.threads)
     differences = check_equal(args)
     results = run(args)
     profile_text = profile_schemes(args.seq_lens[0], args) if args.profile else ""
-    text = markdown(results, differences, args, profile_text)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    plot(results, args.out.with_suffix(".png"), args)
-    return {"results": results, "differences": differences}
+    chart = plot(results, args.out.with_suffix(".png"), args)
+    write_results(args.out, markdown(results, differences, info, args, profile_text),
+                  {"settings": settings_of(args), "machine": info, "results": results, "differences": differences,
+                   "chart": chart})
+    return {"results": results, "differences": differences, "chart": chart}
 
 
 if __name__ == "__main__":

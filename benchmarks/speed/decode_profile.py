@@ -1,12 +1,11 @@
-#!/usr/bin/env python
 """Where a decoding step's time goes: the operators each model runs per token, from torch.profiler.
 
-`speed.py` reports decode tokens/s; this script explains the ratios. It builds Llama and DiffTransformer V1 / V2
-with `speed.py`'s config numbers (by default hidden 512, 8 query / 4 KV heads, 6 layers, vocab 8192, fp32, sdpa,
-2 threads), prefills a `--prompt-len` prompt, then:
+`benchmarks.speed.speed` reports decode tokens/s; this script explains the ratios. It builds Llama and
+DiffTransformer V1 / V2 with the speed benchmark's config numbers (by default hidden 512, 8 query / 4 KV heads,
+6 layers, vocab 8192, fp32, sdpa, 2 threads), prefills a `--prompt-len` prompt, then:
 
 1. times `--steps` greedy one-token forwards per model with the `DynamicCache`, models interleaved, median of
-   `--repeats` (the same measure as speed.py's "decode tok/s (model loop)");
+   `--repeats` (the same measure as the speed benchmark's "decode tok/s (model loop)");
 2. profiles `--steps` more one-token forwards per model and counts, per generated token, how many times each
    aten operator ran and its self CPU time.
 
@@ -15,11 +14,12 @@ calls and in self time, and the totals. At this size a decoding step is a chain 
 difference in the number of operators shows up directly in tokens/s. The profiler adds its own cost to every
 operator, so its times are larger than in the unprofiled run: read them as shares, not as absolute figures.
 
-    python benchmarks/decode_profile.py            # about a minute on 2 cores
-    python benchmarks/decode_profile.py --before 2df2ff1   # and the Diff models of that commit, same weights
-    python benchmarks/decode_profile.py --quick    # tiny settings, for the smoke test
+    python -m benchmarks.speed.decode_profile            # about a minute on 2 cores
+    python -m benchmarks.speed.decode_profile --threads 1 --clock cpu --repeats 21   # the latest results file
+    python -m benchmarks.speed.decode_profile --before 2df2ff1   # and the Diff models of that commit, same weights
+    python -m benchmarks.speed.decode_profile --quick    # tiny settings, for the smoke test
 
-`--before REV` adds V1 and V2 built by the modeling code of git revision REV (speed.py's `modeling_at`) with the
+`--before REV` adds V1 and V2 built by the modeling code of git revision REV (`harness.models.modeling_at`) with the
 same weights, timed and profiled in the same interleaved run: a change's effect on operators and tok/s, measured
 before and after at once.
 """
@@ -27,51 +27,27 @@ before and after at once.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from speed import (  # noqa: E402
-    CLOCK_HELP,
-    CLOCKS,
+from benchmarks.harness.models import (
     LABELS,
     add_model_arguments,
     build_model,
     config_numbers,
-    machine_info,
     random_ids,
-    time_interleaved,
+    tiny_model_arguments,
 )
+from benchmarks.harness.report import RESULTS, command, header, machine_info, write_results
+from benchmarks.harness.timing import CLOCK_HELP, CLOCKS, decode_seconds, prefill, time_interleaved
 
 LABELS = dict(LABELS)  # the --before models get their own labels below
 
 MODELS = ("llama", "diff-v1", "diff-v2")
-
-
-def prefilled(model, prompt: torch.Tensor):
-    """A DynamicCache holding `prompt` and the first greedy token."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=prompt, cache=cache, use_cache=True)
-    return cache, out.logits[:, -1:].argmax(-1)
-
-
-@torch.inference_mode()
-def seconds_per_token(model, prompt: torch.Tensor, steps: int, clock=time.perf_counter) -> float:
-    """Mean seconds (on `clock`) of one greedy one-token forward after the prompt (prefill not timed)."""
-    cache, token = prefilled(model, prompt)
-    start = clock()
-    for _ in range(steps):
-        token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-    return (clock() - start) / steps
 
 
 @torch.inference_mode()
@@ -79,7 +55,7 @@ def operators_per_token(model, prompt: torch.Tensor, steps: int) -> dict[str, tu
     """{aten operator: (calls per token, self CPU µs per token)} over `steps` profiled one-token forwards."""
     from torch.profiler import ProfilerActivity, profile
 
-    cache, token = prefilled(model, prompt)
+    cache, token = prefill(model, prompt)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
@@ -124,13 +100,13 @@ def parse_args(argv=None):
                         help="also time and profile V1 and V2 built by the modeling code of this git revision")
     parser.add_argument("--quick", action="store_true",
                         help="tiny settings that run in seconds; for the smoke test, the numbers mean nothing")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "decode_profile.md",
-                        help="markdown results file (default: benchmarks/results/decode_profile.md)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "decode_profile" / "decode_profile.md",
+                        help="markdown results file (default: benchmarks/results/decode_profile/decode_profile.md)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
-        args.hidden, args.layers, args.intermediate, args.vocab = 64, 2, 176, 256
-        args.prompt_len, args.steps, args.repeats, args.threads = 16, 4, 1, 1
+        tiny_model_arguments(args)
+        args.prompt_len, args.steps, args.repeats = 16, 4, 1
     return args
 
 
@@ -138,9 +114,8 @@ def main(argv=None) -> dict:
     """Time and profile the decoding step of each model; write and return the results."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    # speed.py's config_numbers reads these fields; the training-step lengths only set max positions here
-    args.seq_lens, args.new_tokens, args.max_positions = [args.prompt_len], args.steps + 2, args.prompt_len
-    numbers = config_numbers(args)
+    info = machine_info(args.threads)
+    numbers = config_numbers(args, max_positions=args.prompt_len + args.steps + 2)
     models = {name: build_model(name, numbers) for name in MODELS}
     diff_models = [name for name in MODELS if name != "llama"]
     if args.before:
@@ -151,27 +126,20 @@ def main(argv=None) -> dict:
             models[before].load_state_dict(models[name].state_dict())
     prompt = random_ids(args.vocab, args.prompt_len, seed=7)
 
-    load_start = os.getloadavg()
     clock = CLOCKS[args.clock]
-    timings = time_interleaved(models, [("decode", lambda m: seconds_per_token(m, prompt, args.steps, clock))],
-                               args.repeats)
+    timings = time_interleaved(
+        models, [("decode", lambda m: decode_seconds(m, prompt, args.steps, clock)[0] / args.steps)], args.repeats)
     per_token = {name: statistics.median(values["decode"]) for name, values in timings.items()}
-    ops = {name: operators_per_token(model, prompt, args.steps) for name, model in tqdm(models.items(), desc="profiling")}
+    ops = {name: operators_per_token(model, prompt, args.steps)
+           for name, model in tqdm(models.items(), desc="profiling")}
 
-    info = machine_info(args.threads)
-    lines = [
-        "# Decoding step: operators per generated token",
-        "",
-        f"Produced by `python benchmarks/decode_profile.py {' '.join(args.argv)}`".rstrip() + f" on {info['date_utc']}.",
-        "",
-        f"- Machine: {info['cpu']}, {info['logical_cores']} logical cores, torch threads = {args.threads}, load "
-        f"average (1, 5, 15 min) {', '.join(f'{x:.2f}' for x in load_start)} at the start, "
-        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} at the end",
-        f"- Versions: Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}",
-        f"- Models: hidden {args.hidden}, {args.heads} query heads, {args.kv_heads} KV heads, {args.layers} layers, "
+    lines = header(
+        "Decoding step: operators per generated token", command("benchmarks.speed.decode_profile", args.argv), info,
+        f"Models: hidden {args.hidden}, {args.heads} query heads, {args.kv_heads} KV heads, {args.layers} layers, "
         f"vocab {args.vocab}, intermediate {args.intermediate}; float32, sdpa, batch 1, DynamicCache, "
         f"{args.prompt_len}-token prompt, {args.steps} one-token forwards",
-        "",
+    )
+    lines += [
         f"| model | ms per token ({args.clock} clock, unprofiled, median of {args.repeats}) | tok/s ratio to Llama | "
         "aten operators per token | profiled self CPU ms per token |",
         "| --- | --- | --- | --- | --- |",
@@ -189,11 +157,7 @@ def main(argv=None) -> dict:
             before = f"{name}@{args.before}"
             lines += ["", f"## {LABELS[name]} now against {LABELS[before]}: operators whose count differs", ""]
             lines += difference_table(ops, name, args.layers, base_name=before)
-    lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_results(args.out, "\n".join(lines))
     return {"per_token_seconds": per_token, "ops": ops}
 
 

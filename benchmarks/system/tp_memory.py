@@ -1,7 +1,7 @@
 """Memory per rank with tensor parallelism (TP=2, `from_pretrained(..., tp_plan="auto")`), CPU processes on gloo.
 
-    python benchmarks/tp_memory.py            # ~130M-parameter V1, V2 and Llama (hidden 1024, 8 layers, vocab 32000)
-    python benchmarks/tp_memory.py --quick    # tiny, seconds
+    python -m benchmarks.system.tp_memory            # ~130M-parameter V1, V2 and Llama (hidden 1024, 8 layers)
+    python -m benchmarks.system.tp_memory --quick    # tiny, seconds
 
 For each model (Diff V1, Diff V2 and a Llama with the same config numbers, tied embeddings), the script saves a
 random float32 checkpoint, then loads it (a) whole in one process and (b) with `tp_plan="auto"` in each of the two
@@ -13,13 +13,12 @@ processes of `torchrun --nproc_per_node 2`, and runs one forward pass of 512 tok
   the activations;
 - with TP, the largest |difference| of its logits from the one-process logits on the same tokens.
 
-Results go to benchmarks/results/tp_memory.md, .json and .png (`--results` elsewhere).
+Results go to benchmarks/results/tp_memory/tp_memory.md, .json and .png (`--out` elsewhere).
 """
 
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -28,8 +27,11 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
-MODELS = ("Diff V1", "Diff V2", "Llama")
+from benchmarks.harness.memory import process_memory
+from benchmarks.harness.models import ROOT, build_model
+from benchmarks.harness.report import RESULTS, bar_chart, command, header, machine_info, write_results
+
+MODELS = {"Diff V1": "diff-v1", "Diff V2": "diff-v2", "Llama": "llama"}
 
 
 def config_numbers(quick: bool) -> dict:
@@ -57,29 +59,8 @@ def config_numbers(quick: bool) -> dict:
 
 def save_models(folder: Path, numbers: dict) -> None:
     """A random float32 checkpoint of each model under `folder / name`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import modeling_diff  # noqa: F401
-    from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
-
-    for name in MODELS:
-        torch.manual_seed(0)
-        if name == "Llama":
-            model = LlamaForCausalLM(LlamaConfig(**numbers))
-        else:
-            model = DiffTransformerForCausalLM(DiffTransformerConfig(diff_version=int(name[-1]), **numbers))
-        model.save_pretrained(folder / name.replace(" ", "_"))
-
-
-def memory_status() -> dict:
-    """This process's resident memory from /proc/self/status (Linux), in bytes: `VmHWM` (the peak), `VmRSS` (now)
-    and `RssAnon` (now, without file-backed pages such as the memory-mapped checkpoint).
-
-    Not ru_maxrss for the peak: Linux carries it over from the parent through fork and exec, so a worker started by
-    a process that held the saved models would report the parent's peak.
-    """
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return {key: int(fields[key].split()[0]) * 1024 for key in ("VmHWM", "VmRSS", "RssAnon")}
+    for label, name in MODELS.items():
+        build_model(name, numbers).save_pretrained(folder / name)
 
 
 def measure(folder: Path, tp: bool, seq_len: int) -> dict:
@@ -98,11 +79,7 @@ def measure(folder: Path, tp: bool, seq_len: int) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(ids).logits
-    result = {
-        "param_bytes": held,
-        "full_param_bytes": full,
-        **memory_status(),
-    }
+    result = {"param_bytes": held, "full_param_bytes": full, **process_memory("VmHWM", "VmRSS", "RssAnon")}
     reference = folder / "logits_one_process.pt"
     if tp:  # the same input in one process (measured first): the sharded model must give the same logits
         result["max_logit_diff"] = (logits - torch.load(reference)).abs().max().item()
@@ -128,48 +105,41 @@ def worker(folder: Path, tp: bool, seq_len: int, out: Path) -> None:
 
 
 def run_worker(folder: Path, tp: bool, seq_len: int, out: Path) -> dict:
-    """Measure in fresh processes (one, or two under torchrun), so that each peak RSS is its own."""
-    args = [__file__, "--worker", str(folder), "--seq-len", str(seq_len), "--out", str(out)] + (["--tp"] if tp else [])
+    """Measure in fresh processes (one, or two under torchrun), so that each peak RSS is its own.
+
+    Not ru_maxrss for the peak: Linux carries it over from the parent through fork and exec, so a worker started by
+    a process that held the saved models would report the parent's peak; VmHWM is the worker's own.
+    """
+    args = ["-m", "benchmarks.system.tp_memory", "--worker", str(folder), "--seq-len", str(seq_len),
+            "--worker-out", str(out)] + (["--tp"] if tp else [])
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
-    command = (launcher if tp else [sys.executable]) + args
+    argv = (launcher if tp else [sys.executable]) + args
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
     if result.returncode:
         raise SystemExit(f"measurement failed:\n{result.stderr[-3000:]}")
     return json.loads(out.read_text())
 
 
-def write_results(out: Path, rows: dict, numbers: dict, settings: str, elapsed: float) -> None:
-    """The table (.md), the raw numbers (.json) and a bar chart (.png) at `out` with those suffixes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def markdown(rows: dict, numbers: dict, info: dict, argv: list[str], elapsed: float) -> str:
+    """The table of parameter bytes and resident memory per process, and how to read it."""
     mib = 2**20
-    load = os.getloadavg()[0]
-    lines = [
-        "# Memory per rank with tensor parallelism (TP=2)",
-        "",
-        f"Produced by `python benchmarks/tp_memory.py {settings}` on "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} in {elapsed:.0f} s.",
-        "",
-        f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, CPU processes on"
-        f" gloo, 1 thread each; 1-minute load average {load:.2f} at the end (the machine is shared)",
-        f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, "
-        f"transformers {__import__('transformers').__version__}",
-        "- Models: " + ", ".join(f"{k} {v}" for k, v in numbers.items()) + "; float32, random weights, one forward"
+    lines = header(
+        "Memory per rank with tensor parallelism (TP=2)", command("benchmarks.system.tp_memory", argv), info,
+        f"CPU processes on gloo, 1 thread each; {elapsed:.0f} s",
+        "Models: " + ", ".join(f"{k} {v}" for k, v in numbers.items()) + "; float32, random weights, one forward"
         " pass of 512 tokens",
-        "- Parameter bytes are exact (local shards of the DTensors, a tied weight counted once). Resident memory is"
+        "Parameter bytes are exact (local shards of the DTensors, a tied weight counted once). Resident memory is"
         " read from /proc/self/status after the forward pass: VmRSS, RssAnon (VmRSS without file-backed pages such"
         " as the memory-mapped checkpoint) and the peak VmHWM; all include the Python/torch/transformers runtime and"
         " the activations.",
-        "",
+    )
+    lines.append(
         "| model | parameters, 1 process | per rank, TP=2 (rank 0 / 1) | ratio | RSS after the forward, 1 process"
         " | per rank, TP=2 | of which anonymous, 1 process | per rank, TP=2 | peak RSS, 1 process | per rank, TP=2"
-        " | max abs logit difference, TP=2 vs 1 process |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+        " | max abs logit difference, TP=2 vs 1 process |"
+    )
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, row in rows.items():
         one, ranks = row["one"], row["tp"]["ranks"]
         cells = [name, f"{one['param_bytes'] / mib:.1f} MiB"]
@@ -193,61 +163,46 @@ def write_results(out: Path, rows: dict, numbers: dict, settings: str, elapsed: 
         "parameter bytes are the memory each rank's weights take, what a GPU rank would hold for them (no GPU was",
         "used here).",
         "",
+        "![parameters held per process](tp_memory.png)",
     ]
-    out.with_suffix(".md").write_text("\n".join(lines))
-    out.with_suffix(".json").write_text(json.dumps({"settings": settings, "config": numbers, "rows": rows}, indent=1))
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    names = list(rows)
-    x = range(len(names))
-    ax.bar([i - 0.2 for i in x], [rows[n]["one"]["param_bytes"] / mib for n in names], 0.4, label="1 process")
-    ax.bar(
-        [i + 0.2 for i in x],
-        [rows[n]["tp"]["ranks"][0]["param_bytes"] / mib for n in names],
-        0.4,
-        label="TP=2, rank 0",
-    )
-    ax.set_xticks(list(x), names)
-    ax.set_ylabel("parameter memory (MiB)")
-    ax.set_title('Parameters held per process, tp_plan="auto"')
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
+    return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny models, for a smoke run")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens of the forward pass")
-    parser.add_argument(
-        "--results",
-        default=str(RESULTS / "tp_memory"),
-        help="where the .md/.json/.png go, without suffix (default: benchmarks/results/tp_memory)",
-    )
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens of the forward pass (default: 512)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "tp_memory" / "tp_memory.md",
+                        help="markdown results file; the JSON and the PNG go next to it "
+                        "(default: benchmarks/results/tp_memory/tp_memory.md)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one measuring process
     parser.add_argument("--tp", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
     if args.worker:
-        return worker(Path(args.worker), args.tp, args.seq_len, Path(args.out))
+        return worker(Path(args.worker), args.tp, args.seq_len, Path(args.worker_out))
 
     start = time.perf_counter()
+    info = machine_info(threads=1)
     numbers = config_numbers(args.quick)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         save_models(Path(tmp), numbers)
-        for name in MODELS:
-            folder = Path(tmp) / name.replace(" ", "_")
-            rows[name] = {
-                tp: run_worker(folder, tp == "tp", args.seq_len, Path(tmp) / "out.json") for tp in ("one", "tp")
+        for label, name in MODELS.items():
+            rows[label] = {
+                tp: run_worker(Path(tmp) / name, tp == "tp", args.seq_len, Path(tmp) / "out.json")
+                for tp in ("one", "tp")
             }
-            print(
-                f"{name}: {rows[name]['one']['param_bytes'] / 2**20:.1f} MiB whole, "
-                f"{rows[name]['tp']['ranks'][0]['param_bytes'] / 2**20:.1f} MiB on rank 0 with TP=2",
-                flush=True,
-            )
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    write_results(Path(args.results), rows, numbers, " ".join(sys.argv[1:]), time.perf_counter() - start)
+            print(f"{label}: {rows[label]['one']['param_bytes'] / 2**20:.1f} MiB whole, "
+                  f"{rows[label]['tp']['ranks'][0]['param_bytes'] / 2**20:.1f} MiB on rank 0 with TP=2", flush=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chart = bar_chart(args.out.with_suffix(".png"), list(rows),
+                      {"1 process": [row["one"]["param_bytes"] / 2**20 for row in rows.values()],
+                       "TP=2, rank 0": [row["tp"]["ranks"][0]["param_bytes"] / 2**20 for row in rows.values()]},
+                      "parameter memory (MiB)", 'Parameters held per process, tp_plan="auto"', reference=None)
+    write_results(args.out, markdown(rows, numbers, info, argv, time.perf_counter() - start),
+                  {"settings": " ".join(argv), "machine": info, "config": numbers, "rows": rows, "chart": chart})
+    return {"rows": rows, "chart": chart}
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ and scored on predicting those values. By default each context pair is ONE token
 
 so retrieval is one attention hop: match the query key against the pair tokens, copy the value. With
 ``--two-token-pairs`` a pair is written ``k v`` (Zoology's format), which also needs an induction circuit across two
-layers; no model learned that within this CPU budget (``results/recall_calibration.md``), so it is not the default.
+layers; no model learned that within this CPU budget (``results/recall_study/calibration.md``), so it is not the
+default.
 Keys, values, fillers and pair tokens are disjoint token ranges. Everything is drawn from a seed; evaluation
 sequences are drawn like training ones, from other streams of the seed. Training mixes every cell of the difficulty
 grid (number of pairs × context length); evaluation scores each cell on its own.
@@ -26,251 +27,49 @@ For each model width, model, learning rate and seed it records:
 
 It reports each model at its own best learning rate (by mean final accuracy over cells and seeds), mean ± std over
 seeds, and calls a difference only when the means differ by more than the sum of the two standard deviations.
-Writes ``recall_study.md``, ``recall_study.json`` (every run, every curve) and PNG charts into ``--out``.
+Writes ``recall_study.md``, ``recall_study.json`` (every run, every curve) and PNG charts into ``--out`` (default
+``benchmarks/results/recall_study``). Settings: ``config.py`` beside this file; the task: ``task.py``.
 
-Runs: ``python benchmarks/recall_study.py`` (the default study, sized for under an hour on 2 idle CPU cores),
-``--smoke`` (seconds, for CI). Jobs run in ``--workers`` processes of one thread each.
+    python -m benchmarks.studies.recall.recall_study             # the default study: 27 runs, 44 min on 2 idle cores
+    python -m benchmarks.studies.recall.recall_study --layers    # re-train the best-rate runs, every layer's attention
+    python -m benchmarks.studies.recall.recall_study --smoke     # seconds, for the tests
+
+Jobs run in ``--workers`` processes of one thread each.
 """
-
-from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from paper_effects import (  # noqa: E402  (the shared study harness: models, schedule, jobs, machine, load)
-    LABELS,
+from benchmarks.harness.models import parameter_count
+from benchmarks.harness.report import RESULTS, command
+from benchmarks.studies.harness import (
     MODELS,
-    build_model,
-    count_parameters,
-    machine_description,
-    mean_std,
-    model_configs,
+    finished_state,
+    init_model,
+    machine_line,
     run_jobs,
+    settings_from_dict,
     study_trainer,
 )
-from paper_effects import Settings as TextSettings  # noqa: E402
+from benchmarks.studies.recall.config import PRESETS, Settings, model_config
+from benchmarks.studies.recall.report import best_rate, runs_of, write_report
+from benchmarks.studies.recall.task import (
+    attention_shares,
+    cell_name,
+    eval_data,
+    recall_accuracy,
+    steps_to,
+    training_data,
+)
 
-PAD, BOS = 0, 1
-FIRST_KEY = 2  # keys, then values, then fillers: three disjoint id ranges after PAD and BOS
-
-
-@dataclass
-class Settings:
-    """Everything that defines a study run; written verbatim into the report and the JSON."""
-
-    widths: tuple = (64,)  # hidden sizes; head_dim = width / heads (a second width did not fit the hour on 2 cores)
-    num_hidden_layers: int = 2
-    heads: int = 4  # Llama's query heads (= KV heads); V1 the same numbers, V2 twice the query heads
-    num_keys: int = 16
-    num_values: int = 8
-    num_fillers: int = 32
-    pairs: tuple = (2, 6, 12)  # key–value pairs in the context, queried or not
-    context_lens: tuple = (16, 40)  # tokens of context (pairs + filler) before the queries
-    queries: int = 4  # queried keys per sequence (the other pairs are distractors)
-    batch_size: int = 64
-    steps: int = 2000
-    learning_rates: tuple = (1e-3, 3e-3, 1e-2)
-    warmup_fraction: float = 0.1
-    min_lr_ratio: float = 0.04
-    adam_betas: tuple = (0.9, 0.98)
-    weight_decay: float = 0.1
-    seeds: tuple = (0, 1, 2)
-    eval_every: int = 100  # steps between accuracy checks on the curve set
-    curve_samples: int = 16  # sequences per cell for the training curve
-    eval_samples: int = 128  # sequences per cell for the final accuracy
-    attention_samples: int = 32  # sequences per cell for the attention shares
-    workers: int = 2
-    threads_per_worker: int = 1
-
-    fused_pairs: bool = True  # each context pair is one token (key, value); the query is a key token
-
-    @property
-    def vocab_size(self) -> int:
-        pair_tokens = self.num_keys * self.num_values if self.fused_pairs else 0
-        return FIRST_KEY + self.num_keys + self.num_values + self.num_fillers + pair_tokens
-
-    @property
-    def pair_width(self) -> int:
-        """Tokens per context pair: 1 when fused, else 2 (key, value)."""
-        return 1 if self.fused_pairs else 2
-
-    @property
-    def seq_len(self) -> int:
-        return 1 + max(self.context_lens) + 2 * self.queries
-
-    @property
-    def cells(self) -> list[tuple[int, int]]:
-        """(pairs, context length) cells, easiest first: fewer pairs, then shorter context."""
-        return [(p, c) for p in self.pairs for c in self.context_lens if self.pair_width * p <= c]
-
-
-PRESETS = {
-    "default": Settings(),
-    "smoke": Settings(widths=(32,), heads=2, pairs=(2, 4), context_lens=(16, 32), queries=2, batch_size=4, steps=6,
-                      learning_rates=(1e-3, 3e-3), seeds=(0,), eval_every=3, curve_samples=2, eval_samples=4,
-                      attention_samples=2, workers=1, threads_per_worker=2),
-}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# data
-
-
-def make_batch(settings: Settings, rng: np.random.Generator, cells: list[tuple[int, int]]) -> dict:
-    """One MQAR sequence per entry of `cells`, right-padded to `settings.seq_len`.
-
-    Returns numpy arrays: ``input_ids``/``labels`` (labels are -100 except at the queried values),
-    ``segment`` (per position: -1 pad/BOS/query section, -2 filler, i ≥ 0 = the i-th pair of the context) and
-    ``query_pair`` (per position: the pair index a query key asks for, -1 elsewhere).
-    """
-    n = len(cells)
-    shape = (n, settings.seq_len)
-    input_ids, labels = np.full(shape, PAD), np.full(shape, -100)
-    segment, query_pair = np.full(shape, -1), np.full(shape, -1)
-    first_value = FIRST_KEY + settings.num_keys
-    first_filler = first_value + settings.num_values
-    first_pair = first_filler + settings.num_fillers
-    for row, (pairs, context_len) in enumerate(cells):
-        key_ids = rng.choice(settings.num_keys, pairs, replace=False)
-        value_ids = rng.integers(0, settings.num_values, pairs)
-        keys, values = FIRST_KEY + key_ids, first_value + value_ids
-        # filler tokens fall into the pairs + 1 gaps around the pairs, uniformly
-        gaps = np.bincount(rng.integers(0, pairs + 1, context_len - settings.pair_width * pairs), minlength=pairs + 1)
-        tokens, seg = [BOS], [-1]
-        for i in range(pairs + 1):
-            tokens += list(first_filler + rng.integers(0, settings.num_fillers, gaps[i]))
-            seg += [-2] * int(gaps[i])
-            if i < pairs:
-                if settings.fused_pairs:
-                    tokens.append(first_pair + key_ids[i] * settings.num_values + value_ids[i])
-                else:
-                    tokens += [keys[i], values[i]]
-                seg += [i] * settings.pair_width
-        asked = rng.choice(pairs, min(settings.queries, pairs), replace=False)
-        start = len(tokens)
-        for j, i in enumerate(asked):
-            tokens += [keys[i], values[i]]
-            seg += [-1, -1]
-            query_pair[row, start + 2 * j] = i
-            labels[row, start + 2 * j + 1] = values[i]
-        input_ids[row, : len(tokens)] = tokens
-        segment[row, : len(tokens)] = seg
-    return {"input_ids": input_ids, "labels": labels, "segment": segment, "query_pair": query_pair}
-
-
-def grid_cells(settings: Settings, rng: np.random.Generator, count: int) -> list[tuple[int, int]]:
-    """`count` cells drawn uniformly from the grid (the training mixture)."""
-    cells = settings.cells
-    return [cells[i] for i in rng.integers(0, len(cells), count)]
-
-
-def training_data(settings: Settings, seed: int) -> list[dict]:
-    """The `steps · batch_size` training sequences of one seed, in order: the same for every model and rate."""
-    rng = np.random.default_rng([seed, 0])
-    batch = make_batch(settings, rng, grid_cells(settings, rng, settings.steps * settings.batch_size))
-    return [{"input_ids": ids, "labels": lab} for ids, lab in zip(batch["input_ids"].tolist(),
-                                                                    batch["labels"].tolist())]
-
-
-def eval_data(settings: Settings, seed: int, samples: int, purpose: int) -> dict:
-    """`samples` fresh sequences per cell (drawn like training ones, from another stream of the seed)."""
-    rng = np.random.default_rng([seed, purpose])
-    return {cell: make_batch(settings, rng, [cell] * samples) for cell in settings.cells}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# measurements
-
-
-def recall_accuracy(model, batch: dict, chunk: int = 32) -> float:
-    """Share of queries whose value is the model's argmax prediction."""
-    import torch
-
-    correct = total = 0
-    with torch.no_grad():
-        for i in range(0, len(batch["input_ids"]), chunk):
-            ids = torch.as_tensor(batch["input_ids"][i : i + chunk])
-            labels = torch.as_tensor(batch["labels"][i : i + chunk])
-            predicted = model(input_ids=ids, attention_mask=(ids != PAD).long()).logits[:, :-1].argmax(-1)
-            target = labels[:, 1:]
-            asked = target != -100
-            correct += (predicted[asked] == target[asked]).sum().item()
-            total += asked.sum().item()
-    return correct / max(total, 1)
-
-
-def attention_shares(model, batch: dict) -> dict:
-    """Where each layer looks from each query key, as shares of the row's total absolute attention.
-
-    For every query key position: the attention on the queried pair (its token, or key and value tokens), on all
-    distractor pairs, and on the filler; each divided by the sum of |attention| over the row. For softmax maps the
-    divisor is 1; a differential row sums to 1 − λ and can hold negative entries, so the shares put both kinds of map
-    on one scale, and a negative share means net negative attention. Averaged over heads (``mean``) and, for the head
-    that attends most to the queried pair, that head alone (``best_head``). The top-level ``mean``/``best_head`` are
-    the last layer's; ``layers`` holds the same for every layer, first to last.
-    """
-    import torch
-    from modeling_diff_eval.metrics import attn_implementation
-
-    with torch.no_grad(), attn_implementation(model, "eager"):
-        ids = torch.as_tensor(batch["input_ids"])
-        maps = model(input_ids=ids, attention_mask=(ids != PAD).long(), output_attentions=True).attentions
-    layers = [layer_shares(rows.float(), batch) for rows in maps]  # each rows: (batch, heads, T, T)
-    return {**layers[-1], "layers": layers}
-
-
-def layer_shares(rows, batch: dict) -> dict:
-    """`attention_shares` for one layer's maps ``rows`` of shape (batch, heads, T, T)."""
-    import torch
-
-    totals = {"mean": np.zeros(3), "best_head": np.zeros(3)}
-    count = 0
-    for b, t in zip(*np.nonzero(batch["query_pair"] >= 0)):
-        row = rows[b, :, t]  # (heads, T)
-        segment = torch.as_tensor(batch["segment"][b])
-        asked = int(batch["query_pair"][b, t])
-        scale = row.abs().sum(-1).clamp_min(1e-9)
-        parts = torch.stack([row[:, segment == asked].sum(-1),
-                             row[:, (segment >= 0) & (segment != asked)].sum(-1),
-                             row[:, segment == -2].sum(-1)], -1) / scale[:, None]  # (heads, 3)
-        totals["mean"] += parts.mean(0).numpy()
-        totals["best_head"] += parts[parts[:, 0].argmax()].numpy()
-        count += 1
-    names = ("queried_pair", "distractor_pairs", "filler")
-    return {kind: dict(zip(names, (v / max(count, 1)).tolist())) for kind, v in totals.items()}
-
-
-def steps_to(curve: list[dict], cell: str, threshold: float = 0.9):
-    """The first logged step at which the cell's accuracy reached `threshold` (None if it never did)."""
-    return next((point["step"] for point in curve if point["acc"][cell] >= threshold), None)
-
-
-def cell_name(cell: tuple[int, int]) -> str:
-    return f"{cell[0]}pairs/{cell[1]}ctx"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# one job: train one model at one width, rate and seed, then measure it
-
-
-def model_config(settings: Settings, width: int, name: str):
-    """The study's config for `name` at `width`: paper_effects' three layouts (equal parameters within 2%)."""
-    text = TextSettings(vocab_size=settings.vocab_size, hidden_size=width, heads=settings.heads,
-                        num_hidden_layers=settings.num_hidden_layers, intermediate_size=round(8 / 3 * width),
-                        eval_context_lens=(settings.seq_len,))
-    return model_configs(text, settings.vocab_size)[name]
+MODULE = "benchmarks.studies.recall.recall_study"
 
 
 def run_job(job: dict, queue=None) -> dict:
@@ -288,7 +87,7 @@ def run_job(job: dict, queue=None) -> dict:
         if queue is not None:
             queue.put((tag, kind, value))
 
-    model = build_model(name, model_config(settings, width, name), seed)
+    model = init_model(model_config(settings, width, name), seed)
     data = training_data(settings, seed)
     curve_set = eval_data(settings, seed, settings.curve_samples, purpose=1)
     curve = []
@@ -320,7 +119,7 @@ def run_job(job: dict, queue=None) -> dict:
     cells = [cell_name(c) for c in settings.cells]
     result = {
         "model": name, "width": width, "seed": seed, "learning_rate": rate,
-        "parameters": count_parameters(model),
+        "parameters": parameter_count(model),
         "acc": {cell_name(c): recall_accuracy(model, b) for c, b in final.items()},
         "curve": curve,
         "steps_to_90": {cell: steps_to(curve, cell) for cell in cells},
@@ -332,328 +131,6 @@ def run_job(job: dict, queue=None) -> dict:
     result["mean_acc"] = statistics.fmean(result["acc"].values())
     report("done")
     return result
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# aggregation: each model at its own best learning rate
-
-
-def runs_of(results: list[dict], model: str, width: int, rate: float | None = None) -> list[dict]:
-    return [r for r in results if r["model"] == model and r["width"] == width
-            and (rate is None or math.isclose(r["learning_rate"], rate))]
-
-
-def best_rate(results: list[dict], model: str, width: int) -> float | None:
-    """The learning rate with the highest mean (over seeds) of the accuracy averaged over every cell."""
-    rates = sorted({r["learning_rate"] for r in runs_of(results, model, width)})
-    scores = {rate: mean_std([r["mean_acc"] for r in runs_of(results, model, width, rate)])[0] for rate in rates}
-    return max(scores, key=scores.get) if scores else None
-
-
-def at_best(results: list[dict], width: int) -> dict:
-    """{model: runs (one per seed) at that model's best learning rate} for one width."""
-    return {m: runs_of(results, m, width, best_rate(results, m, width)) for m in MODELS
-            if runs_of(results, m, width)}
-
-
-def fmt(stats: tuple[float, float], percent: bool = True) -> str:
-    mean, std = stats
-    if math.isnan(mean):
-        return "n/a"
-    return f"{mean:.1%} ± {std:.1%}" if percent else f"{mean:.3f} ± {std:.3f}"
-
-
-def verdict(ours: list[float], base: list[float], higher_is_better: bool = True) -> str:
-    """"better"/"worse" than the baseline only when the means differ by more than the sum of the two stds."""
-    (m1, s1), (m0, s0) = mean_std(ours), mean_std(base)
-    if math.isnan(m1) or math.isnan(m0):
-        return "not measured"
-    if min(len(ours), len(base)) < 2:
-        return "not called (one seed)"
-    if abs(m1 - m0) <= s1 + s0:
-        return "no clear difference"
-    return "better" if (m1 > m0) == higher_is_better else "worse"
-
-
-def steps_cell(runs: list[dict], cell: str, steps: int) -> str:
-    """Steps to 90% as "mean ± std (k/n seeds)" over the seeds that got there, or "never (0/n)"."""
-    reached = [r["steps_to_90"][cell] for r in runs if r["steps_to_90"][cell] is not None]
-    if not reached:
-        return f"not within {steps} (0/{len(runs)})"
-    mean, std = mean_std(reached)
-    return f"{mean:.0f} ± {std:.0f} ({len(reached)}/{len(runs)})"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# report and charts
-
-
-def headline_table(results: list[dict], settings: Settings, width: int) -> list[str]:
-    """One row per model at its best learning rate: the numbers the README quotes."""
-    best = at_best(results, width)
-    easy, hard = cell_name(settings.cells[0]), cell_name(settings.cells[-1])
-    lines = [f"| model (width {width}) | parameters | best learning rate | accuracy, mean over cells | "
-             f"accuracy {easy} (easiest) | accuracy {hard} (hardest) | steps to 90%, {easy} | "
-             f"attention on queried pair, {hard} | on distractor pairs | on filler |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for m, runs in best.items():
-        share = lambda key, runs=runs: fmt(mean_std([r["attention"][hard]["mean"][key] for r in runs]))  # noqa: E731
-        accuracy = [fmt(mean_std([r["acc"][cell] for r in runs])) for cell in (easy, hard)]
-        lines.append(f"| {LABELS[m]} | {runs[0]['parameters']:,} | {runs[0]['learning_rate']:g} | "
-                     f"{fmt(mean_std([r['mean_acc'] for r in runs]))} | {accuracy[0]} | {accuracy[1]} | "
-                     f"{steps_cell(runs, easy, settings.steps)} | {share('queried_pair')} | "
-                     f"{share('distractor_pairs')} | {share('filler')} |")
-    return lines
-
-
-def cell_tables(results: list[dict], settings: Settings, width: int) -> list[str]:
-    """Accuracy, steps to 90% and attention shares per cell, each model at its best learning rate."""
-    best = at_best(results, width)
-    head = "| cell (pairs / context) | " + " | ".join(LABELS[m] for m in best) + " |"
-    rule = "| --- |" + " --- |" * len(best)
-    acc, steps, attention = [head, rule], [head, rule], [head, rule]
-    for cell in map(cell_name, settings.cells):
-        acc.append(f"| {cell} | " + " | ".join(fmt(mean_std([r["acc"][cell] for r in runs]))
-                                               for runs in best.values()) + " |")
-        steps.append(f"| {cell} | " + " | ".join(steps_cell(runs, cell, settings.steps) for runs in best.values())
-                     + " |")
-        cells = []
-        for runs in best.values():
-            parts = [mean_std([r["attention"][cell][kind]["queried_pair"] for r in runs])[0]
-                     for kind in ("mean", "best_head")]
-            noise = mean_std([r["attention"][cell]["mean"]["distractor_pairs"] for r in runs])[0]
-            cells.append(f"{parts[0]:.1%} / {noise:.1%} (best head {parts[1]:.1%})")
-        attention.append(f"| {cell} | " + " | ".join(cells) + " |")
-    return ["Recall accuracy (mean ± std over seeds):", "", *acc, "",
-            "Steps to reach 90% accuracy (mean ± std over the seeds that reached it, checked every "
-            f"{settings.eval_every} steps on {settings.curve_samples} sequences per cell):", "", *steps, "",
-            "Last-layer attention from the query key: share on the queried pair / on all distractor pairs, averaged "
-            "over heads (and on the queried pair for the head that puts most there):", "", *attention]
-
-
-def sweep_table(results: list[dict], settings: Settings, width: int) -> list[str]:
-    """Mean accuracy over cells for every model and learning rate: the whole sweep, best marked."""
-    rates = sorted({r["learning_rate"] for r in results if r["width"] == width})
-    lines = ["| model | " + " | ".join(f"lr {rate:g}" for rate in rates) + " |", "| --- |" + " --- |" * len(rates)]
-    for m in MODELS:
-        best = best_rate(results, m, width)
-        if best is None:
-            continue
-        cells = []
-        for rate in rates:
-            text = fmt(mean_std([r["mean_acc"] for r in runs_of(results, m, width, rate)]))
-            cells.append(f"**{text}**" if math.isclose(rate, best) else text)
-        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def findings(results: list[dict], settings: Settings, width: int) -> list[str]:
-    """The paper's claims, one bullet each, with the verdict computed from the runs at each model's best rate."""
-    best = at_best(results, width)
-    if "llama" not in best:
-        return ["- No Llama runs: nothing to compare against."]
-    hard = cell_name(settings.cells[-1])
-    easy = cell_name(settings.cells[0])
-    many = [cell_name(c) for c in settings.cells if c[0] == max(settings.pairs)]
-    claims = [
-        ("higher recall accuracy (mean over every cell)", lambda r: r["mean_acc"], True),
-        (f"higher recall accuracy with the most distractors ({', '.join(many)}, mean)",
-         lambda r: statistics.fmean(r["acc"][c] for c in many), True),
-        (f"more attention on the queried pair among distractors ({hard}, last layer, share of |attention|)",
-         lambda r: r["attention"][hard]["mean"]["queried_pair"], True),
-        (f"less attention on the distractor pairs ({hard})",
-         lambda r: r["attention"][hard]["mean"]["distractor_pairs"], False),
-        (f"less attention on the filler ({hard})", lambda r: r["attention"][hard]["mean"]["filler"], False),
-    ]
-    lines = []
-    base = best["llama"]
-    for claim, get, higher in claims:
-        parts = []
-        for m in ("diff-v1", "diff-v2"):
-            if m in best:
-                ours = [get(r) for r in best[m]]
-                parts.append(f"{LABELS[m]}: **{verdict(ours, [get(r) for r in base], higher)}** "
-                             f"({statistics.fmean(ours):.1%} vs {statistics.fmean(get(r) for r in base):.1%})")
-        lines.append(f"- Paper: {claim}. Here, against Llama at each model's best rate — " + "; ".join(parts) + ".")
-    reached = {m: [r["steps_to_90"][easy] for r in runs] for m, runs in best.items()}
-    speed = "; ".join(f"{LABELS[m]} {sum(s is not None for s in v)}/{len(v)} seeds"
-                      + (f", mean {statistics.fmean(s for s in v if s is not None):.0f} steps"
-                         if any(s is not None for s in v) else "") for m, v in reached.items())
-    lines.append(f"- Learning speed: seeds reaching 90% in the easiest cell ({easy}) — {speed}.")
-    every = {m: [r for r in results if r["model"] == m and r["width"] == width] for m in best}
-    robust = "; ".join(f"{LABELS[m]} {sum(r['steps_to_90'][easy] is not None for r in runs)}/{len(runs)}"
-                       for m, runs in every.items())
-    lines.append(f"- Robustness to the learning rate: runs, over every rate and seed, that reached 90% in {easy} — "
-                 f"{robust}.")
-    live = max((statistics.fmean(r["acc"][easy] for r in runs) for runs in best.values()), default=0.0)
-    lines.append(f"- The instrument is {'live' if live >= 0.9 else '**not live**'}: the best model reaches "
-                 f"{live:.1%} in the easiest cell (the study asks for ≥ 90%).")
-    return lines
-
-
-def make_chart(results: list[dict], settings: Settings, width: int, out: Path, name: str) -> str:
-    """One PNG, four panels: accuracy per cell, the learning-rate sweep, the easiest and hardest cells' curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = {"llama": "tab:gray", "diff-v1": "tab:blue", "diff-v2": "tab:orange"}
-    best = at_best(results, width)
-    cells = [cell_name(c) for c in settings.cells]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    bar = 0.8 / max(1, len(best))
-    for i, (m, runs) in enumerate(best.items()):
-        stats = [mean_std([r["acc"][c] for r in runs]) for c in cells]
-        axes[0, 0].bar([j + (i - (len(best) - 1) / 2) * bar for j in range(len(cells))], [s[0] for s in stats], bar,
-                       yerr=[s[1] for s in stats], capsize=2, color=colors[m],
-                       label=f"{LABELS[m]} (lr {runs[0]['learning_rate']:g})")
-    axes[0, 0].set_xticks(range(len(cells)), cells, rotation=30, fontsize=8)
-    axes[0, 0].set_ylabel("recall accuracy")
-    axes[0, 0].set_title("Accuracy per cell, each model at its best rate")
-    axes[0, 0].legend(fontsize=8)
-    rates = sorted({r["learning_rate"] for r in results if r["width"] == width})
-    for m in best:
-        stats = [mean_std([r["mean_acc"] for r in runs_of(results, m, width, rate)]) for rate in rates]
-        axes[0, 1].errorbar(rates, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3,
-                            color=colors[m], label=LABELS[m])
-    axes[0, 1].set_xscale("log")
-    axes[0, 1].set_xlabel("peak learning rate")
-    axes[0, 1].set_ylabel("accuracy, mean over cells")
-    axes[0, 1].set_title("Learning-rate sweep (mean ± std over seeds)")
-    axes[0, 1].legend(fontsize=8)
-    for axis, cell in ((axes[1, 0], cells[0]), (axes[1, 1], cells[-1])):
-        for m, runs in best.items():
-            steps = [p["step"] for p in runs[0]["curve"]]
-            stats = [mean_std([r["curve"][k]["acc"][cell] for r in runs]) for k in range(len(steps))]
-            means = np.array([s[0] for s in stats])
-            stds = np.array([s[1] for s in stats])
-            axis.plot(steps, means, color=colors[m], label=LABELS[m])
-            axis.fill_between(steps, means - stds, means + stds, color=colors[m], alpha=0.2)
-        axis.axhline(0.9, color="k", ls=":", lw=1)
-        axis.set_xlabel("training step")
-        axis.set_ylabel("recall accuracy")
-        axis.set_title(f"Training curve, {cell}")
-        axis.legend(fontsize=8)
-    for axis in axes.flat:
-        axis.grid(alpha=0.3)
-    fig.suptitle(f"Associative recall among distractors (width {width})")
-    fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
-    plt.close(fig)
-    return name
-
-
-READING = """
-- **What is tested.** The paper's retrieval claim: with many distractor pairs and irrelevant filler in the context,
-  does subtracting two softmax maps let attention find the queried key more reliably? With one-token pairs the task
-  is exactly that, one attention hop (match the query key, copy the value); it does not test the induction circuits
-  that two-token formats and natural text also need.
-- **Learning rate and seeds.** Small models learn this task through a plateau followed by a jump, and when the jump
-  comes varies with the rate and the seed. A comparison at one shared rate can therefore favour whichever model
-  that rate suits; here every model is reported at its own best rate, every rate's numbers are in the sweep table,
-  and a difference counts only when it exceeds the seed spread.
-- **Attention shares.** A softmax row sums to 1; a differential row sums to 1 − λ and can hold negative entries. The
-  shares divide by the row's total |attention|, so 100% on the queried pair means all of the row's attention mass
-  is there, for either kind of map. The last layer is measured (of 2); a model may also retrieve partly in the
-  first layer, which these shares do not see.
-- **Scale.** ~0.1M-parameter models, a few minutes of CPU training each: an answer for this scale and this task,
-  not for the paper's 3B models.
-"""
-
-
-def write_report(state: dict, out: Path, missing: list[str] = (), note: str = "") -> Path:
-    """Write recall_study.md, recall_study.json and one chart per width from `state` (settings, runs, timing)."""
-    settings = settings_from_dict(state["settings"])
-    results = state["results"]
-    wall = state.get("wall_seconds", state.get("elapsed_seconds", float("nan")))
-    loads = state.get("load_samples") or []
-    (out / "recall_study.json").write_text(json.dumps({k: v for k, v in state.items() if k != "started"}, indent=1))
-    layers_file = out / "recall_study_layers.json"
-    layers = json.loads(layers_file.read_text()) if layers_file.exists() else None
-    lines = [
-        "# Associative recall among distractors: Llama vs DiffTransformer V1 and V2",
-        "",
-        f"Produced by `{state['command']}` (preset **{state['preset']}**); every run, curve and measurement is in "
-        "[`recall_study.json`](recall_study.json).",
-        "",
-        f"- **Machine:** {machine_description()}.",
-        "- **Load:** " + (f"1-minute load average during the run (sampled every 30 s): mean "
-                          f"{statistics.fmean(loads):.1f}, max {max(loads):.1f}, on {os.cpu_count()} cores."
-                          if loads else "not recorded."),
-        f"- **Wall time:** {wall / 60:.1f} min for {len(results)} training runs in {settings.workers} worker "
-        f"process(es) × {settings.threads_per_worker} thread(s).",
-        *([f"- **INCOMPLETE:** missing runs: {', '.join(missing)}."] if missing else []),
-        *([f"- **Note:** {note or state.get('note')}"] if note or state.get("note") else []),
-        "",
-    ]
-    for width in sorted({r["width"] for r in results}):
-        chart = make_chart(results, settings, width, out, f"recall_study_width{width}.png")
-        lines += [f"## Width {width}", "", "Each model at its own best learning rate (mean ± std over seeds "
-                  f"{', '.join(map(str, settings.seeds))}):", "", *headline_table(results, settings, width), "",
-                  "### Findings", "", "\"Better\"/\"worse\" only when the means differ by more than the sum of the "
-                  "two standard deviations over seeds.", "", *findings(results, settings, width),
-                  *(retrieval_layer_findings(layers, settings, width) if layers else []), "",
-                  f"![recall study, width {width}]({chart})", "",
-                  "### Learning-rate sweep (accuracy, mean over cells; bold = the rate each model is reported at)",
-                  "", *sweep_table(results, settings, width), "",
-                  "### Per cell, each model at its best rate", "", *cell_tables(results, settings, width), ""]
-        if layers:
-            lines += ["### Every layer's attention (re-trained best-rate runs, `--layers`)", "",
-                      *layer_table(layers, settings, width), ""]
-    params = {(r["model"], r["width"]): r["parameters"] for r in results}
-    lines += [
-        "## How to read this",
-        "",
-        READING.strip(),
-        "",
-        "## Settings",
-        "",
-        f"- Task: MQAR with distractors. Vocabulary {settings.vocab_size}: {settings.num_keys} key tokens, "
-        f"{settings.num_values} value tokens, {settings.num_fillers} filler tokens"
-        + (f", {settings.num_keys * settings.num_values} pair tokens (one per key–value combination; a context pair "
-           "is one token)" if settings.fused_pairs else " (a context pair is two tokens, key then value)")
-        + ", PAD, BOS. Each sequence: BOS, a "
-        f"context of `pairs` key–value pairs (distinct keys, values drawn with replacement) with filler tokens "
-        f"scattered uniformly into the gaps up to the context length, then {settings.queries} queried keys (distinct, "
-        f"from the pairs; the other pairs are distractors), each followed by its value. Loss and accuracy only on "
-        f"the queried values; chance is 1/{settings.num_values}.",
-        f"- Grid: pairs {list(settings.pairs)} × context {list(settings.context_lens)} tokens (cells with more pair "
-        f"tokens than context dropped): {', '.join(map(cell_name, settings.cells))}. Training draws every "
-        f"sequence's cell uniformly from the grid; sequences are right-padded to {settings.seq_len} tokens.",
-        f"- Data from numpy's PCG64 seeded with [seed, stream]: stream 0 = training ({settings.steps} × "
-        f"{settings.batch_size} sequences, in order, the same for every model and rate of a seed), 1 = the curve "
-        f"set ({settings.curve_samples} per cell), 2 = the final accuracy set ({settings.eval_samples} per cell, "
-        f"{settings.eval_samples * settings.queries} queries at most), 3 = the attention set "
-        f"({settings.attention_samples} per cell).",
-        f"- Models: {settings.num_hidden_layers} layers, tied embeddings, RoPE; Llama {settings.heads} heads (= KV "
-        f"heads), SwiGLU 8/3·width; V1 the same numbers (the paper's layout: {settings.heads // 2} differential heads "
-        f"with values twice as wide); V2 DIFF V2's layout ({2 * settings.heads} query heads, {settings.heads} KV "
-        "heads) with a narrower SwiGLU so its parameters match (`paper_effects.model_configs`). Parameters: "
-        + ", ".join(f"{LABELS[m]} {p:,} (width {w})" for (m, w), p in sorted(params.items(), key=lambda x: x[0][1]))
-        + ".",
-        f"- Training (🤗 Trainer, the same recipe for all): {settings.steps} steps × batch {settings.batch_size}, "
-        f"AdamW β = {tuple(settings.adam_betas)}, weight decay {settings.weight_decay}, gradient clipping 1.0, "
-        f"linear warmup over {settings.warmup_fraction:.0%} of the steps then linear decay to "
-        f"{settings.min_lr_ratio:.0%} of the peak, fp32, sdpa attention; peak learning rates "
-        f"{', '.join(f'{r:g}' for r in settings.learning_rates)}, seeds {', '.join(map(str, settings.seeds))}. A "
-        "model's best rate is the one with the highest mean accuracy over cells and seeds.",
-        "- Attention shares: eager attention, last layer, at every query-key position (the position that predicts "
-        "the value); the attention summed over the queried pair's token(s), over every distractor pair's tokens "
-        "and over the filler, each divided by the row's total |attention| (1 for softmax; a differential row sums "
-        "to 1 − λ and may hold negative entries, so shares can be negative and are on one scale for all models).",
-        "",
-    ]
-    path = out / "recall_study.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def settings_from_dict(data: dict) -> Settings:
-    return Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
-
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
@@ -679,8 +156,9 @@ def parse_args(argv=None):
                         help="do not train: write the report from OUT/recall_study.partial.json (an interrupted "
                              "study) or OUT/recall_study.json (a finished one)")
     parser.add_argument("--note", default="", help="one line of context added to the report")
-    parser.add_argument("--out", type=Path, default=HERE / "results",
-                        help="folder for recall_study.md/.json and the charts (default: benchmarks/results)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "recall_study",
+                        help="folder for recall_study.md/.json and the charts "
+                        "(default: benchmarks/results/recall_study)")
     return parser.parse_args(argv)
 
 
@@ -691,7 +169,7 @@ def main(argv=None):
     if args.report_only:
         partial = out / "recall_study.partial.json"
         state = json.loads((partial if partial.exists() else out / "recall_study.json").read_text())
-        settings = settings_from_dict(state["settings"])
+        settings = settings_from_dict(Settings, state["settings"])
         done = {(r["model"], r["width"], r["learning_rate"], r["seed"]) for r in state["results"]}
         missing = [f"{m} w{w} lr {lr:g} seed {s}" for (m, w, lr, s) in job_keys(settings)
                    if (m, w, lr, s) not in done]
@@ -712,23 +190,21 @@ def main(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     scratch = out / ".recall_study_scratch"
     scratch.mkdir(exist_ok=True)
-    params = {f"{m}@{w}": count_parameters(build_model(m, model_config(settings, w, m), 0))
+    params = {f"{m}@{w}": parameter_count(init_model(model_config(settings, w, m), 0))
               for w in settings.widths for m in MODELS}
     for w in settings.widths:
         counts = [params[f"{m}@{w}"] for m in MODELS]
         assert max(counts) / min(counts) - 1 <= 0.02, f"parameters differ by more than 2% at width {w}: {counts}"
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in params.items()))
-    command = "python benchmarks/recall_study.py" + "".join(f" {a}" for a in (argv if argv is not None
-                                                                               else sys.argv[1:]))
     started = time.time()
-    state = {"settings": asdict(settings), "parameters": params, "preset": preset, "command": command,
+    state = {"settings": asdict(settings), "parameters": params, "preset": preset,
+             "command": command(MODULE, sys.argv[1:] if argv is None else argv), "machine": machine_line(),
              "started": started, "load_samples": [], "note": args.note}
     jobs = [{"model": m, "width": w, "learning_rate": lr, "seed": s, "settings": asdict(settings),
              "scratch": str(scratch / f"{m}-{w}-{lr:g}-{s}")} for (m, w, lr, s) in job_keys(settings)]
     results = run_jobs(run_job, jobs, settings.workers, len(jobs) * settings.steps,
                        out / "recall_study.partial.json", state)
-    state = {k: v for k, v in state.items() if not k.startswith("_")}
-    state.update(results=results, wall_seconds=time.time() - started)
+    state = finished_state(state, results, started)
     path = write_report(state, out)
     (out / "recall_study.partial.json").unlink(missing_ok=True)
     shutil.rmtree(scratch, ignore_errors=True)
@@ -739,15 +215,14 @@ def main(argv=None):
 def layers_study(out: Path, argv=None) -> list[dict]:
     """`--layers`: re-train every model at its best rate (each seed) and measure every layer's attention shares."""
     state = json.loads((out / "recall_study.json").read_text())
-    settings = settings_from_dict(state["settings"])
+    settings = settings_from_dict(Settings, state["settings"])
     results = state["results"]
     jobs = [{"model": m, "width": w, "learning_rate": best_rate(results, m, w), "seed": s,
              "settings": asdict(settings), "scratch": str(out / ".recall_study_scratch" / f"{m}-{w}-{s}")}
             for w in sorted({r["width"] for r in results}) for m in MODELS for s in settings.seeds]
     started = time.time()
-    layers = {"command": "python benchmarks/recall_study.py" + "".join(f" {a}" for a in (argv if argv is not None
-                                                                                          else sys.argv[1:])),
-              "started": started, "load_samples": []}
+    layers = {"command": command(MODULE, sys.argv[1:] if argv is None else argv), "started": started,
+              "load_samples": []}
     reruns = run_jobs(run_job, jobs, settings.workers, len(jobs) * settings.steps,
                       out / "recall_study_layers.partial.json", layers)
     for run in reruns:
@@ -763,61 +238,6 @@ def layers_study(out: Path, argv=None) -> list[dict]:
     path = write_report(state, out)
     print(f"wrote {out / 'recall_study_layers.json'} and re-rendered {path} in {layers['wall_seconds'] / 60:.1f} min")
     return reruns
-
-
-def layer_table(layers: dict, settings: Settings, width: int) -> list[str]:
-    """Attention shares of every layer at the hardest cell, from the `--layers` re-runs (mean over seeds)."""
-    runs = [r for r in layers["runs"] if r["width"] == width]
-    hard = cell_name(settings.cells[-1])
-    count = len(runs[0]["attention"][hard]["layers"]) if runs else 0
-    lines = ["| model (lr) | layer | queried pair | distractor pairs | filler | queried pair, best head |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for m in MODELS:
-        mine = [r for r in runs if r["model"] == m]
-        for layer in range(count):
-            shares = [r["attention"][hard]["layers"][layer] for r in mine]
-            cells = [fmt(mean_std([x["mean"][k] for x in shares])) for k in ("queried_pair", "distractor_pairs",
-                                                                           "filler")]
-            best = fmt(mean_std([x["best_head"]["queried_pair"] for x in shares]))
-            lines.append(f"| {LABELS[m]} ({mine[0]['learning_rate']:g}) | {layer + 1} of {count} | "
-                         + " | ".join(cells) + f" | {best} |")
-    reproduced = max(r["acc_difference_to_study"] for r in runs)
-    return [f"From `{layers['command']}` ({layers['wall_seconds'] / 60:.1f} min): every model re-trained at its best "
-            f"rate, each seed, with the same data and initialisation; the largest difference between a re-trained "
-            f"run's accuracy in any cell and the study's is {reproduced:.1%}. Shares at {hard}, mean ± std over "
-            "seeds:", "", *lines]
-
-
-def retrieval_layer_findings(layers: dict, settings: Settings, width: int) -> list[str]:
-    """The attention claims again, in each model's retrieval layer: the one with the most attention on the queried
-    pair (mean over seeds), from the `--layers` re-runs."""
-    runs = [r for r in layers["runs"] if r["width"] == width]
-    hard = cell_name(settings.cells[-1])
-
-    def retrieval_layer(model):
-        mine = [r for r in runs if r["model"] == model]
-        count = len(mine[0]["attention"][hard]["layers"])
-        means = [statistics.fmean(r["attention"][hard]["layers"][i]["mean"]["queried_pair"] for r in mine)
-                 for i in range(count)]
-        layer = max(range(count), key=means.__getitem__)
-        return layer, [r["attention"][hard]["layers"][layer]["mean"] for r in mine]
-
-    peaks = {m: retrieval_layer(m) for m in MODELS}
-    lines = []
-    for key, claim, higher in (("queried_pair", "more attention on the queried pair", True),
-                               ("distractor_pairs", "less attention on the distractor pairs", False),
-                               ("filler", "less attention on the filler", False)):
-        base = [x[key] for x in peaks["llama"][1]]
-        parts = []
-        for m in ("diff-v1", "diff-v2"):
-            layer, shares = peaks[m]
-            ours = [x[key] for x in shares]
-            parts.append(f"{LABELS[m]} (layer {layer + 1}): **{verdict(ours, base, higher)}** "
-                         f"({statistics.fmean(ours):.1%} vs {statistics.fmean(base):.1%})")
-        lines.append(f"- Paper: {claim} ({hard}), here in each model's retrieval layer (the one with the most "
-                     f"attention on the queried pair; Llama: layer {peaks['llama'][0] + 1}) — " + "; ".join(parts)
-                     + ".")
-    return lines
 
 
 def job_keys(settings: Settings) -> list[tuple]:
