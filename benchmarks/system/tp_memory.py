@@ -57,9 +57,9 @@ def config_numbers(quick: bool) -> dict:
     )
 
 
-def save_models(folder: Path, numbers: dict) -> None:
-    """A random float32 checkpoint of each model under `folder / name`."""
-    for label, name in MODELS.items():
+def save_models(folder: Path, numbers: dict, names: list[str]) -> None:
+    """A random float32 checkpoint of each model of `names` under `folder / name`."""
+    for name in names:
         build_model(name, numbers).save_pretrained(folder / name)
 
 
@@ -172,6 +172,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny models, for a smoke run")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens of the forward pass (default: 512)")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS.values()), default=list(MODELS.values()),
+                        help="models to measure (default: all three)")
     parser.add_argument("--out", type=Path, default=RESULTS / "tp_memory" / "tp_memory.md",
                         help="markdown results file; the JSON and the PNG go next to it "
                         "(default: benchmarks/results/tp_memory/tp_memory.md)")
@@ -187,8 +189,9 @@ def main(argv=None) -> dict:
     numbers = config_numbers(args.quick)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        save_models(Path(tmp), numbers)
-        for label, name in MODELS.items():
+        save_models(Path(tmp), numbers, args.models)
+        for label in [label for label, name in MODELS.items() if name in args.models]:
+            name = MODELS[label]
             rows[label] = {
                 tp: run_worker(Path(tmp) / name, tp == "tp", args.seq_len, Path(tmp) / "out.json")
                 for tp in ("one", "tp")
