@@ -50,7 +50,8 @@ def test_benchmarks_import_top_down():
     for path in (ROOT / "benchmarks").rglob("*.py"):
         module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
         tree = ast.parse(path.read_text())
-        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported = {f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                    for alias in node.names}
         imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         for name in (name for name in imported if name.startswith("benchmarks")):
             if module.startswith("benchmarks.harness"):

@@ -41,14 +41,21 @@ import subprocess
 import sys
 import time
 import traceback
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 from benchmarks.harness.cores import core_llama, core_maps, core_padded, core_two_calls, make_inputs, split_query
 from benchmarks.harness.models import ROOT, build_model, config_numbers, parameter_count, random_ids
-from benchmarks.harness.report import RESULTS, command, header, machine_info, table, write_text
+from benchmarks.harness.report import (
+    add_run_arguments,
+    command,
+    header,
+    machine_info,
+    parse_with_argv,
+    table,
+    write_text,
+)
 from benchmarks.harness.timing import decode_seconds, time_interleaved, train_step_seconds
 
 # tolerance on max |Δlogit| relative to the largest reference logit; bf16 keeps ~3 significant digits
@@ -627,11 +634,8 @@ def parse_args(argv=None):
                         help="which sections to run (default: all)")
     parser.add_argument("--compiled-decode-worker", metavar="MODEL", choices=SPEED_NAMES,
                         help=argparse.SUPPRESS)  # internal: section (e) runs each model in a process of its own
-    parser.add_argument("--out", type=Path, default=RESULTS / "gpu_check" / "gpu_check.md",
-                        help="markdown results file; the JSON goes next to it "
-                        "(default: benchmarks/results/gpu_check/gpu_check.md)")
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    add_run_arguments(parser, "gpu_check", "gpu_check.md")
+    args = parse_with_argv(parser, argv)
     return args
 
 

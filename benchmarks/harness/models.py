@@ -50,19 +50,10 @@ def tiny_model_arguments(args) -> None:
 def config_numbers(args, max_positions: int, **overrides) -> dict:
     """The config numbers shared by all four models, from the flags of `add_model_arguments` (or any object with
     `vocab`, `hidden`, `intermediate`, `layers`, `heads`, `kv_heads`)."""
-    numbers = dict(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    numbers = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                   num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                   max_position_embeddings=max_positions, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                   pad_token_id=0)
     return {**numbers, **overrides}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,6 +39,25 @@ def machine_info(threads: int | None = None) -> dict:
     }
 
 
+def add_run_arguments(parser, benchmark: str, file: str | None = None, quick: str | None = None) -> None:
+    """The flags every benchmark has: `--out`, the markdown results `file` (the JSON and PNG go next to it) or,
+    without `file`, the folder of a study's results files, by default under benchmarks/results/<benchmark>/; and,
+    with `quick` (its help text), `--quick`: tiny settings for the smoke test."""
+    default = RESULTS / benchmark / file if file else RESULTS / benchmark
+    what = "markdown results file; the JSON and PNG go next to it" if file else "folder for the results files"
+    parser.add_argument("--out", type=Path, default=default,
+                        help=f"{what} (default: {default.relative_to(RESULTS.parent.parent)})")
+    if quick:
+        parser.add_argument("--quick", action="store_true", help=quick)
+
+
+def parse_with_argv(parser, argv=None):
+    """Parse `argv` (default: the command line) and keep it as `args.argv`, for the results header."""
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
+
+
 def settings_of(args) -> dict:
     """The parsed flags of a run, JSON-ready (paths as strings), for its results file."""
     return {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
@@ -66,6 +86,12 @@ def header(title: str, command_line: str, info: dict, *bullets: str) -> list[str
         *[f"- {bullet}" for bullet in bullets],
         "",
     ]
+
+
+def model_sizes(args) -> str:
+    """The model-size flags of a run (`models.add_model_arguments`), as the results files state them."""
+    return (f"hidden {args.hidden}, {args.heads} query heads, {args.kv_heads} KV heads, {args.layers} layers, "
+            f"vocab {args.vocab}, intermediate {args.intermediate}")
 
 
 def fmt(value: float, unit: str) -> str:

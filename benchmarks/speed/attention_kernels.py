@@ -33,14 +33,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.harness import report
 from benchmarks.harness.cores import CORES, core_maps, make_inputs
-from benchmarks.harness.report import RESULTS, bar_chart, command, header, machine_info, settings_of, write_results
 from benchmarks.harness.timing import time_interleaved
 
 SCHEMES = ("llama", "padded", "padded-stack", "4-call", "2-call", "maps")
@@ -122,8 +121,8 @@ def run(args) -> dict:
 
 def markdown(results, differences, info, args, profile_text: str = "") -> str:
     """The results file: settings, the table of ratios to Llama's core, the equality check."""
-    lines = header(
-        "The V1 attention core alone, CPU sdpa", command("benchmarks.speed.attention_kernels", args.argv), info,
+    lines = report.header(
+        "The V1 attention core alone, CPU sdpa", report.command("benchmarks.speed.attention_kernels", args.argv), info,
         f"Shapes: {args.heads} query heads, {args.kv_heads} KV heads (Llama's counting), head_dim {args.head_dim}, "
         f"batch 1, float32. Median of {args.repeats} after a warm-up, schemes interleaved.",
         f"Decode: mean of {args.decode_steps} steps of one query token per head against a cache of S tokens.",
@@ -157,9 +156,9 @@ def plot(results, path: Path, args) -> dict:
     keys = list(results)
     series = {DESCRIPTIONS[scheme]: [results[k][scheme] / results[k]["llama"] for k in keys] for scheme in SCHEMES[1:]}
     labels = [k.replace("train_", "fwd+bwd T=").replace("decode_", "decode S=") for k in keys]
-    return bar_chart(path, labels, series, "time / Llama's core time",
-                     f"V1 attention core, CPU sdpa, {args.heads} heads / {args.kv_heads} KV heads, d={args.head_dim}, "
-                     f"{args.threads} threads")
+    return report.bar_chart(path, labels, series, "time / Llama's core time",
+                            f"V1 attention core, CPU sdpa, {args.heads} heads / {args.kv_heads} KV heads, "
+                            f"d={args.head_dim}, {args.threads} threads")
 
 
 def parse_args(argv=None):
@@ -178,14 +177,8 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: 2)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile every scheme with torch.profiler at the first T and append the tables")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny settings (T 32 64, S 32, 1 repetition, 1 thread) for the smoke test; numbers mean "
-                        "nothing")
-    parser.add_argument("--out", type=Path, default=RESULTS / "attention_kernels" / "attention_kernels.md",
-                        help="markdown results file; the PNG and the JSON go next to it "
-                        "(default: benchmarks/results/attention_kernels/attention_kernels.md)")
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    report.add_run_arguments(parser, "attention_kernels", "attention_kernels.md", quick="tiny, for the smoke test")
+    args = report.parse_with_argv(parser, argv)
     if args.kv_heads % 2 or args.heads % args.kv_heads:
         parser.error("--kv-heads must be even (k1 and k2 per group) and divide --heads")
     if args.quick:
@@ -198,14 +191,14 @@ def main(argv=None) -> dict:
     """Check, time, (optionally) profile, then write the markdown, the PNG and the JSON."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    info = machine_info(args.threads)
+    info = report.machine_info(args.threads)
     differences = check_equal(args)
     results = run(args)
     profile_text = profile_schemes(args.seq_lens[0], args) if args.profile else ""
     chart = plot(results, args.out.with_suffix(".png"), args)
-    write_results(args.out, markdown(results, differences, info, args, profile_text),
-                  {"settings": settings_of(args), "machine": info, "results": results, "differences": differences,
-                   "chart": chart})
+    report.write_results(args.out, markdown(results, differences, info, args, profile_text),
+                         {"settings": report.settings_of(args), "machine": info, "results": results,
+                          "differences": differences, "chart": chart})
     return {"results": results, "differences": differences, "chart": chart}
 
 

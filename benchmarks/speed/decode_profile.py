@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from benchmarks.harness import report
 from benchmarks.harness.models import (
     LABELS,
     add_model_arguments,
@@ -42,7 +41,6 @@ from benchmarks.harness.models import (
     random_ids,
     tiny_model_arguments,
 )
-from benchmarks.harness.report import RESULTS, command, header, machine_info, write_results
 from benchmarks.harness.timing import CLOCK_HELP, CLOCKS, decode_seconds, prefill, time_interleaved
 
 LABELS = dict(LABELS)  # the --before models get their own labels below
@@ -98,15 +96,11 @@ def parse_args(argv=None):
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help=CLOCK_HELP + " (default: wall)")
     parser.add_argument("--before", metavar="REV", default=None,
                         help="also time and profile V1 and V2 built by the modeling code of this git revision")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny settings that run in seconds; for the smoke test, the numbers mean nothing")
-    parser.add_argument("--out", type=Path, default=RESULTS / "decode_profile" / "decode_profile.md",
-                        help="markdown results file (default: benchmarks/results/decode_profile/decode_profile.md)")
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.quick:
-        tiny_model_arguments(args)
+    report.add_run_arguments(parser, "decode_profile", "decode_profile.md", quick="tiny, for the smoke test")
+    args = report.parse_with_argv(parser, argv)
+    if args.quick:  # 16-token prompt, 4 steps, 1 repetition, tiny models
         args.prompt_len, args.steps, args.repeats = 16, 4, 1
+        tiny_model_arguments(args)
     return args
 
 
@@ -114,7 +108,7 @@ def main(argv=None) -> dict:
     """Time and profile the decoding step of each model; write and return the results."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    info = machine_info(args.threads)
+    info = report.machine_info(args.threads)
     numbers = config_numbers(args, max_positions=args.prompt_len + args.steps + 2)
     models = {name: build_model(name, numbers) for name in MODELS}
     diff_models = [name for name in MODELS if name != "llama"]
@@ -133,11 +127,11 @@ def main(argv=None) -> dict:
     ops = {name: operators_per_token(model, prompt, args.steps)
            for name, model in tqdm(models.items(), desc="profiling")}
 
-    lines = header(
-        "Decoding step: operators per generated token", command("benchmarks.speed.decode_profile", args.argv), info,
-        f"Models: hidden {args.hidden}, {args.heads} query heads, {args.kv_heads} KV heads, {args.layers} layers, "
-        f"vocab {args.vocab}, intermediate {args.intermediate}; float32, sdpa, batch 1, DynamicCache, "
-        f"{args.prompt_len}-token prompt, {args.steps} one-token forwards",
+    lines = report.header(
+        "Decoding step: operators per generated token",
+        report.command("benchmarks.speed.decode_profile", args.argv), info,
+        f"Models: {report.model_sizes(args)}; float32, sdpa, batch 1, DynamicCache, {args.prompt_len}-token prompt, "
+        f"{args.steps} one-token forwards",
     )
     lines += [
         f"| model | ms per token ({args.clock} clock, unprofiled, median of {args.repeats}) | tok/s ratio to Llama | "
@@ -157,7 +151,7 @@ def main(argv=None) -> dict:
             before = f"{name}@{args.before}"
             lines += ["", f"## {LABELS[name]} now against {LABELS[before]}: operators whose count differs", ""]
             lines += difference_table(ops, name, args.layers, base_name=before)
-    write_results(args.out, "\n".join(lines))
+    report.write_results(args.out, "\n".join(lines))
     return {"per_token_seconds": per_token, "ops": ops}
 
 

@@ -43,32 +43,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 
+from benchmarks.harness import report, timing
 from benchmarks.harness.models import add_model_arguments, build_model, modeling_at, parameter_count, random_ids
-from benchmarks.harness.report import (
-    RESULTS,
-    bar_chart,
-    command,
-    fmt,
-    header,
-    machine_info,
-    settings_of,
-    write_results,
-)
-from benchmarks.harness.timing import (
-    CLOCK_HELP,
-    CLOCKS,
-    decode_seconds,
-    median,
-    paired_ratio,
-    prefill_seconds,
-    time_interleaved,
-    train_step_seconds,
-)
 
 STUDIES = ("v2-layout", "smollm2")
 MEASURES = ("train_short", "train_long", "prefill_long", "decode")
@@ -238,25 +218,25 @@ def run_study(study: str, args) -> dict:
     vocab = models["llama"].config.vocab_size
     short, long = random_ids(vocab, args.short_len, seed=1), random_ids(vocab, args.long_len, seed=2)
     prompt = random_ids(vocab, args.prompt_len, seed=7)
-    clock = CLOCKS[args.clock]
+    clock = timing.CLOCKS[args.clock]
     plan = {
-        "train_short": lambda m: train_step_seconds(m, short, clock),
-        "train_long": lambda m: train_step_seconds(m, long, clock),
-        "prefill_long": lambda m: prefill_seconds(m, long, clock),
-        "decode": lambda m: args.new_tokens / decode_seconds(m, prompt, args.new_tokens, clock)[0],
+        "train_short": lambda m: timing.train_step_seconds(m, short, clock),
+        "train_long": lambda m: timing.train_step_seconds(m, long, clock),
+        "prefill_long": lambda m: timing.prefill_seconds(m, long, clock),
+        "decode": lambda m: args.new_tokens / timing.decode_seconds(m, prompt, args.new_tokens, clock)[0],
     }
     names = list(models)
     timed = [(key, plan[key], names if key in args.before_measures else ["llama", "diff-v2"])
              for key in args.measures if key != "decode"]
-    raw = time_interleaved(models, timed, args.repeats) if timed else {name: {} for name in names}
+    raw = timing.time_interleaved(models, timed, args.repeats) if timed else {name: {} for name in names}
     if "decode" in args.measures:
         decode_names = names if "decode" in args.before_measures else ["llama", "diff-v2"]
-        for name, values in time_interleaved(models, [("decode", plan["decode"], decode_names)],
-                                             args.decode_repeats).items():
+        decode = timing.time_interleaved(models, [("decode", plan["decode"], decode_names)], args.decode_repeats)
+        for name, values in decode.items():
             raw[name].update(values)
     rows = []
     for key in args.measures:
-        medians = {name: median(values[key]) for name, values in raw.items() if key in values}
+        medians = {name: timing.median(values[key]) for name, values in raw.items() if key in values}
         cost = {name: estimates(models[name], key, args) for name in medians}
         rows.append(dict(key=key, medians=medians, raw={name: raw[name][key] for name in medians},
                          flops_ratio=cost["diff-v2"]["flops"] / cost["llama"]["flops"],
@@ -282,7 +262,7 @@ def ratio_of(row: dict, name: str) -> float:
 
 def paired_of(row: dict, name: str, base: str = "llama") -> float:
     """The paired ratio of `name` to `base` in one row (`benchmarks.harness.timing.paired_ratio`)."""
-    return paired_ratio(row["raw"][name], row["raw"][base])
+    return timing.paired_ratio(row["raw"][name], row["raw"][base])
 
 
 def study_markdown(result: dict, args) -> list[str]:
@@ -311,8 +291,8 @@ def study_markdown(result: dict, args) -> list[str]:
         limit = 1 / row["bytes_ratio"] if row["key"] == "decode" else row["flops_ratio"]
         bound = "bytes" if row["key"] == "decode" else "FLOPs"
         lines.append(
-            f"| {label(row['key'], args)} | {fmt(row['medians']['llama'], unit)} | "
-            f"{fmt(row['medians']['diff-v2'], unit)} | **{ratio_of(row, 'diff-v2'):.3f}×** | "
+            f"| {label(row['key'], args)} | {report.fmt(row['medians']['llama'], unit)} | "
+            f"{report.fmt(row['medians']['diff-v2'], unit)} | **{ratio_of(row, 'diff-v2'):.3f}×** | "
             f"{paired_of(row, 'diff-v2'):.3f}× | {row['flops_ratio']:.3f}× | {row['bytes_ratio']:.3f}× | "
             f"{limit:.3f}× ({bound}) |"
         )
@@ -370,9 +350,9 @@ def plot(results: list, path: Path, args) -> dict:
             labels.append(f"{result['study']}\n{short}")
             measured.append(ratio_of(row, "diff-v2"))
             limits.append(1 / row["bytes_ratio"] if row["key"] == "decode" else row["flops_ratio"])
-    return bar_chart(path, labels, {"measured (Diff V2 / Llama)": measured, "FLOP limit (bytes for decode)": limits},
-                     "ratio to Llama (times: lower is better; decode tok/s: higher)",
-                     f"DIFF V2 layouts vs their Llama, {args.threads} thread(s), {args.clock} clock")
+    series = {"measured (Diff V2 / Llama)": measured, "FLOP limit (bytes for decode)": limits}
+    return report.bar_chart(path, labels, series, "ratio to Llama (times: lower is better; decode tok/s: higher)",
+                            f"DIFF V2 layouts vs their Llama, {args.threads} thread(s), {args.clock} clock")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -400,19 +380,15 @@ def parse_args(argv=None):
                         help="also time the Diff model built by the modeling code of this git revision, same weights")
     parser.add_argument("--before-measures", nargs="+", default=["train_short", "decode"], choices=MEASURES,
                         help="the measures the --before model takes part in (default: train_short decode)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help=CLOCK_HELP + " (default: cpu)")
+    parser.add_argument("--clock", choices=sorted(timing.CLOCKS), default="cpu",
+                        help=timing.CLOCK_HELP + " (default: cpu)")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="skip the profiled training step (attention kernels' share) after the timings")
     add_model_arguments(parser, threads=1)  # the v2-layout sizes; --heads is the Llama's H, V2 gets 2H
     parser.add_argument("--render", metavar="JSON", type=Path, default=None,
                         help="measure nothing: re-write the markdown and PNG of an earlier run from its JSON")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny v2-layout settings that run in seconds (the smoke test); the numbers mean nothing")
-    parser.add_argument("--out", type=Path, default=RESULTS / "layouts" / "layouts.md",
-                        help="markdown results file; the raw JSON and the PNG go next to it "
-                        "(default: benchmarks/results/layouts/layouts.md)")
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    report.add_run_arguments(parser, "layouts", "layouts.md", quick="tiny v2-layout models, for the smoke test")
+    args = report.parse_with_argv(parser, argv)
     if args.quick:
         args.study, args.hidden, args.heads, args.kv_heads, args.layers = ["v2-layout"], 64, 4, 2, 2
         args.intermediate, args.vocab, args.short_len, args.long_len = 176, 256, 32, 64
@@ -429,12 +405,12 @@ def main(argv=None) -> dict:
         results, info = saved["results"], saved["machine"]
     else:
         torch.set_num_threads(args.threads)
-        info = machine_info(args.threads)
+        info = report.machine_info(args.threads)
         results = [run_study(study, args) for study in args.study]
         info["load_end"] = list(os.getloadavg())
-    lines = header(
-        "The layouts users get: DIFF V2 against the Llama it replaces", command("benchmarks.speed.layouts", args.argv),
-        info,
+    lines = report.header(
+        "The layouts users get: DIFF V2 against the Llama it replaces",
+        report.command("benchmarks.speed.layouts", args.argv), info,
         *([f"Tables re-rendered from {args.render.name} (the same measurements) by `--render`"]
           if args.render else []),
         f"float32, attn_implementation=\"sdpa\", batch 1, random token ids; median of {args.repeats} "
@@ -446,11 +422,10 @@ def main(argv=None) -> dict:
     lines += [f"![measured ratios and their limits]({args.out.with_suffix('.png').name})", ""]
     chart = plot(results, args.out.with_suffix(".png"), args)
     if args.render is not None:  # the JSON already holds these measurements: only the tables and chart change
-        write_results(args.out, "\n".join(lines))
+        report.write_results(args.out, "\n".join(lines))
     else:
-            write_results(args.out, "\n".join(lines), {"settings": settings_of(args), "machine": info,
-                                                        "results": results,
-                                                    "chart": chart})
+        payload = {"settings": report.settings_of(args), "machine": info, "results": results, "chart": chart}
+        report.write_results(args.out, "\n".join(lines), payload)
     return {"results": results, "chart": chart}
 
 

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from benchmarks.harness import report
 from benchmarks.harness.memory import measure_in_subprocess
 from benchmarks.harness.models import LABELS, MODEL_NAMES, add_model_arguments, config_numbers, tiny_model_arguments
-from benchmarks.harness.report import RESULTS, bar_chart, command, header, machine_info, settings_of, write_results
 
 
 def parse_args(argv=None):
@@ -42,14 +40,8 @@ def parse_args(argv=None):
     parser.add_argument("--attn", default="sdpa", help="attn_implementation (default: sdpa)")
     parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES,
                         help="models to measure; llama is needed for the ratios (default: all four)")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny settings (hidden 64, 2 layers, 64-token prompt, 1 repetition, 1 thread) for the "
-                        "smoke test")
-    parser.add_argument("--out", type=Path, default=RESULTS / "memory_generate" / "memory_generate.md",
-                        help="markdown results file; the PNG and the JSON go next to it "
-                        "(default: benchmarks/results/memory_generate/memory_generate.md)")
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    report.add_run_arguments(parser, "memory_generate", "memory_generate.md", quick="tiny, for the smoke test")
+    args = report.parse_with_argv(parser, argv)
     if args.quick:
         tiny_model_arguments(args)
         args.prompt_len, args.new_tokens, args.repeats = 64, 2, 1
@@ -62,7 +54,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     """Measure every model in fresh processes, interleaved; write the markdown, the PNG and the JSON."""
     args = parse_args(argv)
-    info = machine_info(args.threads)
+    info = report.machine_info(args.threads)
     numbers = config_numbers(args, max_positions=args.prompt_len + args.new_tokens)
     raw = {name: [] for name in args.models}
     runs = [(repetition, name) for repetition in range(args.repeats) for name in args.models]
@@ -77,12 +69,11 @@ def main(argv=None) -> dict:
     keys = ("peak_increase_mib", "peak_rss_mib", "rss_before_mib")
     results = {name: {key: statistics.median(run[key] for run in runs) for key in keys} for name, runs in raw.items()}
     base = results["llama"]
-    lines = header(
+    lines = report.header(
         f"Long-prompt generation memory: {args.prompt_len}-token prompt, {args.new_tokens} new tokens",
-        command("benchmarks.speed.memory_generate", args.argv), info,
-        f"Models: hidden {args.hidden}, {args.heads} query heads, {args.kv_heads} KV heads, {args.layers} layers, "
-        f"vocab {args.vocab}, intermediate {args.intermediate}; float32, attn_implementation=\"{args.attn}\", "
-        "greedy `generate()` with the dynamic cache, batch 1",
+        report.command("benchmarks.speed.memory_generate", args.argv), info,
+        f"Models: {report.model_sizes(args)}; float32, attn_implementation=\"{args.attn}\", greedy `generate()` "
+        "with the dynamic cache, batch 1",
         f"One fresh process per measurement, median of {args.repeats}, models interleaved. Peak = `VmHWM` after "
         "resetting it with the model and prompt loaded; glibc's mmap threshold pinned at 64 KiB "
         "(`MALLOC_MMAP_THRESHOLD_=65536`), so that freed tensors leave the RSS.",
@@ -100,12 +91,13 @@ def main(argv=None) -> dict:
         )
     lines += ["", f"![peak RSS increase, ratio to Llama]({args.out.with_suffix('.png').name})", ""]
     increases = [results[name]["peak_increase_mib"] for name in args.models]
-    chart = bar_chart(args.out.with_suffix(".png"), [LABELS[name] for name in args.models],
-                      {"peak RSS increase (MiB)": increases}, "peak RSS increase during generate() (MiB)",
-                      f"{args.prompt_len}-token prompt + {args.new_tokens} tokens, {args.layers} layers, fp32",
-                      reference=None, annotations=[f"{value / base['peak_increase_mib']:.2f}×" for value in increases])
-    write_results(args.out, "\n".join(lines),
-                  {"settings": settings_of(args), "machine": info, "results": results, "raw": raw, "chart": chart})
+    chart = report.bar_chart(args.out.with_suffix(".png"), [LABELS[name] for name in args.models],
+                             {"peak RSS increase (MiB)": increases}, "peak RSS increase during generate() (MiB)",
+                             f"{args.prompt_len}-token prompt + {args.new_tokens} tokens, {args.layers} layers, fp32",
+                             reference=None,
+                             annotations=[f"{value / base['peak_increase_mib']:.2f}×" for value in increases])
+    report.write_results(args.out, "\n".join(lines), {"settings": report.settings_of(args), "machine": info,
+                                                      "results": results, "raw": raw, "chart": chart})
     return {"results": results, "raw": raw, "chart": chart}
 
 

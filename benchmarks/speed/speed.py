@@ -26,7 +26,6 @@ Writes a markdown table (absolute values and ratios to Llama) with the targets c
 from __future__ import annotations
 
 import argparse
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,12 +44,14 @@ from benchmarks.harness.models import (
     tiny_model_arguments,
 )
 from benchmarks.harness.report import (
-    RESULTS,
+    add_run_arguments,
     bar_chart,
     command,
     fmt,
     header,
     machine_info,
+    model_sizes,
+    parse_with_argv,
     settings_of,
     write_results,
 )
@@ -122,9 +123,7 @@ def markdown(rows, checks, info, args) -> str:
     lines = header(
         "Speed and memory: Llama vs DiffLlama vs DiffTransformer V1 / V2",
         command("benchmarks.speed.speed", args.argv), info,
-        f"Models: hidden {args.hidden}, {args.heads} query heads, {args.kv_heads} KV heads, {args.layers} layers, "
-        f"vocab {args.vocab}, intermediate {args.intermediate}; {args.dtype}, attn_implementation=\"{args.attn}\", "
-        "batch 1",
+        f"Models: {model_sizes(args)}; {args.dtype}, attn_implementation=\"{args.attn}\", batch 1",
         f"Timing: median of {args.repeats} repetitions after one warm-up, models interleaved inside each "
         f"repetition, {args.clock} clock",
     )
@@ -193,14 +192,8 @@ def parse_args(argv=None):
     parser.add_argument("--before", metavar="REV", default=None,
                         help="also measure V1 and V2 built by the modeling code of this git revision (same weights), "
                         "in the same interleaved run")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny settings (hidden 64, 2 layers, T 32 64, 1 repetition, 8 new tokens, 1 thread) that "
-                        "run in seconds; for the smoke test, the numbers mean nothing")
-    parser.add_argument("--out", type=Path, default=RESULTS / "speed" / "speed.md",
-                        help="markdown results file; the PNG and the raw JSON go next to it "
-                        "(default: benchmarks/results/speed/speed.md)")
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    add_run_arguments(parser, "speed", "speed.md", quick="tiny models, T 32 and 64, 1 thread: the smoke test")
+    args = parse_with_argv(parser, argv)
     if "llama" not in args.models:
         parser.error("--models must include llama: every ratio is to Llama")
     if args.quick:

@@ -22,11 +22,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
+from benchmarks.harness import report
 from benchmarks.harness.memory import peak_allocated_mib
 from benchmarks.harness.models import (
     add_model_arguments,
@@ -35,7 +34,6 @@ from benchmarks.harness.models import (
     random_ids,
     tiny_model_arguments,
 )
-from benchmarks.harness.report import RESULTS, command, fmt, header, machine_info, write_results
 from benchmarks.harness.timing import time_interleaved, train_step_seconds
 
 VARIANTS = ("llama", "v1-recompute", "v1-keep")
@@ -70,12 +68,8 @@ def parse_args(argv=None):
                         help="sequence lengths T of the training step (default: 512 2048)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions, median reported (default: 5)")
     add_model_arguments(parser)
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny settings that run in seconds; for the smoke test, the numbers mean nothing")
-    parser.add_argument("--out", type=Path, default=RESULTS / "v1_recompute" / "v1_recompute.md",
-                        help="markdown results file (default: benchmarks/results/v1_recompute/v1_recompute.md)")
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    report.add_run_arguments(parser, "v1_recompute", "v1_recompute.md", quick="tiny, for the smoke test")
+    args = report.parse_with_argv(parser, argv)
     if args.quick:
         tiny_model_arguments(args)
         args.seq_lens, args.repeats = [32], 1
@@ -86,7 +80,7 @@ def main(argv=None) -> dict:
     """Measure both V1 variants against Llama; write and return the results."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    info = machine_info(args.threads)
+    info = report.machine_info(args.threads)
     numbers = config_numbers(args, max_positions=max(args.seq_lens))
     models = {name: build_model(name, numbers) for name in ("llama", "diff-v1")}
     results = {}
@@ -99,12 +93,11 @@ def main(argv=None) -> dict:
         results[seq_len] = {"memory_mib": memory,
                             "step_seconds": {v: statistics.median(t["step"]) for v, t in times.items()}}
 
-    lines = header(
+    lines = report.header(
         "V1 in training: recompute the subtraction and the head norm, or keep their outputs",
-        command("benchmarks.speed.v1_recompute", args.argv), info,
-        f"Models: hidden {args.hidden}, {args.heads} query heads, {args.kv_heads} KV heads, {args.layers} layers, "
-        f"vocab {args.vocab}, intermediate {args.intermediate}; float32, sdpa, batch 1; step times are the median "
-        f"of {args.repeats}, variants interleaved",
+        report.command("benchmarks.speed.v1_recompute", args.argv), info,
+        f"Models: {report.model_sizes(args)}; float32, sdpa, batch 1; step times are the median of {args.repeats}, "
+        "variants interleaved",
     )
     lines += [
         "Each cell: ratio to Llama · absolute value.",
@@ -116,9 +109,9 @@ def main(argv=None) -> dict:
         for key, label, unit in (("memory_mib", "peak training memory (allocated tensors)", "MiB"),
                                  ("step_seconds", "training step fwd+bwd", "s")):
             values = result[key]
-            cells = [f"{values[v] / values['llama']:.3f}× · {fmt(values[v], unit)}" for v in VARIANTS]
+            cells = [f"{values[v] / values['llama']:.3f}× · {report.fmt(values[v], unit)}" for v in VARIANTS]
             lines.append(f"| {label}, T={seq_len} | " + " | ".join(cells) + " |")
-    write_results(args.out, "\n".join(lines))
+    report.write_results(args.out, "\n".join(lines))
     return results
 
 

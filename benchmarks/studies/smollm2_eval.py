@@ -22,7 +22,13 @@ from modeling_diff_cli.evaluate import evaluate_ppl
 from modeling_diff_conversion import convert
 from modeling_diff_eval.tasks import run_task
 
-from benchmarks.harness.report import RESULTS, command, header, machine_info, write_results
+from benchmarks.harness.report import (
+    add_run_arguments,
+    command,
+    header,
+    machine_info,
+    write_results,
+)
 
 TASKS = {  # task: options, identical for both models
     "ppl": dict(seq_len=256, batch_size=4, max_batches=4),
@@ -53,9 +59,7 @@ def rows(name: str, r: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=RESULTS / "smollm2_eval" / "smollm2_eval.md",
-                        help="markdown file to write; the JSON goes next to it "
-                        "(default: benchmarks/results/smollm2_eval/smollm2_eval.md)")
+    add_run_arguments(parser, "smollm2_eval", "smollm2_eval.md")
     args = parser.parse_args(argv)
     info = machine_info()
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness.report import RESULTS, command, header, machine_info, settings_of, write_results
+from benchmarks.harness import report
 
 BASELINE = "import torch, transformers, modeling_diff, modeling_diff_conversion, modeling_diff_cli.main"
 TARGET = 2.0  # peak RSS above the import-only baseline, in units of the largest source shard
@@ -75,15 +75,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size (default: 32000)")
     parser.add_argument("--shard-mb", type=int, default=100, help="source shard size in MB (default: 100)")
     parser.add_argument("--variant", choices=["v2", "v1"], default="v2", help="conversion variant (default: v2)")
-    parser.add_argument("--quick", action="store_true", help="tiny settings for the test suite")
-    parser.add_argument("--out", type=Path, default=RESULTS / "convert_memory" / "convert_memory.md",
-                        help="markdown results file; the JSON goes next to it "
-                        "(default: benchmarks/results/convert_memory/convert_memory.md)")
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    report.add_run_arguments(parser, "convert_memory", "convert_memory.md", quick="tiny, for the smoke test")
+    args = report.parse_with_argv(parser, argv)
     if args.quick:
         args.hidden, args.layers, args.vocab, args.shard_mb = 256, 2, 2000, 1
-    info = machine_info()
+    info = report.machine_info()
 
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
@@ -104,8 +100,9 @@ def main(argv=None) -> dict:
         "above_baseline_over_largest_shard": (convert_mb - baseline_mb) / checkpoint["largest_shard_mb"],
     }
     ratio = result["above_baseline_over_largest_shard"]
-    lines = header(
-        "Peak memory of `diff-transformer convert`", command("benchmarks.system.convert_memory", args.argv), info,
+    lines = report.header(
+        "Peak memory of `diff-transformer convert`", report.command("benchmarks.system.convert_memory", args.argv),
+        info,
         f"Source: a random Llama, {checkpoint['parameters'] / 1e6:.0f}M parameters, bfloat16, {checkpoint['shards']} "
         f"shards, largest {checkpoint['largest_shard_mb']:.0f} MB, total {checkpoint['total_mb']:.0f} MB",
         f"Peak RSS = ru_maxrss of the process; `convert --variant {args.variant} --no-verify` wrote "
@@ -120,7 +117,8 @@ def main(argv=None) -> dict:
         f"Peak above the import-only baseline: **{ratio:.2f} × the largest source shard** (target ≤ {TARGET:g}): "
         f"{'PASS' if ratio <= TARGET else 'MISS'}.",
     ]
-    write_results(args.out, "\n".join(lines), {"settings": settings_of(args), "machine": info, "result": result})
+    report.write_results(args.out, "\n".join(lines),
+                         {"settings": report.settings_of(args), "machine": info, "result": result})
     return result
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +31,7 @@ from modeling_diff_cli.common import embedded_smollm2, load_model
 from modeling_diff_cli.serve import serve_in_background
 from modeling_diff_conversion import convert
 
-from benchmarks.harness.report import RESULTS, command, header, machine_info, settings_of, write_results
+from benchmarks.harness import report
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -66,12 +65,9 @@ def measure(folder: Path, flags: tuple, questions: list[str], max_tokens: int) -
         client = OpenAI(base_url=f"{base}/v1", api_key="unused")
 
         def ask(question):
-            reply = client.chat.completions.create(
-                model=str(folder),
-                messages=[{"role": "user", "content": question}],
-                max_tokens=max_tokens,
-                temperature=0,
-            )
+            messages = [{"role": "user", "content": question}]
+            reply = client.chat.completions.create(model=str(folder), messages=messages, max_tokens=max_tokens,
+                                                   temperature=0)
             return reply.choices[0].message.content, reply.usage.completion_tokens
 
         t0 = time.perf_counter()
@@ -96,8 +92,8 @@ def measure(folder: Path, flags: tuple, questions: list[str], max_tokens: int) -
 
 def markdown(results: dict, info: dict, args) -> str:
     base = next(iter(results))
-    lines = header(
-        "Serving: `diff-transformer serve`", command("benchmarks.system.serve_bench", args.argv), info,
+    lines = report.header(
+        "Serving: `diff-transformer serve`", report.command("benchmarks.system.serve_bench", args.argv), info,
         f"{args.requests} greedy chat requests of {args.max_tokens} new tokens sent at once (openai client, threads); "
         "one server at a time, fp32 (the saved dtype), sdpa, torch's default threads",
     )
@@ -123,17 +119,13 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=8, help="chat requests sent at once (at most 8)")
     parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per request")
-    parser.add_argument("--quick", action="store_true", help="2 requests of 4 tokens: checks the script runs")
-    parser.add_argument("--out", type=Path, default=RESULTS / "serve_bench" / "serve_bench.md",
-                        help="markdown results file; the JSON goes next to it "
-                        "(default: benchmarks/results/serve_bench/serve_bench.md)")
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    report.add_run_arguments(parser, "serve_bench", "serve_bench.md", quick="tiny, for the smoke test")
+    args = report.parse_with_argv(parser, argv)
     if args.quick:
         args.requests, args.max_tokens = 2, 4
     questions = QUESTIONS[: args.requests]
 
-    info = machine_info()
+    info = report.machine_info()
     results: dict = {}
     with tempfile.TemporaryDirectory() as work:
         for name, folder in prepare_models(Path(work)).items():
@@ -141,8 +133,8 @@ def main(argv=None) -> dict:
             for mode, flags in MODES.items():
                 print(f"{name}, {mode} ...", flush=True)
                 results[name][mode] = measure(folder, flags, questions, args.max_tokens)
-    write_results(args.out, markdown(results, info, args),
-                  {"settings": settings_of(args), "machine": info, "results": results})
+    report.write_results(args.out, markdown(results, info, args),
+                         {"settings": report.settings_of(args), "machine": info, "results": results})
     return results
 
 

@@ -29,32 +29,25 @@ import torch
 
 from benchmarks.harness.memory import process_memory
 from benchmarks.harness.models import ROOT, build_model
-from benchmarks.harness.report import RESULTS, bar_chart, command, header, machine_info, write_results
+from benchmarks.harness.report import (
+    add_run_arguments,
+    bar_chart,
+    command,
+    header,
+    machine_info,
+    write_results,
+)
 
 MODELS = {"Diff V1": "diff-v1", "Diff V2": "diff-v2", "Llama": "llama"}
 
 
 def config_numbers(quick: bool) -> dict:
-    """The shared config numbers (Llama's head counting): 16 query heads, 8 KV heads of width 64."""
+    """The shared config numbers (Llama's head counting): 16 query heads, 8 KV heads of width 64; tiny with `quick`."""
     if quick:
-        return dict(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=176,
-            num_hidden_layers=2,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            tie_word_embeddings=True,
-        )
-    return dict(
-        vocab_size=32000,
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        tie_word_embeddings=True,
-    )
+        return dict(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=8,
+                    num_key_value_heads=4, tie_word_embeddings=True)
+    return dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True)
 
 
 def save_models(folder: Path, numbers: dict, names: list[str]) -> None:
@@ -170,13 +163,10 @@ def markdown(rows: dict, numbers: dict, info: dict, argv: list[str], elapsed: fl
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny models, for a smoke run")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens of the forward pass (default: 512)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS.values()), default=list(MODELS.values()),
                         help="models to measure (default: all three)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "tp_memory" / "tp_memory.md",
-                        help="markdown results file; the JSON and the PNG go next to it "
-                        "(default: benchmarks/results/tp_memory/tp_memory.md)")
+    add_run_arguments(parser, "tp_memory", "tp_memory.md", quick="tiny models, for a smoke run")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one measuring process
     parser.add_argument("--tp", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)

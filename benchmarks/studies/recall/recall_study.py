@@ -48,16 +48,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from benchmarks.harness.models import parameter_count
-from benchmarks.harness.report import RESULTS, command
-from benchmarks.studies.harness import (
-    MODELS,
-    finished_state,
-    init_model,
-    machine_line,
-    run_jobs,
-    settings_from_dict,
-    study_trainer,
-)
+from benchmarks.harness.report import add_run_arguments, command
+from benchmarks.studies import harness
 from benchmarks.studies.recall.config import PRESETS, Settings, model_config
 from benchmarks.studies.recall.report import best_rate, runs_of, write_report
 from benchmarks.studies.recall.task import (
@@ -87,7 +79,7 @@ def run_job(job: dict, queue=None) -> dict:
         if queue is not None:
             queue.put((tag, kind, value))
 
-    model = init_model(model_config(settings, width, name), seed)
+    model = harness.init_model(model_config(settings, width, name), seed)
     data = training_data(settings, seed)
     curve_set = eval_data(settings, seed, settings.curve_samples, purpose=1)
     curve = []
@@ -106,8 +98,8 @@ def run_job(job: dict, queue=None) -> dict:
 
     started = time.time()
     check(0)
-    trainer = study_trainer(model, data, settings, rate, seed, job["scratch"], [Curve()], quiet=queue is not None,
-                            sequential=True)
+    trainer = harness.study_trainer(model, data, settings, rate, seed, job["scratch"], [Curve()],
+                                    quiet=queue is not None, sequential=True)
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     train_seconds = time.time() - started
@@ -156,9 +148,7 @@ def parse_args(argv=None):
                         help="do not train: write the report from OUT/recall_study.partial.json (an interrupted "
                              "study) or OUT/recall_study.json (a finished one)")
     parser.add_argument("--note", default="", help="one line of context added to the report")
-    parser.add_argument("--out", type=Path, default=RESULTS / "recall_study",
-                        help="folder for recall_study.md/.json and the charts "
-                        "(default: benchmarks/results/recall_study)")
+    add_run_arguments(parser, "recall_study")
     return parser.parse_args(argv)
 
 
@@ -169,7 +159,7 @@ def main(argv=None):
     if args.report_only:
         partial = out / "recall_study.partial.json"
         state = json.loads((partial if partial.exists() else out / "recall_study.json").read_text())
-        settings = settings_from_dict(Settings, state["settings"])
+        settings = harness.settings_from_dict(Settings, state["settings"])
         done = {(r["model"], r["width"], r["learning_rate"], r["seed"]) for r in state["results"]}
         missing = [f"{m} w{w} lr {lr:g} seed {s}" for (m, w, lr, s) in job_keys(settings)
                    if (m, w, lr, s) not in done]
@@ -190,21 +180,21 @@ def main(argv=None):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     scratch = out / ".recall_study_scratch"
     scratch.mkdir(exist_ok=True)
-    params = {f"{m}@{w}": parameter_count(init_model(model_config(settings, w, m), 0))
-              for w in settings.widths for m in MODELS}
+    params = {f"{m}@{w}": parameter_count(harness.init_model(model_config(settings, w, m), 0))
+              for w in settings.widths for m in harness.MODELS}
     for w in settings.widths:
-        counts = [params[f"{m}@{w}"] for m in MODELS]
+        counts = [params[f"{m}@{w}"] for m in harness.MODELS]
         assert max(counts) / min(counts) - 1 <= 0.02, f"parameters differ by more than 2% at width {w}: {counts}"
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in params.items()))
     started = time.time()
     state = {"settings": asdict(settings), "parameters": params, "preset": preset,
-             "command": command(MODULE, sys.argv[1:] if argv is None else argv), "machine": machine_line(),
+             "command": command(MODULE, sys.argv[1:] if argv is None else argv), "machine": harness.machine_line(),
              "started": started, "load_samples": [], "note": args.note}
     jobs = [{"model": m, "width": w, "learning_rate": lr, "seed": s, "settings": asdict(settings),
              "scratch": str(scratch / f"{m}-{w}-{lr:g}-{s}")} for (m, w, lr, s) in job_keys(settings)]
-    results = run_jobs(run_job, jobs, settings.workers, len(jobs) * settings.steps,
-                       out / "recall_study.partial.json", state)
-    state = finished_state(state, results, started)
+    results = harness.run_jobs(run_job, jobs, settings.workers, len(jobs) * settings.steps,
+                               out / "recall_study.partial.json", state)
+    state = harness.finished_state(state, results, started)
     path = write_report(state, out)
     (out / "recall_study.partial.json").unlink(missing_ok=True)
     shutil.rmtree(scratch, ignore_errors=True)
@@ -215,16 +205,16 @@ def main(argv=None):
 def layers_study(out: Path, argv=None) -> list[dict]:
     """`--layers`: re-train every model at its best rate (each seed) and measure every layer's attention shares."""
     state = json.loads((out / "recall_study.json").read_text())
-    settings = settings_from_dict(Settings, state["settings"])
+    settings = harness.settings_from_dict(Settings, state["settings"])
     results = state["results"]
     jobs = [{"model": m, "width": w, "learning_rate": best_rate(results, m, w), "seed": s,
              "settings": asdict(settings), "scratch": str(out / ".recall_study_scratch" / f"{m}-{w}-{s}")}
-            for w in sorted({r["width"] for r in results}) for m in MODELS for s in settings.seeds]
+            for w in sorted({r["width"] for r in results}) for m in harness.MODELS for s in settings.seeds]
     started = time.time()
     layers = {"command": command(MODULE, sys.argv[1:] if argv is None else argv), "started": started,
               "load_samples": []}
-    reruns = run_jobs(run_job, jobs, settings.workers, len(jobs) * settings.steps,
-                      out / "recall_study_layers.partial.json", layers)
+    reruns = harness.run_jobs(run_job, jobs, settings.workers, len(jobs) * settings.steps,
+                              out / "recall_study_layers.partial.json", layers)
     for run in reruns:
         original = runs_of(results, run["model"], run["width"], run["learning_rate"])
         original = next(r for r in original if r["seed"] == run["seed"])

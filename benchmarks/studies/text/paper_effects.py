@@ -39,15 +39,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from benchmarks.harness.models import parameter_count
-from benchmarks.harness.report import RESULTS, command
-from benchmarks.studies.harness import (
-    MODELS,
-    finished_state,
-    init_model,
-    machine_line,
-    run_jobs,
-    settings_from_dict,
-)
+from benchmarks.harness.report import add_run_arguments, command
+from benchmarks.studies import harness
 from benchmarks.studies.text.config import PRESETS, Settings, model_configs
 from benchmarks.studies.text.data import corpus, train_tokenizer
 from benchmarks.studies.text.report import write_report, write_sweep_report
@@ -73,7 +66,7 @@ def parse_args(argv=None):
                         help="the learning-rate question: train the --models (default: Llama and V1) at each of "
                              "these peak learning rates, and write paper_effects_lr_sweep.md/.json/.png comparing "
                              "every model at its own best rate (by held-out perplexity)")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=None,
+    parser.add_argument("--models", nargs="+", choices=harness.MODELS, default=None,
                         help="models to train (default: all three; with --lr-sweep: llama diff-v1)")
     parser.add_argument("--reuse", type=Path, default=None,
                         help="a finished study's JSON (e.g. benchmarks/results/paper_effects/paper_effects.json): its "
@@ -85,9 +78,7 @@ def parse_args(argv=None):
     parser.add_argument("--note", default="",
                         help="with --report-only: one line of context added to the report (e.g. the machine load "
                              "observed during a run that did not record it)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "paper_effects",
-                        help="folder for paper_effects.md/.json and the PNG charts "
-                             "(default: benchmarks/results/paper_effects)")
+    add_run_arguments(parser, "paper_effects")
     return parser.parse_args(argv)
 
 
@@ -113,15 +104,15 @@ def main(argv=None):
 
     tokenizer_file, params = prepare(settings, scratch)
     state = {"settings": asdict(settings), "parameters": params, "preset": preset,
-             "command": command(MODULE, sys.argv[1:] if argv is None else argv), "machine": machine_line(),
+             "command": command(MODULE, sys.argv[1:] if argv is None else argv), "machine": harness.machine_line(),
              "started": started, "load_samples": []}
     if args.lr_sweep:
         return lr_sweep(args, settings, state, tokenizer_file, scratch, out)
-    models = args.models or MODELS
+    models = args.models or harness.MODELS
     jobs = [{"model": m, "seed": s, "settings": asdict(settings), "tokenizer_file": tokenizer_file,
              "scratch": str(scratch / f"{m}-{s}")} for s in settings.seeds for m in models]
-    results = run_jobs(run_job, jobs, settings.workers, len(jobs) * settings.steps,
-                       out / "paper_effects.partial.json", state)
+    results = harness.run_jobs(run_job, jobs, settings.workers, len(jobs) * settings.steps,
+                               out / "paper_effects.partial.json", state)
     wall = time.time() - started
     (out / "paper_effects.partial.json").unlink(missing_ok=True)
     shutil.rmtree(scratch, ignore_errors=True)  # the tokenizer file and the Trainer's empty output folders
@@ -140,7 +131,7 @@ def prepare(settings: Settings, scratch: Path) -> tuple[str, dict]:
     tokenizer = train_tokenizer(train_texts, settings.vocab_size)
     tokenizer_file = str(scratch / "tokenizer.json")
     tokenizer.backend_tokenizer.save(tokenizer_file)
-    params = {name: parameter_count(init_model(config, 0))
+    params = {name: parameter_count(harness.init_model(config, 0))
               for name, config in model_configs(settings, len(tokenizer)).items()}
     spread = max(params.values()) / min(params.values()) - 1
     assert spread <= 0.02, f"parameter counts differ by {spread:.1%}: {params}"
@@ -161,9 +152,9 @@ def lr_sweep(args, settings: Settings, state: dict, tokenizer_file: str, scratch
             for lr in args.lr_sweep for s in settings.seeds for m in models if (m, s, round(lr, 12)) not in done]
     state.update(learning_rates=list(args.lr_sweep), models=list(models), reused=len(reused))
     print(f"{len(jobs)} runs to train, {len(reused)} reused from {args.reuse}")
-    results = reused + run_jobs(run_job, jobs, settings.workers, len(jobs) * settings.steps,
-                                out / "paper_effects_lr_sweep.partial.json", state)
-    write_sweep_report(finished_state(state, results, state["started"]), out)
+    results = reused + harness.run_jobs(run_job, jobs, settings.workers, len(jobs) * settings.steps,
+                                        out / "paper_effects_lr_sweep.partial.json", state)
+    write_sweep_report(harness.finished_state(state, results, state["started"]), out)
     (out / "paper_effects_lr_sweep.partial.json").unlink(missing_ok=True)
     shutil.rmtree(scratch, ignore_errors=True)
     return results
@@ -177,12 +168,12 @@ def report_from_partial(out: Path, note: str = ""):
     partial = out / "paper_effects.partial.json"
     saved = partial if partial.exists() else out / "paper_effects.json"
     state = json.loads(saved.read_text())
-    settings = settings_from_dict(Settings, state["settings"])
+    settings = harness.settings_from_dict(Settings, state["settings"])
     preset = state.get("preset") or next((name for name, p in PRESETS.items() if asdict(p) == asdict(settings)),
                                          "custom")
     results = state["results"]
     finished = {(r["model"], r["seed"]) for r in results}
-    missing = [f"{m} seed {s}" for s in settings.seeds for m in MODELS if (m, s) not in finished]
+    missing = [f"{m} seed {s}" for s in settings.seeds for m in harness.MODELS if (m, s) not in finished]
     wall = state.get("elapsed_seconds", state.get("wall_seconds"))
     write_report(results, settings, state["parameters"], wall, out, "paper_effects", preset,
                  state.get("command") or f"python -m {MODULE}", missing, rendered_from=saved.name,
