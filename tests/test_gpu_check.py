@@ -1,8 +1,8 @@
-"""Smoke test of benchmarks/gpu_check.py: its one-line exit without CUDA, and its CPU dry run of every section.
+"""Smoke test of benchmarks/gpu/gpu_check.py: its one-line exit without CUDA, and its CPU dry run of every section.
 
-The dry run computes real checks at tiny sizes (logits against tests/reference.py, compiled decode against
-generate(), the V1 core schemes against the padded layout), so the test asserts their verdicts; it never asserts a
-time.
+The dry run computes real checks at tiny sizes (logits against `modeling_diff_eval.reference`, compiled decode
+against generate(), the V1 core schemes against the padded layout), so the test asserts their verdicts; it never
+asserts a time.
 """
 
 import json
@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "gpu_check.py"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_script(*args, timeout=900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
+    """`python -m benchmarks.gpu.gpu_check ARGS` from the repository root, as the docs run it."""
+    return subprocess.run([sys.executable, "-m", "benchmarks.gpu.gpu_check", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
 
 
 def section(text: str, letter: str) -> str:
@@ -34,6 +35,7 @@ def rows(text: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines[1:]]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the exit without CUDA")
 def test_without_cuda_prints_one_line_and_exits_0(tmp_path):
     result = run_script("--out", tmp_path / "gpu_check.md", timeout=300)
@@ -44,6 +46,7 @@ def test_without_cuda_prints_one_line_and_exits_0(tmp_path):
     assert not (tmp_path / "gpu_check.md").exists()
 
 
+@pytest.mark.slow
 def test_cpu_dry_run_writes_every_section(tmp_path):
     out = tmp_path / "gpu_check.md"
     result = run_script("--cpu-dry-run", "--out", out)

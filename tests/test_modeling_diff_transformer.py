@@ -6,7 +6,7 @@ import functools
 import pytest
 import torch
 from helpers import LAYOUTS, make_model, tiny_config
-from reference import causal_lm_forward
+from modeling_diff_eval.reference import causal_lm_forward
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 from modeling_diff import DiffTransformerForCausalLM, DiffTransformerForSequenceClassification, DiffTransformerModel

@@ -1,27 +1,25 @@
-"""benchmarks/paper_effects.py end to end at --smoke settings: trains, measures, writes the report and charts."""
+"""The text study (benchmarks/studies/text/) end to end at --smoke settings: trains, measures, writes the report
+and charts; the learning-rate sweep reuses matching runs; the study harness's verdict rule."""
 
-import importlib.util
 import json
-from pathlib import Path
+import math
+import statistics
 
-ROOT = Path(__file__).resolve().parent.parent
+import pytest
 
-
-def load_study():
-    spec = importlib.util.spec_from_file_location("paper_effects", ROOT / "benchmarks" / "paper_effects.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmarks.studies import harness
+from benchmarks.studies.text import paper_effects
 
 
+@pytest.mark.slow
 def test_paper_effects_smoke(tmp_path):
-    study = load_study()
-    results = study.main(["--smoke", "--out", str(tmp_path)])
-    assert sorted(r["model"] for r in results) == sorted(study.MODELS)
+    results = paper_effects.main(["--smoke", "--out", str(tmp_path)])
+    assert sorted(r["model"] for r in results) == sorted(harness.MODELS)
 
     report = (tmp_path / "paper_effects.md").read_text()
     assert "## Results" in report and "## Settings" in report and "Wall time" in report
-    for label in study.LABELS.values():
+    assert "Produced by `python -m benchmarks.studies.text.paper_effects --smoke --out" in report
+    for label in harness.LABELS.values():
         assert label in report
     for metric in ("held-out perplexity", "needle accuracy N=1", "attention on answer", "noise context",
                    "attention logits top-1 / median", "hidden states top-10 / median"):
@@ -37,27 +35,42 @@ def test_paper_effects_smoke(tmp_path):
         png = tmp_path / f"paper_effects_{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"paper_effects_{name}.png" in report
+    # the charts plot the runs' values: one seed, so each bar is that run's value and its std 0
+    charts, by_model = data["charts"], {r["model"]: r for r in data["results"]}
+    for model, run in by_model.items():
+        assert charts["paper_effects_attention.png"]["answer_share"][model] == [run["attention"]["answer_share"], 0.0]
+        top1 = charts["paper_effects_outliers.png"]["hidden_states/top1_ratio"][model][0]
+        assert top1 == run["outliers"]["hidden_states"]["top1_ratio"]
+        by_needles = charts["paper_effects_needle.png"]["by_needles"][model]
+        assert by_needles[0][0] == pytest.approx(statistics.fmean([run["needle"]["1/192"], run["needle"]["1/256"]]))
     assert not (tmp_path / "paper_effects.partial.json").exists()
 
 
 def test_help_documents_every_flag(capsys):
-    study = load_study()
-    try:
-        study.parse_args(["--help"])
-    except SystemExit:
-        pass
+    with pytest.raises(SystemExit):
+        paper_effects.parse_args(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--smoke", "--scale", "--seeds", "--steps", "--workers", "--out"):
+    for flag in ("--smoke", "--scale", "--seeds", "--steps", "--workers", "--lr-sweep", "--reuse", "--out"):
         assert flag in text
 
 
+def test_verdict_needs_two_seeds_and_a_gap_beyond_the_spread():
+    assert harness.verdict([0.9, 0.92], [0.5, 0.52]) == "better"
+    assert harness.verdict([10.0, 11.0], [20.0, 21.0], higher_is_better=False) == "better"
+    assert harness.verdict([0.9, 0.5], [0.6, 0.7]) == "no clear difference"
+    assert harness.verdict([0.9], [0.5]) == "not called (one seed)"
+    assert harness.verdict([float("nan")], [0.5, 0.6]) == "not measured"
+    mean, std = harness.mean_std([1.0, 3.0, None])
+    assert mean == 2.0 and std == pytest.approx(math.sqrt(2))
+
+
+@pytest.mark.slow
 def test_lr_sweep_reuses_matching_runs_and_compares_each_model_at_its_best_rate(tmp_path):
-    study = load_study()
-    study.main(["--smoke", "--out", str(tmp_path), "--models", "llama", "diff-v1"])
+    paper_effects.main(["--smoke", "--out", str(tmp_path), "--models", "llama", "diff-v1"])
     earlier = json.loads((tmp_path / "paper_effects.json").read_text())
     rate = earlier["settings"]["learning_rate"]
-    results = study.main(["--smoke", "--out", str(tmp_path), "--lr-sweep", str(rate), "3e-3",
-                          "--reuse", str(tmp_path / "paper_effects.json")])
+    results = paper_effects.main(["--smoke", "--out", str(tmp_path), "--lr-sweep", str(rate), "3e-3",
+                                  "--reuse", str(tmp_path / "paper_effects.json")])
     assert sorted((r["model"], r["learning_rate"]) for r in results) == sorted(
         (m, lr) for m in ("llama", "diff-v1") for lr in (rate, 3e-3))
     reused = [r for r in results if r.get("reused_from")]
@@ -68,6 +81,15 @@ def test_lr_sweep_reuses_matching_runs_and_compares_each_model_at_its_best_rate(
     best = {m: min((r for r in results if r["model"] == m), key=lambda r: r["ppl"]) for m in ("llama", "diff-v1")}
     for m, run in best.items():  # the bold cell of each row is the model's lowest perplexity
         assert f"**{run['ppl']:.1f} ± 0.0**" in report
+    # the chart plots each model's perplexity at every rate, in the sweep's order
+    for m in ("llama", "diff-v1"):
+        plotted = [mean for mean, _ in data["chart"][m]]
+        assert plotted == [next(r["ppl"] for r in results if r["model"] == m and math.isclose(r["learning_rate"], lr))
+                           for lr in (rate, 3e-3)]
     assert "each at its own best rate" in report and "2 runs at the same settings were taken" in report
     assert (tmp_path / "paper_effects_lr_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "paper_effects_lr_sweep.partial.json").exists()
+    # runs made with other settings are not reused
+    with pytest.raises(SystemExit, match="other settings"):
+        paper_effects.main(["--smoke", "--steps", "5", "--out", str(tmp_path / "other"), "--lr-sweep", str(rate),
+                            "--reuse", str(tmp_path / "paper_effects.json")])

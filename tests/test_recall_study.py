@@ -1,37 +1,27 @@
-"""benchmarks/recall_study.py: the MQAR sequences, the attention shares on a known map, and the --smoke study."""
+"""The recall study (benchmarks/studies/recall/): the MQAR sequences, the attention shares on a known map, and the
+--smoke study."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def study():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("recall_study", ROOT / "benchmarks" / "recall_study.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["recall_study"] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
+from benchmarks.studies.harness import LABELS, MODELS
+from benchmarks.studies.recall import recall_study, report, task
+from benchmarks.studies.recall.config import FIRST_KEY, PAD, PRESETS, Settings
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_sequences_hold_each_queried_value_and_are_reproducible(study, fused):
-    settings = study.Settings(pairs=(3, 12), context_lens=(24, 40), queries=4, num_keys=16, num_values=8,
+def test_sequences_hold_each_queried_value_and_are_reproducible(fused):
+    settings = Settings(pairs=(3, 12), context_lens=(24, 40), queries=4, num_keys=16, num_values=8,
                               num_fillers=8, fused_pairs=fused)
     cells = settings.cells * 5
-    batch = study.make_batch(settings, np.random.default_rng([7, 0]), cells)
-    again = study.make_batch(settings, np.random.default_rng([7, 0]), cells)
+    batch = task.make_batch(settings, np.random.default_rng([7, 0]), cells)
+    again = task.make_batch(settings, np.random.default_rng([7, 0]), cells)
     assert all(np.array_equal(batch[k], again[k]) for k in batch)
-    first_value = study.FIRST_KEY + settings.num_keys
+    first_value = FIRST_KEY + settings.num_keys
     first_filler = first_value + settings.num_values
     first_pair = first_filler + settings.num_fillers
     assert batch["input_ids"].max() < settings.vocab_size
@@ -40,12 +30,12 @@ def test_sequences_hold_each_queried_value_and_are_reproducible(study, fused):
         context = ids[1 : 1 + context_len]
         # the key -> value store, decoded from the context tokens alone
         if fused:
-            store = {study.FIRST_KEY + (t - first_pair) // settings.num_values:
+            store = {FIRST_KEY + (t - first_pair) // settings.num_values:
                      first_value + (t - first_pair) % settings.num_values for t in context if t >= first_pair}
             fillers = ((context >= first_filler) & (context < first_pair)).sum()
         else:
             store = {int(context[i]): int(context[i + 1]) for i in range(context_len - 1)
-                     if study.FIRST_KEY <= context[i] < first_value}
+                     if FIRST_KEY <= context[i] < first_value}
             fillers = (context >= first_filler).sum()
         assert len(store) == pairs  # distinct keys, one pair each
         assert fillers == context_len - settings.pair_width * pairs
@@ -60,9 +50,9 @@ def test_sequences_hold_each_queried_value_and_are_reproducible(study, fused):
             if not fused:
                 assert ids[stored[0]] == ids[p] and labels[p + 1] == ids[stored[1]]
             else:
-                assert (ids[stored[0]] - first_pair) // settings.num_values == ids[p] - study.FIRST_KEY
+                assert (ids[stored[0]] - first_pair) // settings.num_values == ids[p] - FIRST_KEY
         tail = ids[1 + context_len + 2 * len(queries) :].tolist()
-        assert tail == [study.PAD] * (settings.seq_len - 1 - context_len - 2 * len(queries))
+        assert tail == [PAD] * (settings.seq_len - 1 - context_len - 2 * len(queries))
 
 
 class MapModel(torch.nn.Module):
@@ -80,7 +70,7 @@ class MapModel(torch.nn.Module):
         return SimpleNamespace(attentions=self.attentions)
 
 
-def test_attention_shares_divide_by_the_absolute_row_sum(study):
+def test_attention_shares_divide_by_the_absolute_row_sum():
     # positions: 0 BOS, 1 filler, 2-3 pair 0, 4-5 pair 1, 6 query key asking pair 1
     batch = {"input_ids": np.array([[1, 9, 2, 5, 3, 6, 3]]), "segment": np.array([[-1, -2, 0, 0, 1, 1, -1]]),
              "query_pair": np.array([[-1, -1, -1, -1, -1, -1, 1]])}
@@ -89,7 +79,7 @@ def test_attention_shares_divide_by_the_absolute_row_sum(study):
     attention[0, 1, 6] = torch.tensor([0.0, -0.1, 0.3, -0.1, 0.0, 0.5, 0.0])  # a differential row: |sum| 1.0, sum 0.6
     first = torch.zeros(1, 2, 7, 7)
     first[0, :, 6, 1] = 1.0  # layer 1: every head on the filler
-    shares = study.attention_shares(MapModel(first, attention), batch)
+    shares = task.attention_shares(MapModel(first, attention), batch)
     assert shares["layers"][0]["mean"] == pytest.approx({"queried_pair": 0, "distractor_pairs": 0, "filler": 1})
     assert shares["layers"][1]["mean"] == shares["mean"]  # the top level is the last layer
     expected = {"queried_pair": (0.6 + 0.5) / 2, "distractor_pairs": (0.2 + 0.2) / 2, "filler": (0.1 - 0.1) / 2}
@@ -98,48 +88,54 @@ def test_attention_shares_divide_by_the_absolute_row_sum(study):
     assert shares["best_head"] == pytest.approx(best, abs=1e-6)
 
 
-def test_best_rate_steps_and_verdicts(study):
+def test_best_rate_and_steps_to_90():
     runs = [{"model": "llama", "width": 8, "learning_rate": lr, "seed": s, "mean_acc": acc}
             for lr, accs in ((1e-3, (0.5, 0.6)), (3e-3, (0.9, 0.7))) for s, acc in enumerate(accs)]
-    assert study.best_rate(runs, "llama", 8) == 3e-3
+    assert report.best_rate(runs, "llama", 8) == 3e-3
     curve = [{"step": 0, "acc": {"c": 0.0}}, {"step": 50, "acc": {"c": 0.89}}, {"step": 100, "acc": {"c": 0.95}}]
-    assert study.steps_to(curve, "c") == 100 and study.steps_to(curve, "c", 0.99) is None
-    assert study.verdict([0.9, 0.92], [0.5, 0.52]) == "better"
-    assert study.verdict([0.9, 0.5], [0.6, 0.7]) == "no clear difference"
-    assert study.verdict([0.9], [0.5]) == "not called (one seed)"
+    assert task.steps_to(curve, "c") == 100 and task.steps_to(curve, "c", 0.99) is None
 
 
-def test_recall_study_smoke(study, tmp_path):
-    results = study.main(["--smoke", "--out", str(tmp_path)])
-    settings = study.PRESETS["smoke"]
-    assert len(results) == len(study.MODELS) * len(settings.learning_rates) * len(settings.seeds)
+@pytest.mark.slow
+def test_recall_study_smoke(tmp_path):
+    results = recall_study.main(["--smoke", "--out", str(tmp_path)])
+    settings = PRESETS["smoke"]
+    assert len(results) == len(MODELS) * len(settings.learning_rates) * len(settings.seeds)
     data = json.loads((tmp_path / "recall_study.json").read_text())
     assert len(data["results"]) == len(results) and data["wall_seconds"] > 0
-    cells = {study.cell_name(c) for c in settings.cells}
+    cells = {task.cell_name(c) for c in settings.cells}
     for run in data["results"]:
         assert {"model", "seed", "learning_rate", "acc", "mean_acc", "steps_to_90", "attention", "curve"} <= set(run)
         assert set(run["acc"]) == cells and all(0 <= a <= 1 for a in run["acc"].values())
         assert [p["step"] for p in run["curve"]] == [0, 3, 6]
     counts = [p for k, p in data["parameters"].items()]
     assert max(counts) / min(counts) - 1 <= 0.02
-    report = (tmp_path / "recall_study.md").read_text()
+    text = (tmp_path / "recall_study.md").read_text()
     for needle in ("## Width 32", "### Findings", "### Learning-rate sweep", "Steps to reach 90%", "## Settings",
-                   "Wall time", "not called (one seed)", *study.LABELS.values()):
-        assert needle in report
+                   "Wall time", "not called (one seed)", *LABELS.values()):
+        assert needle in text
     png = tmp_path / "recall_study_width32.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.name in report
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.name in text
+    # the chart's accuracy bars are each model's per-cell accuracy at its best rate (one seed: std 0)
+    chart = data["charts"][png.name]
+    for model in MODELS:
+        best = report.best_rate(data["results"], model, 32)
+        (run,) = report.runs_of(data["results"], model, 32, best)
+        assert chart["accuracy"][model] == [[run["acc"][cell], 0.0] for cell in chart["cells"]]
+        assert [mean for mean, _ in chart["sweep"][model]] == [
+            report.runs_of(data["results"], model, 32, rate)[0]["mean_acc"] for rate in chart["learning_rates"]]
     assert not (tmp_path / "recall_study.partial.json").exists()
     assert not (tmp_path / ".recall_study_scratch").exists()
 
     # --layers re-trains each model at its best rate: same data and initialisation, so the same accuracies
-    reruns = study.main(["--layers", "--out", str(tmp_path)])
-    assert sorted(r["model"] for r in reruns) == sorted(study.MODELS)
+    reruns = recall_study.main(["--layers", "--out", str(tmp_path)])
+    assert sorted(r["model"] for r in reruns) == sorted(MODELS)
     assert all(r["acc_difference_to_study"] == 0 for r in reruns)
     assert all(len(r["attention"][cell]["layers"]) == settings.num_hidden_layers for r in reruns for cell in cells)
-    report = (tmp_path / "recall_study.md").read_text()
-    assert "### Every layer's attention" in report and "in each model's retrieval layer" in report
+    text = (tmp_path / "recall_study.md").read_text()
+    assert "### Every layer's attention" in text and "in each model's retrieval layer" in text
 
     # the report can be re-rendered from the saved runs alone
     (tmp_path / "recall_study.md").unlink()
-    study.main(["--report-only", "--out", str(tmp_path), "--note", "re-rendered"])
+    recall_study.main(["--report-only", "--out", str(tmp_path), "--note", "re-rendered"])
     assert "re-rendered" in (tmp_path / "recall_study.md").read_text()

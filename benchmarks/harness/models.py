@@ -1,0 +1,131 @@
+"""The four causal LMs the speed benchmarks compare, built from the same config numbers.
+
+    llama       transformers.LlamaForCausalLM
+    diffllama   transformers.DiffLlamaForCausalLM
+    diff-v1     modeling_diff.DiffTransformerForCausalLM, diff_version=1 (the paper)
+    diff-v2     modeling_diff.DiffTransformerForCausalLM, diff_version=2 (DIFF V2)
+
+Heads are counted the same way in all four (query heads = softmax maps, `head_dim`-wide KV heads), so the numbers
+compare directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import importlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL_NAMES = ("llama", "diffllama", "diff-v1", "diff-v2")
+LABELS = {"llama": "Llama", "diffllama": "DiffLlama", "diff-v1": "Diff V1", "diff-v2": "Diff V2"}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, threads: int = 2) -> None:
+    """The model-size flags the speed benchmarks share (hidden 512, 8 / 4 heads, 6 layers) and `--threads`."""
+    parser.add_argument("--layers", type=int, default=6, help="decoder layers of every model (default: 6)")
+    parser.add_argument("--hidden", type=int, default=512, help="hidden size (default: 512)")
+    parser.add_argument("--heads", type=int, default=8, help="query heads, Llama's counting (default: 8)")
+    parser.add_argument("--kv-heads", type=int, default=4, help="KV heads, Llama's counting (default: 4)")
+    parser.add_argument("--intermediate", type=int, default=1376, help="MLP width (default: 1376)")
+    parser.add_argument("--vocab", type=int, default=8192, help="vocabulary size (default: 8192)")
+    parser.add_argument("--threads", type=int, default=threads, help=f"torch intra-op threads (default: {threads})")
+
+
+def tiny_model_arguments(args) -> None:
+    """The `--quick` model sizes (hidden 64, 2 layers, vocab 256) and 1 thread: seconds, numbers that mean nothing.
+
+    One thread avoids OpenMP barriers, which makes a smoke run robust on a busy machine.
+    """
+    args.hidden, args.layers, args.intermediate, args.vocab, args.threads = 64, 2, 176, 256, 1
+
+
+def config_numbers(args, max_positions: int, **overrides) -> dict:
+    """The config numbers shared by all four models, from the flags of `add_model_arguments` (or any object with
+    `vocab`, `hidden`, `intermediate`, `layers`, `heads`, `kv_heads`)."""
+    numbers = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                   num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                   max_position_embeddings=max_positions, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                   pad_token_id=0)
+    return {**numbers, **overrides}
+
+
+def modeling_at(revision: str):
+    """The modeling module of `modeling_diff` as it was at git `revision`, imported under another name.
+
+    For before/after measurements in one interleaved run: the two model files of that commit are copied into a
+    temporary package, so the old and the current classes can live side by side in one process.
+    """
+    name = "modeling_diff_at_" + re.sub(r"\W", "_", revision)
+    if name not in sys.modules:
+        folder = Path(tempfile.mkdtemp(prefix="modeling_diff_at_")) / name
+        folder.mkdir()
+        atexit.register(shutil.rmtree, folder.parent, True)
+        for file in ("configuration_diff_transformer.py", "modeling_diff_transformer.py"):
+            shown = subprocess.run(
+                ["git", "-C", str(ROOT), "show", f"{revision}:modeling_diff/{file}"],
+                capture_output=True, text=True, check=False,
+            )
+            if shown.returncode != 0:
+                raise SystemExit(f"error: cannot read modeling_diff/{file} at git revision {revision!r}")
+            (folder / file).write_text(shown.stdout)
+        (folder / "__init__.py").write_text("")
+        sys.path.insert(0, str(folder.parent))  # the temporary package of that revision, not the repository
+    return importlib.import_module(name + ".modeling_diff_transformer")
+
+
+def build_model(
+    name: str, numbers: dict, attn_implementation: str = "sdpa", dtype=torch.float32, seed: int = 0, revision=None
+):
+    """Build one of `MODEL_NAMES` from `numbers`, randomly initialised with `seed`, in eval mode.
+
+    With `revision`, a DiffTransformer is built from the modeling code of that git revision (`modeling_at`).
+    """
+    from transformers import DiffLlamaConfig, DiffLlamaForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
+
+    if revision is not None:  # the same names, from the old file
+        old = modeling_at(revision)
+        DiffTransformerConfig, DiffTransformerForCausalLM = old.DiffTransformerConfig, old.DiffTransformerForCausalLM
+
+    torch.manual_seed(seed)
+    if name == "llama":
+        config, cls = LlamaConfig(**numbers), LlamaForCausalLM
+    elif name == "diffllama":
+        config, cls = DiffLlamaConfig(**numbers), DiffLlamaForCausalLM
+    elif name in ("diff-v1", "diff-v2"):
+        config, cls = DiffTransformerConfig(diff_version=int(name[-1]), **numbers), DiffTransformerForCausalLM
+    else:
+        raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")
+    config._attn_implementation = attn_implementation
+    model = cls(config).to(dtype=dtype)
+    return model.eval()
+
+
+def parameter_count(model) -> int:
+    """Parameters of `model` (a tied weight counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def random_ids(vocab: int, length: int, seed: int) -> torch.Tensor:
+    """A (1, length) batch of token ids, the same for every model."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (1, length), generator=generator)
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by every key and value tensor of a transformers cache."""
+    total = 0
+    for layer in cache.layers:
+        for tensor in (layer.keys, layer.values):
+            if tensor is not None and tensor.numel():
+                total += tensor.numel() * tensor.element_size()
+    return total

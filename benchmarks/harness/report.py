@@ -1,0 +1,172 @@
+"""Results files: the machine description, the header every results file starts with, markdown tables, the
+markdown + JSON pair (written whole or not at all) and a grouped bar chart that returns the numbers it plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"  # benchmarks/results/<benchmark>/
+
+
+def machine_info(threads: int | None = None) -> dict:
+    """CPU model, cores, torch threads, GPU, library versions, date and the load average now (the run's start)."""
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "torch_threads": threads if threads is not None else torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_start": list(os.getloadavg()),
+    }
+
+
+def add_run_arguments(parser, benchmark: str, file: str | None = None, quick: str | None = None) -> None:
+    """The flags every benchmark has: `--out`, the markdown results `file` (the JSON and PNG go next to it) or,
+    without `file`, the folder of a study's results files, by default under benchmarks/results/<benchmark>/; and,
+    with `quick` (its help text), `--quick`: tiny settings for the smoke test."""
+    default = RESULTS / benchmark / file if file else RESULTS / benchmark
+    what = "markdown results file; the JSON and PNG go next to it" if file else "folder for the results files"
+    parser.add_argument("--out", type=Path, default=default,
+                        help=f"{what} (default: {default.relative_to(RESULTS.parent.parent)})")
+    if quick:
+        parser.add_argument("--quick", action="store_true", help=quick)
+
+
+def parse_with_argv(parser, argv=None):
+    """Parse `argv` (default: the command line) and keep it as `args.argv`, for the results header."""
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def settings_of(args) -> dict:
+    """The parsed flags of a run, JSON-ready (paths as strings), for its results file."""
+    return {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+
+
+def command(module: str, argv: list[str]) -> str:
+    """The command that re-runs a benchmark from the repository root: `python -m MODULE ARGS`."""
+    return " ".join(["python -m", module, *map(str, argv)])
+
+
+def header(title: str, command_line: str, info: dict, *bullets: str) -> list[str]:
+    """The first lines of every results file: title, command, date, machine, load at the start and at the end (now,
+    or `info["load_end"]`), versions."""
+    start = ", ".join(f"{x:.2f}" for x in info["load_start"])
+    end = ", ".join(f"{x:.2f}" for x in info.get("load_end") or os.getloadavg())  # saved: a re-rendered run
+    gpu = f"; GPU: {info['gpu']}" if info.get("gpu") else ""
+    return [
+        f"# {title}",
+        "",
+        f"Produced by `{command_line}` on {info['date_utc']}.",
+        "",
+        f"- Machine: {info['cpu']}, {info['logical_cores']} logical cores, torch threads = {info['torch_threads']}"
+        f"{gpu}; load average (1, 5, 15 min) {start} at the start, {end} at the end (the machine may be shared: "
+        "ratios come from one interleaved run, absolute times are noisy)",
+        f"- Versions: Python {info['python']}, torch {info['torch']}, transformers {info['transformers']}",
+        *[f"- {bullet}" for bullet in bullets],
+        "",
+    ]
+
+
+def model_sizes(args) -> str:
+    """The model-size flags of a run (`models.add_model_arguments`), as the results files state them."""
+    return (f"hidden {args.hidden}, {args.heads} query heads, {args.kv_heads} KV heads, {args.layers} layers, "
+            f"vocab {args.vocab}, intermediate {args.intermediate}")
+
+
+def fmt(value: float, unit: str) -> str:
+    """Human formatting of one absolute value."""
+    if unit == "s":
+        if value < 0.01:
+            return f"{value * 1000:.2f} ms"
+        return f"{value * 1000:.0f} ms" if value < 10 else f"{value:.1f} s"
+    if unit == "tok/s":
+        return f"{value:.1f} tok/s"
+    if unit == "MiB":
+        return f"{value:.1f} MiB" if abs(value) < 10 else f"{value:.0f} MiB"
+    if unit == "B":
+        return f"{value / 2**20:.2f} MiB"
+    if unit == "M":
+        return f"{value / 1e6:.2f} M"
+    return f"{value:g}"
+
+
+def table(head: list[str], rows: list[list]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary sibling and a rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
+
+
+def write_results(out: Path, text: str, payload: dict | None = None) -> None:
+    """Print the markdown, write it to `out` and, with `payload`, the JSON next to it (same name, `.json`)."""
+    print(text)
+    write_text(out, text if text.endswith("\n") else text + "\n")
+    if payload is not None:
+        write_text(out.with_suffix(".json"), json.dumps(payload, indent=1, default=str) + "\n")
+
+
+def bar_chart(path: Path, labels: list[str], series: dict, ylabel: str, title: str, reference: float | None = 1.0,
+              annotations: list[str] | None = None) -> dict:
+    """Grouped bars, one group per label and one bar per series (None: no bar); returns the plotted numbers.
+
+    `reference` draws a dashed horizontal line (1.0: the ratio of the baseline); `annotations` are written above the
+    bars of a single series.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(labels) * max(1, len(series)) / 2 + 3), 4.8))
+    width = 0.8 / max(1, len(series))
+    for index, (name, values) in enumerate(series.items()):
+        offset = (index - (len(series) - 1) / 2) * width
+        shown = [(position + offset, value) for position, value in enumerate(values) if value is not None]
+        bars = ax.bar([x for x, _ in shown], [y for _, y in shown], width, label=name)
+        if annotations and len(series) == 1:
+            for bar, text in zip(bars, annotations):
+                ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+    if reference is not None:
+        ax.axhline(reference, color="black", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4 else "center",
+                       fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    fig.savefig(partial, dpi=120, format="png")
+    plt.close(fig)
+    partial.replace(path)
+    return {"labels": list(labels), "series": {name: list(values) for name, values in series.items()}}

@@ -1,0 +1,111 @@
+"""One run of the text study (one model, learning rate and seed): train with the study recipe, then measure; and
+the runs of an earlier study that can stand in for new ones (`reusable_runs`)."""
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from benchmarks.harness.models import parameter_count
+from benchmarks.studies.harness import init_model, progress_callback, study_trainer
+from benchmarks.studies.text.config import Settings, model_configs
+from benchmarks.studies.text.data import corpus, training_sequences
+
+
+def load_tokenizer(path: str):
+    """The study's tokenizer, saved once by the parent process (`tokenizer.json`)."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=path, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def train(model, tokenizer, settings: Settings, seed: int, scratch: str, report, decay_parameters=None) -> dict:
+    """Train `model` on the seed's sequences with the study recipe; returns the training record of the run."""
+    from transformers.trainer_callback import PrinterCallback
+
+    train_texts, _ = corpus()
+    data = training_sequences(tokenizer, train_texts, settings, seed)
+    started = time.time()
+    trainer = study_trainer(model, data, settings, settings.learning_rate, seed, scratch, [progress_callback(report)],
+                            quiet=True, decay_parameters=decay_parameters)
+    trainer.remove_callback(PrinterCallback)  # progress goes to the study's own bar
+    history = trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {"train_loss_last": losses[-1] if losses else None, "train_loss_curve": losses,
+            "train_seconds": time.time() - started,
+            "train_tokens": settings.steps * settings.batch_size * settings.seq_len,
+            "train_loss_mean": history.training_loss}
+
+
+def measure(model, tokenizer, settings: Settings, seed: int, perplexity_only: bool = False) -> dict:
+    """Held-out perplexity, and unless `perplexity_only` the needle grid, the attention shares and the outliers."""
+    from modeling_diff_eval.tasks import run_task
+
+    started = time.time()
+    model.eval()
+    results = {"ppl": run_task("ppl", model, tokenizer, seq_len=settings.seq_len, progress=False)["perplexity"]}
+    if not perplexity_only:
+        needle = {}
+        for n in settings.eval_needles:
+            queries = 1 if n == 1 else 2  # paper Table 2: R = 1 for N = 1, R = 2 otherwise
+            for length in settings.eval_context_lens:
+                out = run_task("needle", model, tokenizer, needles=n, context_len=length, queries=queries,
+                               samples=settings.eval_samples, seed=1000 + seed, progress=False)
+                needle[f"{n}/{length}"] = out["accuracy"]
+        results["needle"] = needle
+        noise = run_task("attention-noise", model, tokenizer, needles=1, context_len=settings.noise_context_len,
+                         samples=settings.noise_samples, seed=2000 + seed, progress=False)
+        results["attention"] = {k: noise[k] for k in ("answer_share", "noise_share", "answer_to_noise", "maps")}
+        outliers = run_task("outliers", model, tokenizer, seq_len=settings.seq_len,
+                            max_batches=settings.outlier_batches, progress=False)
+        results["outliers"] = {kind: {k: outliers[kind][k] for k in ("top1_ratio", "top10_ratio", "top1", "median")}
+                               for kind in ("attention_logits", "hidden_states")}
+    results["eval_seconds"] = time.time() - started
+    return results
+
+
+def run_job(job: dict, queue=None) -> dict:
+    """Train `job["model"]` with `job["seed"]` and run every measurement; returns a JSON-serialisable dict."""
+    import torch
+
+    settings = Settings(**job["settings"])
+    torch.set_num_threads(settings.threads_per_worker)
+    name, seed = job["model"], job["seed"]
+    tag = f"{name} seed {seed}"
+
+    def report(kind, value=None):
+        if queue is not None:
+            queue.put((tag, kind, value))
+
+    tokenizer = load_tokenizer(job["tokenizer_file"])
+    model = init_model(model_configs(settings, len(tokenizer))[name], seed)
+    record = train(model, tokenizer, settings, seed, job["scratch"], report)
+    report("phase", "eval")
+    result = {"model": name, "seed": seed, "learning_rate": settings.learning_rate,
+              "parameters": parameter_count(model), **record, **measure(model, tokenizer, settings, seed)}
+    report("done", None)
+    return result
+
+
+def reusable_runs(path: Path, settings: Settings, models, rates: list[float],
+                  free: tuple = ("learning_rate", "seeds", "workers")) -> list[dict]:
+    """The runs of the study saved at `path` that stand for new runs of `models` at `rates` and `settings.seeds`.
+
+    Only when that study's settings equal `settings` in every field but the `free` ones (a reused run is the same
+    code path on the same sequences); otherwise stops with an error line. Each run is marked `reused_from`.
+    """
+    earlier = json.loads(path.read_text())
+
+    def fixed(values: dict) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if k not in free}
+
+    if fixed(earlier["settings"]) != fixed(asdict(settings)):
+        raise SystemExit(f"error: {path} was run with other settings; drop --reuse or match its settings")
+    runs = []
+    for r in earlier["results"]:
+        r = dict(r, learning_rate=r.get("learning_rate", earlier["settings"]["learning_rate"]), reused_from=path.name)
+        if r["model"] in models and r["seed"] in settings.seeds and any(
+                math.isclose(r["learning_rate"], rate) for rate in rates):
+            runs.append(r)
+    return runs
