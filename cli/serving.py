@@ -13,14 +13,16 @@ and decodes answers. This module subclasses the pieces that need it:
   `generate()` on the model process's one-at-a-time thread, beside the batch. It fits `max_tokens` to the context and
   cuts the answer at its `stop` strings (`StopFilter`), for both paths.
 - The handlers check every field of `/v1/chat/completions`, `/v1/completions` and `/v1/responses` (HTTP 422 with one
-  sentence) and refuse empty prompts; `ApiKeyGuard` checks the API key.
+  sentence) and refuse empty prompts; `ApiKeyGuard` checks the API key, `BodyLimit` the body's size.
 """
 
 import asyncio
+import contextlib
 import hmac
 import inspect
 import json
 import math
+import threading
 
 import torch
 from fastapi import HTTPException
@@ -325,9 +327,13 @@ class CheckedHandlerMixin:
 
     def _build_generation_kwargs(self, body: dict, model_generation_config) -> dict:
         """transformers serve's settings, with OpenAI's meaning of `temperature`: above 0 it samples (transformers
-        serve would keep a greedy model greedy), 0 is greedy. `max_new_tokens` is marked when the request set it: it
-        is then checked against the context, else fitted to it (see `RoutingEngineClient.fit_to_context`)."""
+        serve would keep a greedy model greedy), 0 is greedy; and `logit_bias` as floats. `max_new_tokens` is marked
+        when the request set it: it is then checked against the context, else fitted to it (see
+        `RoutingEngineClient.fit_to_context`)."""
         generation_kwargs = super()._build_generation_kwargs(body, model_generation_config)
+        if "sequence_bias" in generation_kwargs:  # from `logit_bias`, whose integers generate() refuses
+            bias = generation_kwargs["sequence_bias"]
+            generation_kwargs["sequence_bias"] = {token_ids: float(value) for token_ids, value in bias.items()}
         temperature = body.get("temperature")
         if temperature is not None and temperature > 0:
             generation_kwargs["do_sample"] = True
@@ -378,6 +384,39 @@ BATCH_NEUTRAL_SETTINGS = {
 BATCH_SETTINGS = {"max_new_tokens", "eos_token_id", "do_sample", "temperature", "top_k", "top_p", "seed"}
 
 
+class BatchPause:
+    """Forward hooks on the model that run each forward of `generate_alone` with the batch paused (transformers'
+    `manager.pause()`, for threads sharing the model with the batch), so that the two take turns, step by step.
+
+    They must not run at once: a forward sets `config.is_causal` for its duration (transformers'
+    `merge_with_config_defaults`), the batch's to False, so the other thread's masks would turn bidirectional, and
+    the config could be left so.
+    """
+
+    def __init__(self, model, manager):
+        self.manager = manager
+        self.local = threading.local()  # the pauses of this thread, while it generates alone
+        model.register_forward_pre_hook(self.pause)
+        model.register_forward_hook(self.resume, always_call=True)
+
+    @contextlib.contextmanager
+    def this_thread(self):
+        self.local.pauses = contextlib.ExitStack()
+        try:
+            yield
+        finally:
+            self.local.pauses.close()
+            del self.local.pauses
+
+    def pause(self, module, args) -> None:
+        if getattr(self.local, "pauses", None) is not None:  # not in the batch's thread
+            self.local.pauses.enter_context(self.manager.pause())
+
+    def resume(self, module, args, output) -> None:
+        if getattr(self.local, "pauses", None) is not None:
+            self.local.pauses.close()
+
+
 def start_greedy_batching(model, cb_config, context_length: int | None):
     """Creates the model's continuous-batching manager with its paged cache, at load time.
 
@@ -410,6 +449,7 @@ def start_greedy_batching(model, cb_config, context_length: int | None):
             f"({context_length}): raise --max-memory-percent or --num-blocks, or lower --max-model-len"
         )
     model._cached_continuous_batching_manager = manager
+    model.batch_pause = BatchPause(model, manager)
     return manager
 
 
@@ -450,16 +490,18 @@ class ServingModelLoader(ModelLoader):
 def generate_alone(model, processor, inputs: dict, generation_kwargs: dict, streamer=None) -> list[int]:
     """`generate()` for a request the greedy batch cannot answer exactly (it samples, or sets penalties, a logit bias,
     ...), with the model's generation config and the request's settings on top. Runs in the model's process, on the
-    runner's one-at-a-time thread (`EngineClient.submit`): its seed is then the only user of the random numbers, as
-    the batch draws none."""
+    runner's one-at-a-time thread (`EngineClient.submit`), its forwards taking turns with the batch's (`BatchPause`).
+    Its seed is the only user of the random numbers, as the batch draws none."""
     kwargs = {name: value for name, value in generation_kwargs.items() if value is not None}
     seed = kwargs.pop("seed", None)
     if seed is not None:
         set_torch_seed(seed)
     input_ids = torch.tensor([inputs["input_ids"]], device=model.device)  # [1, prompt]
-    sequences = model.generate(
-        input_ids, attention_mask=torch.ones_like(input_ids), tokenizer=processor, streamer=streamer, **kwargs
-    )
+    batch_pause = getattr(model, "batch_pause", None)
+    with batch_pause.this_thread() if batch_pause is not None else contextlib.nullcontext():
+        sequences = model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), tokenizer=processor, streamer=streamer, **kwargs
+        )
     return sequences[0, input_ids.shape[1] :].tolist()
 
 
@@ -618,6 +660,7 @@ ADMIN_ROUTES = ("/reset", "/load_model")
 # transformers serve's endpoints for decision and speech models, which a causal LM does not serve
 OTHER_MODEL_ROUTES = ("/v1/systemone", "/v1/audio/transcriptions")
 OPEN_ROUTES = ("/health",)
+DRAINED_BYTES = 8  # times the limit: how much of a body over the limit is read, and dropped, before the 413
 
 
 class ApiKeyGuard:
@@ -637,9 +680,50 @@ class ApiKeyGuard:
         await self.app(scope, receive, send)
 
 
+class BodyLimit:
+    """An ASGI middleware reading each request's body before the app does, up to `max_bytes`: a larger one gets HTTP
+    413 (its rest is read and dropped, up to a bound, so that the client sees the answer) and never reaches the app.
+
+    FastAPI's own limit (`max_body_size`) cannot be used: transformers serve's CancelOnDisconnect reads the body in a
+    task of its own, where the limit's error is lost and the request then waits for ever.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            size += len(message.get("body", b""))
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                while more and size <= DRAINED_BYTES * self.max_bytes:
+                    message = await receive()
+                    size += len(message.get("body", b""))
+                    more = message["type"] == "http.request" and message.get("more_body", False)
+                detail = f"The request body is larger than this server's limit of {self.max_bytes} bytes."
+                return await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+            chunks.append(message.get("body", b""))
+        replayed = False
+
+        async def replay_then_receive():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # the client leaving
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay_then_receive, send)
+
+
 def build_app(manager: ModelManager, generation_state: GenerationState, api_key, max_body_bytes, admin: bool):
     """transformers serve's FastAPI app for `manager`'s model, with the checked handlers, the admin endpoints only if
-    `admin`, a limit on the body's size (FastAPI's: HTTP 413), and the API key if there is one (`ApiKeyGuard`)."""
+    `admin`, a limit on the body's size (`BodyLimit`: HTTP 413), and the API key if there is one (`ApiKeyGuard`)."""
     app = build_server(
         manager,
         CheckedChatCompletionHandler(model_manager=manager, generation_state=generation_state),
@@ -650,7 +734,7 @@ def build_app(manager: ModelManager, generation_state: GenerationState, api_key,
     )
     removed = OTHER_MODEL_ROUTES + (() if admin else ADMIN_ROUTES)
     app.router.routes = [route for route in app.router.routes if getattr(route, "path", None) not in removed]
-    app.max_body_size = max_body_bytes  # read as the app starts
-    if api_key is not None:
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if api_key is not None:  # outside BodyLimit: a request without the key is refused before its body is read
         app.add_middleware(ApiKeyGuard, api_key=api_key)
     return app
