@@ -20,6 +20,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from .common import CLIError, resolve_model_path
 
 SERVING_PACKAGES = ("fastapi", "uvicorn", "openai")
 CPU_CACHE_SHARE = 0.05  # of the memory left after loading: 1.1 GB on a 24 GB machine (SmolLM2-135M: ~25K tokens)
+CPU_MAX_BATCH_TOKENS = 1024
 MAX_REQUEST_BYTES = 1024 * 1024
 API_KEY_VARIABLE = "DIFF_TRANSFORMER_API_KEY"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -74,7 +76,13 @@ def add_arguments(parser):
         default=None,
         help="the longest a request may be, prompt and answer, in tokens. Default: the model's context",
     )
-    parser.add_argument("--max-batch-tokens", type=int, default=None, help="continuous batching: tokens per forward")
+    parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=None,
+        help="continuous batching: tokens per forward. Default: transformers' (8192) on a GPU, "
+        f"{CPU_MAX_BATCH_TOKENS} on CPU",
+    )
     parser.add_argument(
         "--max-memory-percent",
         type=float,
@@ -141,15 +149,23 @@ def check_device(device: str) -> None:
         raise CLIError("--device mps: Apple's MPS is not available here")
 
 
-def cache_share(args) -> float | None:
-    """The paged cache's share of the memory: the flag, else 5% on CPU (transformers' 80-90% takes seconds to
-    allocate there), else transformers' default."""
+def batching_config(args):
+    """The continuous-batching settings: the flags, else on CPU a paged cache of 5% of the memory (transformers' 80-90%
+    takes seconds to allocate there) and 1024 tokens per forward (transformers' 8192 cost ~1 GB of attention masks
+    for a tiny model), else transformers' defaults."""
     import torch
+    from transformers import ContinuousBatchingConfig
 
-    if args.max_memory_percent is not None or args.num_blocks is not None:
-        return args.max_memory_percent
     on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-    return CPU_CACHE_SHARE if on_cpu else None
+    share = args.max_memory_percent
+    if share is None and args.num_blocks is None and on_cpu:
+        share = CPU_CACHE_SHARE
+    max_batch_tokens = args.max_batch_tokens
+    if max_batch_tokens is None and on_cpu:
+        max_batch_tokens = CPU_MAX_BATCH_TOKENS
+    return ContinuousBatchingConfig(
+        max_batch_tokens=max_batch_tokens, max_memory_percent=share, num_blocks=args.num_blocks
+    )
 
 
 def bind_port(host: str, port: int) -> socket.socket:
@@ -173,16 +189,11 @@ def bind_port(host: str, port: int) -> socket.socket:
 
 def build_server(args, model: str):
     """The model manager (the model loaded, in its own process) and the FastAPI app, on transformers serve."""
-    from transformers import ContinuousBatchingConfig
     from transformers.cli.serving.utils import GenerationState
 
     from .serving import ServingModelLoader, ServingModelManager, build_app
 
-    batching = None
-    if args.continuous_batching:
-        batching = ContinuousBatchingConfig(
-            max_batch_tokens=args.max_batch_tokens, max_memory_percent=cache_share(args), num_blocks=args.num_blocks
-        )
+    batching = batching_config(args) if args.continuous_batching else None
     generation_state = GenerationState(
         continuous_batching=args.continuous_batching, cb_config=batching, max_model_len=args.max_model_len
     )
@@ -290,23 +301,26 @@ def serve_in_background(
 
 @contextlib.contextmanager
 def start_server(model: str, *flags: str, port: int | None = None, timeout: float = 300, env: dict | None = None):
-    """Like `serve_in_background`, yielding (base URL, the server's subprocess.Popen); its output is a pipe."""
+    """Like `serve_in_background`, yielding (base URL, the server's subprocess.Popen). The server's output goes to a
+    temporary file, `read_output(process)` reads it (a pipe nobody reads would stop a server that logs much)."""
     import httpx2 as httpx
 
     port = port or free_port()
+    output = tempfile.TemporaryFile("w+")
     process = subprocess.Popen(
         [sys.executable, "-m", "modeling_diff_cli.main", "serve", str(model), "--port", str(port), *flags],
-        stdout=subprocess.PIPE,
+        stdout=output,
         stderr=subprocess.STDOUT,
         text=True,
         env=None if env is None else {**os.environ, **env},
     )
+    process.output = output
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"the server exited with {process.returncode}:\n{process.stdout.read()[-3000:]}")
+                raise RuntimeError(f"the server exited with {process.returncode}:\n{read_output(process)[-3000:]}")
             try:
                 if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                     break
@@ -324,3 +338,11 @@ def start_server(model: str, *flags: str, port: int | None = None, timeout: floa
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        output.close()
+
+
+def read_output(process: subprocess.Popen) -> str:
+    """What a server `start_server` started has printed so far."""
+    process.output.flush()
+    process.output.seek(0)
+    return process.output.read()

@@ -20,7 +20,7 @@ import torch
 from helpers import assert_one_line_error, make_model, run_cli, tiny_tokenizer
 from modeling_diff_cli.common import load_model
 from modeling_diff_cli.generate import prompt_ids
-from modeling_diff_cli.serve import free_port, start_server
+from modeling_diff_cli.serve import free_port, read_output, start_server
 from modeling_diff_conversion import convert
 from openai import OpenAI
 from tokenizers import decoders
@@ -403,7 +403,7 @@ def test_the_server_exits_when_its_model_dies(served_models):
         server = Server(base, served_models / "converted-v2", process)
         server.model_process().kill()
         process.wait(timeout=30)
-        output = process.stdout.read()
+        output = read_output(process)
     assert process.returncode == 3
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "model" in errors[0] and "Traceback" not in output, output[-2000:]
