@@ -34,6 +34,7 @@ API_KEY_VARIABLE = "DIFF_TRANSFORMER_API_KEY"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 GRACEFUL_SHUTDOWN_S = 5  # requests still running when the server is stopped (SIGTERM, Ctrl-C) get this long
 EXIT_MODEL_DIED = 3
+TESTED_TRANSFORMERS = (5, 25)  # the serve extra of pyproject.toml pins it
 
 
 def add_arguments(parser):
@@ -213,10 +214,27 @@ def build_server(args, model: str):
     return manager, app
 
 
+def check_transformers() -> None:
+    """serving.py subclasses transformers serve's internals as transformers 5.25 has them: older ones have another
+    serving stack, newer ones may have changed (tests/test_serve.py names what did)."""
+    import transformers
+    from packaging.version import Version
+
+    version = Version(transformers.__version__)
+    if version.release[:2] < TESTED_TRANSFORMERS:
+        raise CLIError(
+            f"diff-transformer serve runs on transformers' serving stack of 5.25, not {version}: "
+            "pip install 'transformers[serving]>=5.25,<5.26'"
+        )
+    if version.release[:2] > TESTED_TRANSFORMERS:
+        print(f"note: diff-transformer serve is tested with transformers 5.25, this is {version}", file=sys.stderr)
+
+
 def run(args) -> int:
     missing = [name for name in SERVING_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         raise CLIError(f"serving needs {', '.join(missing)}: pip install 'transformers[serving]'")
+    check_transformers()
     check_arguments(args)
     sock = bind_port(args.host, args.port)
     try:

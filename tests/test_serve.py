@@ -9,9 +9,12 @@ import json
 import pkgutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx2 as httpx
 import psutil
@@ -597,3 +600,17 @@ def test_the_transformers_internals_serving_relies_on():
     assert model.init_continuous_batching() is manager, (
         "transformers' ContinuousMixin.init_continuous_batching no longer returns the manager cached on the model"
     )
+
+
+@pytest.mark.slow
+def test_load_test_smoke(tmp_path):
+    """benchmarks/system/serve_load.py --smoke: a few seconds of good and hostile clients at once."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "system" / "serve_load.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((tmp_path / "serve_load.json").read_text())
+    assert results["passed"] and results["good_matched"] == results["good_sent"] > 0
+    assert results["hostile_as_expected"] == results["hostile_sent"] > 0
+    assert (tmp_path / "serve_load.png").stat().st_size > 0
