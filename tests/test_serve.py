@@ -276,6 +276,7 @@ HOSTILE_BODIES = {  # endpoint, body, expected status, a word of the detail
     ),
     "stop type": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, 422, "stop"),
     "responses input type": ("/v1/responses", {"input": 3}, 422, "input"),
+    "another model": ("/v1/completions", {"prompt": "def", "model": "gpt-4"}, 400, "gpt-4"),
     "responses bad item": ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "x"}]}]}, 422, "text"),
 }
 
