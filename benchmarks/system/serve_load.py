@@ -18,8 +18,8 @@ answers, and the RSS is flat: its median over the last tenth of the load is with
 tenth after a warm-up of a tenth. The machine's load (os.getloadavg) is recorded: on a shared machine the request
 counts vary, the verdict should not.
 
-    python benchmarks/system/serve_load.py            # 32 clients for 60 s
-    python benchmarks/system/serve_load.py --smoke    # 8 clients for 5 s (a test runs this)
+    python -m benchmarks.system.serve_load            # 32 clients for 60 s
+    python -m benchmarks.system.serve_load --smoke    # 8 clients for 5 s (a test runs this)
 
 Results: benchmarks/results/serve_load/serve_load.{md,json,png} (`--out` elsewhere).
 """
@@ -357,7 +357,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.clients, args.duration = 8, 5.0
-    command = " ".join(["python", "benchmarks/system/serve_load.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["python", "-m", "benchmarks.system.serve_load", *(argv if argv is not None else sys.argv[1:])])
 
     with tempfile.TemporaryDirectory() as work:
         model = args.model or str(tiny_model(Path(work) / "tiny-v2"))
