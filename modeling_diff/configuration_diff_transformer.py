@@ -99,12 +99,9 @@ class DiffTransformerConfig(PreTrainedConfig):
         "layers.*.mlp.down_proj": "rowwise",
     }
     _variant_tp_plans = {
-        # V1: the four λ vectors (direct parameters of self_attn) and the per-head norm are shared by all heads of a
-        # layer, so every rank keeps them whole; their gradient only sees this rank's heads and is summed over ranks.
-        1: {
-            "layers.*.self_attn": "replicated_with_grad_allreduce",
-            "layers.*.self_attn.subln": "replicated_with_grad_allreduce",
-        },
+        # V1: the four λ vectors and the per-head norm (self_attn.head_norm) are shared by all heads of a layer, so
+        # every rank keeps them whole; their gradient only sees this rank's heads and is summed over ranks.
+        1: {"layers.*.self_attn.head_norm": "replicated_with_grad_allreduce"},
         # V2: lambda_proj has one output row per output head, split with the query-head pairs of those heads.
         2: {"layers.*.self_attn.lambda_proj": "colwise"},
     }

@@ -24,6 +24,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.generation import GenerationMixin
 from transformers.generation.continuous_batching.cache import PagedAttentionCache
 from transformers.masking_utils import create_causal_mask
@@ -58,25 +60,51 @@ class DiffTransformerRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
-class DiffTransformerHeadRMSNorm(nn.Module):
-    def __init__(self, head_width: int, scale: float, eps: float = 1e-6) -> None:
-        """V1's per-head norm: RMSNorm over each 2·head_dim-wide head, then × `scale` = (1 - λ_init).
+class DiffTransformerHeadNorm(nn.Module):
+    def __init__(self, head_dim: int, lambda_init: float, eps: float = 1e-6) -> None:
+        """V1's differential head norm: the λ that weighs the subtracted map, and the norm of the difference.
 
-        One `torch.nn.functional.rms_norm` call with the scale folded into the weight, so the scale multiplies the
-        2·head_dim weight rather than the whole activation. torch runs it as a fused kernel where it has one and
-        as its own composite elsewhere (CPU); it equals the op-by-op `DiffTransformerRMSNorm` up to float rounding.
+        λ = exp(λq1·λk1) - exp(λq2·λk2) + λ_init is reparametrised by four `head_dim` vectors; the difference
+        a1 - λ·a2 of each 2·head_dim-wide head goes through an RMSNorm whose gain is scaled by (1 - λ_init).
+        These are the layer's only vector parameters besides the block's norms, and like them they take no weight
+        decay: the Trainer's default optimizer grouping exempts parameters by name (`*_norm.*`), so they live here.
         """
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(head_width))
-        self.scale = scale
+        self.lambda_init = lambda_init
+        self.lambda_q1 = nn.Parameter(torch.zeros(head_dim))
+        self.lambda_k1 = nn.Parameter(torch.zeros(head_dim))
+        self.lambda_q2 = nn.Parameter(torch.zeros(head_dim))
+        self.lambda_k2 = nn.Parameter(torch.zeros(head_dim))
+        self.weight = nn.Parameter(torch.ones(2 * head_dim))
+        self.scale = 1 - lambda_init
         self.variance_epsilon = eps
 
+    def lambda_full(self) -> torch.Tensor:
+        """The layer's scalar λ = exp(λq1·λk1) - exp(λq2·λk2) + λ_init, in float32."""
+        lambda_1 = torch.exp(torch.dot(self.lambda_q1.float(), self.lambda_k1.float()))
+        lambda_2 = torch.exp(torch.dot(self.lambda_q2.float(), self.lambda_k2.float()))
+        return lambda_1 - lambda_2 + self.lambda_init
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # one rms_norm call with the (1 - λ_init) scale folded into the 2·head_dim gain
         weight = self.weight * self.scale
         return nn.functional.rms_norm(hidden_states, weight.shape, weight, self.variance_epsilon)
 
     def extra_repr(self):
-        return f"{tuple(self.weight.shape)}, scale={self.scale}, eps={self.variance_epsilon}"
+        return f"{tuple(self.weight.shape)}, lambda_init={self.lambda_init}, eps={self.variance_epsilon}"
+
+
+# Checkpoints keep the paper's names for V1's λ vectors and head norm (`self_attn.lambda_q1`,
+# `self_attn.subln.weight`), so that every saved model, converted checkpoint and older copy of this code reads them;
+# in memory they live in `self_attn.head_norm`. transformers renames them when loading and back when saving.
+register_checkpoint_conversion_mapping(
+    "diff_transformer",
+    [
+        WeightRenaming(r"\.self_attn\.subln\.weight", ".self_attn.head_norm.weight"),
+        WeightRenaming(r"\.self_attn\.(lambda_q1|lambda_k1|lambda_q2|lambda_k2)", r".self_attn.head_norm.\1"),
+    ],
+    overwrite=True,
+)
 
 
 class DiffTransformerRotaryEmbedding(nn.Module):
@@ -227,22 +255,16 @@ class DiffTransformerAttention(nn.Module):
         self.o_proj = nn.Linear(
             config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias
         )
-        self.lambda_q1 = nn.Parameter(torch.zeros(self.head_dim))
-        self.lambda_k1 = nn.Parameter(torch.zeros(self.head_dim))
-        self.lambda_q2 = nn.Parameter(torch.zeros(self.head_dim))
-        self.lambda_k2 = nn.Parameter(torch.zeros(self.head_dim))
-        self.subln = DiffTransformerHeadRMSNorm(2 * self.head_dim, 1 - self.lambda_init, eps=config.rms_norm_eps)
+        self.head_norm = DiffTransformerHeadNorm(self.head_dim, self.lambda_init, eps=config.rms_norm_eps)
 
     def lambda_full(self) -> torch.Tensor:
-        """The layer's scalar λ = exp(λq1·λk1) - exp(λq2·λk2) + λ_init, in float32."""
-        lambda_1 = torch.exp(torch.dot(self.lambda_q1.float(), self.lambda_k1.float()))
-        lambda_2 = torch.exp(torch.dot(self.lambda_q2.float(), self.lambda_k2.float()))
-        return lambda_1 - lambda_2 + self.lambda_init
+        """The layer's scalar λ, in float32."""
+        return self.head_norm.lambda_full()
 
     def differential_head_norm(self, attn_output: torch.Tensor, lambda_full: torch.Tensor) -> torch.Tensor:
-        """(B, T, 2·heads, 2d) outputs of the maps -> (B, T, heads, 2d): subln(a1 - λ·a2) · (1 - λ_init)."""
+        """(B, T, 2·heads, 2d) outputs of the maps -> (B, T, heads, 2d): head_norm(a1 - λ·a2)."""
         attn_output = attn_output.unflatten(2, (-1, 2))  # (B, T, heads, map, 2d)
-        return self.subln(torch.addcmul(attn_output[..., 0, :], lambda_full, attn_output[..., 1, :], value=-1))
+        return self.head_norm(torch.addcmul(attn_output[..., 0, :], lambda_full, attn_output[..., 1, :], value=-1))
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -318,7 +340,7 @@ class DiffTransformerAttention(nn.Module):
             attn_weights = attn_weights.view(batch, -1, 2, q_len, attn_weights.shape[-1])  # (B, heads, map, T, S)
             attn_weights = attn_weights[:, :, 0] - lambda_full * attn_weights[:, :, 1]  # (B, heads, T, S)
             value_states = repeat_kv(value_states, attn_weights.shape[1] // value_states.shape[1])
-            attn_output = self.subln(torch.matmul(attn_weights, value_states).transpose(1, 2))  # (B, T, heads, 2d)
+            attn_output = self.head_norm(torch.matmul(attn_weights, value_states).transpose(1, 2))  # (B, T, heads, 2d)
         elif self.training and torch.is_grad_enabled():
             # CODEPATH: training. The subtraction and the head norm are recomputed in the backward pass rather than
             # storing their two (B, T, heads, 2d) results: the maps' output is kept by the attention kernel anyway,
@@ -485,11 +507,12 @@ class DiffTransformerPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, DiffTransformerAttention):
+        if isinstance(module, DiffTransformerHeadNorm):
             init.normal_(module.lambda_q1, 0, self.config.lambda_std_dev)
             init.normal_(module.lambda_k1, 0, self.config.lambda_std_dev)
             init.normal_(module.lambda_q2, 0, self.config.lambda_std_dev)
             init.normal_(module.lambda_k2, 0, self.config.lambda_std_dev)
+            init.ones_(module.weight)
 
 
 @auto_docstring

@@ -166,7 +166,8 @@ def test_kv_cache_bytes_equal_llama(layout):
         cache = m(ids, use_cache=True).past_key_values
         total = 0
         for layer in cache.layers:
-            total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+            for tensor in (layer.keys, layer.values):
+                total += tensor.numel() * tensor.element_size()
         # K and V keep the same head count, so offloaded and quantized caches work unchanged
         assert all(layer.keys.shape[:3] == layer.values.shape[:3] for layer in cache.layers)
         return total
@@ -289,9 +290,10 @@ def test_auto_classes_resolve():
 def test_init_weights_cover_lambda_and_norms():
     model = DiffTransformerForCausalLM(tiny_config(1, lambda_std_dev=0.1))
     attn = model.model.layers[0].self_attn
-    lam = torch.cat([attn.lambda_q1, attn.lambda_k1, attn.lambda_q2, attn.lambda_k2])
+    norm = attn.head_norm
+    lam = torch.cat([norm.lambda_q1, norm.lambda_k1, norm.lambda_q2, norm.lambda_k2])
     assert 0.03 < lam.std().item() < 0.3  # N(0, 0.1), not the zeros the module was built with
-    assert torch.equal(attn.subln.weight, torch.ones(16))
+    assert torch.equal(norm.weight, torch.ones(16))
     assert torch.equal(model.model.norm.weight, torch.ones(64))
 
 

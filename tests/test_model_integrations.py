@@ -1,0 +1,62 @@
+"""The model inside the engines users already have: the Trainer's optimizer grouping, PEFT, TRL."""
+
+import pytest
+import torch
+from helpers import tiny_config
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+from modeling_diff import DiffTransformerForCausalLM
+
+
+def weight_decay_by_parameter(model, tmp_path) -> dict[str, float]:
+    """name -> the weight decay of its group in the optimizer the Trainer builds by default."""
+    args = TrainingArguments(output_dir=str(tmp_path), weight_decay=0.1, report_to=[], use_cpu=True)
+    optimizer = Trainer(model=model, args=args).create_optimizer()
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    return {name: decay_of[id(p)] for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_trainer_exempts_norm_gains_and_lambda_vectors_from_weight_decay(version, tmp_path):
+    model = DiffTransformerForCausalLM(tiny_config(version))
+    decay = weight_decay_by_parameter(model, tmp_path)
+    # every vector (norm gains, V1's λ vectors and head-norm gain) is exempt; every matrix decays,
+    # V2's lambda_proj included (an ordinary linear projection of the hidden state)
+    for name, param in model.named_parameters():
+        assert decay[name] == (0.0 if param.dim() == 1 else 0.1), name
+    attn = "model.layers.1.self_attn."
+    if version == 1:
+        for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2", "weight"):
+            assert decay[attn + "head_norm." + name] == 0.0
+    else:
+        assert decay[attn + "lambda_proj.weight"] == 0.1
+    assert decay["model.layers.1.input_layernorm.weight"] == decay["model.norm.weight"] == 0.0
+
+
+def test_llama_grouping_is_the_same_rule(tmp_path):
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=97,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+        )
+    )
+    decay = weight_decay_by_parameter(llama, tmp_path)
+    for name, param in llama.named_parameters():
+        assert decay[name] == (0.0 if param.dim() == 1 else 0.1), name
+
+
+def test_checkpoints_keep_the_papers_parameter_names(tmp_path):
+    model = DiffTransformerForCausalLM(tiny_config(1))
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    attn = "model.layers.0.self_attn."
+    assert {attn + n for n in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2", "subln.weight")} <= saved.keys()
+    assert not any("head_norm" in key for key in saved)
+    loaded = DiffTransformerForCausalLM.from_pretrained(tmp_path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
