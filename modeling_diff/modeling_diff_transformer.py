@@ -42,9 +42,12 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_diff_transformer import DiffTransformerConfig
 
 
+# Copied from transformers.models.llama.modeling_llama.LlamaRMSNorm with Llama->DiffTransformer
 class DiffTransformerRMSNorm(nn.Module):
     def __init__(self, hidden_size, eps: float = 1e-6) -> None:
-        """Root-mean-square norm with a learnable scale, computed in float32 (as Llama's)."""
+        """
+        DiffTransformerRMSNorm is equivalent to T5LayerNorm
+        """
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
@@ -107,11 +110,13 @@ register_checkpoint_conversion_mapping(
 )
 
 
+# Copied from transformers.models.llama.modeling_llama.LlamaRotaryEmbedding with Llama->DiffTransformer
 class DiffTransformerRotaryEmbedding(nn.Module):
     def __init__(self, config: DiffTransformerConfig):
         super().__init__()
         self.max_seq_len_cached = config.max_position_embeddings
         self.original_max_seq_len = config.max_position_embeddings
+
         self.config = config
 
         self.rope_type = self.config.rope_parameters["rope_type"]
@@ -125,11 +130,22 @@ class DiffTransformerRotaryEmbedding(nn.Module):
 
     @staticmethod
     def compute_default_rope_parameters(config: DiffTransformerConfig, **kwargs) -> tuple[torch.Tensor, float]:
-        """Inverse frequencies of plain RoPE over one `head_dim`-wide query/key head; no attention scaling."""
+        """
+        Computes the inverse frequencies according to the original RoPE implementation
+        Args:
+            config ([`~transformers.PreTrainedConfig`]):
+                The model configuration.
+        Returns:
+            Tuple of (`torch.Tensor`, `float`), containing the inverse frequencies for the RoPE embeddings and the
+            post-processing scaling factor applied to the computed cos/sin (unused in this type of RoPE).
+        """
         base = config.rope_parameters["rope_theta"]
-        dim = config.head_dim
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+        attention_factor = 1.0  # Unused in this type of RoPE
+        # Compute the inverse frequencies
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-        return inv_freq, 1.0
+        return inv_freq, attention_factor
 
     @dynamic_rope_update  # power user: used with advanced RoPE types (e.g. dynamic rope)
     def forward(self, x, position_ids):
@@ -137,18 +153,37 @@ class DiffTransformerRotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling
+
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
 
+# Copied from transformers.models.llama.modeling_llama.rotate_half
 def rotate_half(x):
-    """Rotates half the hidden dims of the input (Llama's convention)."""
+    """Rotates half the hidden dims of the input."""
     x1 = x[..., : x.shape[-1] // 2]
     x2 = x[..., x.shape[-1] // 2 :]
     return torch.cat((-x2, x1), dim=-1)
 
 
+# Copied from transformers.models.llama.modeling_llama.apply_rotary_pos_emb
 def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-    """Rotates `q` and `k` by the position angles; `unsqueeze_dim` is their heads axis (1 or 2)."""
+    """Applies Rotary Position Embedding to the query and key tensors.
+
+    Args:
+        q (`torch.Tensor`): The query tensor.
+        k (`torch.Tensor`): The key tensor.
+        cos (`torch.Tensor`): The cosine part of the rotary embedding.
+        sin (`torch.Tensor`): The sine part of the rotary embedding.
+        unsqueeze_dim (`int`, *optional*, defaults to 1):
+            The 'unsqueeze_dim' argument specifies the dimension along which to unsqueeze cos[position_ids] and
+            sin[position_ids] so that they can be properly broadcasted to the dimensions of q and k. For example, note
+            that cos[position_ids] and sin[position_ids] have the shape [batch_size, seq_len, head_dim]. Then, if q and
+            k have the shape [batch_size, heads, seq_len, head_dim], then setting unsqueeze_dim=1 makes
+            cos[position_ids] and sin[position_ids] broadcastable to the shapes of q and k. Similarly, if q and k have
+            the shape [batch_size, seq_len, heads, head_dim], then set unsqueeze_dim=2.
+    Returns:
+        `tuple(torch.Tensor)` comprising of the query and key tensors rotated using the Rotary Position Embedding.
+    """
     cos = cos.unsqueeze(unsqueeze_dim)
     sin = sin.unsqueeze(unsqueeze_dim)
     q_embed = (q * cos) + (rotate_half(q) * sin)
@@ -156,6 +191,7 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     return q_embed, k_embed
 
 
+# Copied from transformers.models.llama.modeling_llama.LlamaMLP with Llama->DiffTransformer
 class DiffTransformerMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -168,11 +204,16 @@ class DiffTransformerMLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return down_proj
 
 
+# Copied from transformers.models.llama.modeling_llama.repeat_kv
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(batch, kv_heads, seq, dim) -> (batch, kv_heads * n_rep, seq, dim), each KV head repeated `n_rep` times."""
+    """
+    This is the equivalent of torch.repeat_interleave(x, dim=1, repeats=n_rep). The hidden states go from (batch,
+    num_key_value_heads, seqlen, head_dim) to (batch, num_attention_heads, seqlen, head_dim)
+    """
     batch, num_key_value_heads, slen, head_dim = hidden_states.shape
     if n_rep == 1:
         return hidden_states
@@ -185,6 +226,7 @@ def pairs_as_one_head(states: torch.Tensor) -> torch.Tensor:
     return states.unflatten(-2, (-1, 2)).flatten(-2)
 
 
+# Copied from transformers.models.llama.modeling_llama.eager_attention_forward
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -206,10 +248,42 @@ def eager_attention_forward(
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value_states)
     attn_output = attn_output.transpose(1, 2).contiguous()
+
     return attn_output, attn_weights
 
 
-class DiffTransformerAttention(nn.Module):
+def softmax_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every softmax map of a layer (both maps of each differential head) in one call of the attention interface.
+
+    Returns the maps' outputs (B, T, maps, width) and the maps (B, maps, T, S) where the backend returns them, else
+    None: flex_attention on an accelerator returns each map row's log-sum-exp (B, maps, T) instead, not a map.
+    """
+    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+        module.config._attn_implementation, eager_attention_forward
+    )
+    attn_output, attn_weights = attention_interface(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=0.0 if not module.training else module.attention_dropout,
+        scaling=module.scaling,
+        **kwargs,
+    )
+    if attn_weights is not None and attn_weights.dim() != 4:
+        attn_weights = None
+    return attn_output, attn_weights
+
+
+class DiffTransformerV1Attention(nn.Module):
     """Differential attention of the paper (V1):
 
         out_i = (softmax(q1_i k1ᵀ/√d) - λ softmax(q2_i k2ᵀ/√d)) v,   λ = exp(λq1·λk1) - exp(λq2·λk2) + λ_init
@@ -223,11 +297,8 @@ class DiffTransformerAttention(nn.Module):
     Both maps come from ONE call of the attention interface. q1 is zero-padded on the right and q2 on the left to
     2·head_dim, so that q1·(k1‖k2) = q1·k1 and q2·(k1‖k2) = q2·k2, exactly. Every backend then sees q, k and v of
     one width (what flash kernels need), the cache key is used in place (no slicing or copy per decode step), and
-    GQA runs natively. The price is QKᵀ at twice the width; we measured it against the alternatives on CPU sdpa
-    (benchmarks/attention_kernels.py): the 4-call split-value scheme of `multihead_flashdiff_2` runs the same FLOPs
-    in more calls and is slower, q/k of width d with v of width 2d falls off the fused kernel entirely, and
-    materialised maps (Llama's FLOPs) win only at short T (1.6× vs 1.9× Llama's core at T=512, 7× at T >= 2048,
-    with T² memory per head), so one layout serves every backend and length.
+    GQA runs natively. The price is QKᵀ at twice the width, which costs less than the alternatives: more attention
+    calls, a value wider than the key (which falls off the fused kernels), or materialised T×T maps.
     """
 
     def __init__(self, config: DiffTransformerConfig, layer_idx: int):
@@ -310,28 +381,14 @@ class DiffTransformerAttention(nn.Module):
         query_states = torch.diag_embed(query, dim1=-3, dim2=-2)  # (B, T, heads, 2, 2, d)
         query_states = query_states.view(batch, q_len, -1, 2 * d).transpose(1, 2)  # (B, 2·heads, T, 2d)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        if attn_weights is not None and attn_weights.dim() != 4:
-            # flex_attention on an accelerator returns each map row's log-sum-exp (B, 2·heads, T), not the maps:
-            # there is no differential map to return
-            attn_weights = None
+        attn_output, attn_weights = softmax_attention(
+            self, query_states, key_states, value_states, attention_mask, **kwargs
+        )  # (B, T, 2·heads, 2d), (B, 2·heads, T, S) or None
 
         # a float32 scalar: as a 0-dim tensor it leaves the dtype of the bf16/fp16 activations it multiplies
         lambda_full = self.lambda_full()
-        # CODEPATH: lambda_scale is 1.0 in every checkpoint (no multiply per layer and token); below 1 only while
-        # `train --lambda-warmup-steps` ramps it.
+        # CODEPATH: lambda_scale is 1.0 in every checkpoint (no multiply per layer and token); below 1 only while a
+        # training run ramps the subtraction in.
         if self.config.lambda_scale != 1.0:
             lambda_full = lambda_full * self.config.lambda_scale
         if attn_weights is not None:
@@ -344,8 +401,7 @@ class DiffTransformerAttention(nn.Module):
         elif self.training and torch.is_grad_enabled():
             # CODEPATH: training. The subtraction and the head norm are recomputed in the backward pass rather than
             # storing their two (B, T, heads, 2d) results: the maps' output is kept by the attention kernel anyway,
-            # so this drops two of the four activations V1 adds to Llama's per layer for two elementwise passes
-            # (benchmarks/v1_recompute.py: peak 1.18x -> 1.11x Llama's, step time unchanged within noise).
+            # so this drops two of the four activations V1 adds to Llama's per layer for two elementwise passes.
             attn_output = checkpoint(
                 self.differential_head_norm, attn_output, lambda_full, use_reentrant=False, preserve_rng_state=False
             )
@@ -353,6 +409,10 @@ class DiffTransformerAttention(nn.Module):
             attn_output = self.differential_head_norm(attn_output, lambda_full)  # (B, T, heads, 2d)
         attn_output = self.o_proj(attn_output.reshape(batch, q_len, -1))
         return attn_output, attn_weights
+
+
+# The name this class had before there were two variants.
+DiffTransformerAttention = DiffTransformerV1Attention
 
 
 class DiffTransformerV2Attention(nn.Module):
@@ -409,26 +469,13 @@ class DiffTransformerV2Attention(nn.Module):
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        if attn_weights is not None and attn_weights.dim() != 4:
-            # flex_attention on an accelerator returns each map row's log-sum-exp (B, 2·heads, T), not the maps
-            attn_weights = None
+        attn_output, attn_weights = softmax_attention(
+            self, query_states, key_states, value_states, attention_mask, **kwargs
+        )  # (B, T, 2·heads, d), (B, 2·heads, T, S) or None
 
         lambda_gate = torch.sigmoid(self.lambda_proj(hidden_states))  # (B, T, heads)
-        # CODEPATH: lambda_scale is 1.0 in every checkpoint (no multiply per layer and token); below 1 only while
-        # `train --lambda-warmup-steps` ramps it.
+        # CODEPATH: lambda_scale is 1.0 in every checkpoint (no multiply per layer and token); below 1 only while a
+        # training run ramps the subtraction in.
         if self.config.lambda_scale != 1.0:
             lambda_gate = lambda_gate * self.config.lambda_scale
         if attn_weights is not None:
@@ -452,13 +499,14 @@ class DiffTransformerDecoderLayer(GradientCheckpointingLayer):
         self.hidden_size = config.hidden_size
         # CODEPATH: diff_version=1 checkpoints (the paper, DiffLlama conversions) use the paper's attention;
         # diff_version=2 checkpoints (DIFF V2, the default Llama conversion) use the V2 attention.
-        attention_class = DiffTransformerAttention if config.diff_version == 1 else DiffTransformerV2Attention
+        attention_class = DiffTransformerV1Attention if config.diff_version == 1 else DiffTransformerV2Attention
         self.self_attn = attention_class(config=config, layer_idx=layer_idx)
         self.mlp = DiffTransformerMLP(config)
         self.input_layernorm = DiffTransformerRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DiffTransformerRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    # Copied from transformers.models.llama.modeling_llama.LlamaDecoderLayer.forward
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -471,6 +519,7 @@ class DiffTransformerDecoderLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
+        # Self Attention
         hidden_states, _ = self.self_attn(
             hidden_states=hidden_states,
             attention_mask=attention_mask,
@@ -482,6 +531,7 @@ class DiffTransformerDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = residual + hidden_states
 
+        # Fully Connected
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
         hidden_states = self.mlp(hidden_states)
@@ -502,7 +552,7 @@ class DiffTransformerPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_record_outputs = {
         "hidden_states": DiffTransformerDecoderLayer,
-        "attentions": [DiffTransformerAttention, DiffTransformerV2Attention],
+        "attentions": [DiffTransformerV1Attention, DiffTransformerV2Attention],
     }
 
     def _init_weights(self, module):
@@ -516,6 +566,7 @@ class DiffTransformerPreTrainedModel(PreTrainedModel):
 
 
 @auto_docstring
+# Copied from transformers.models.llama.modeling_llama.LlamaModel with Llama->DiffTransformer
 class DiffTransformerModel(DiffTransformerPreTrainedModel):
     def __init__(self, config: DiffTransformerConfig):
         super().__init__(config)
@@ -584,7 +635,10 @@ class DiffTransformerModel(DiffTransformerPreTrainedModel):
             )
 
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache,
+        )
 
 
 @auto_docstring
@@ -593,6 +647,7 @@ class DiffTransformerForCausalLM(DiffTransformerPreTrainedModel, GenerationMixin
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
+    # Copied from transformers.models.llama.modeling_llama.LlamaForCausalLM.__init__ with Llama->DiffTransformer
     def __init__(self, config: DiffTransformerConfig):
         super().__init__(config)
         self.model = DiffTransformerModel(config)

@@ -60,3 +60,19 @@ def test_checkpoints_keep_the_papers_parameter_names(tmp_path):
     loaded = DiffTransformerForCausalLM.from_pretrained(tmp_path)
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_trainer_evaluation_hands_metrics_the_logits_without_the_cache(tmp_path):
+    model = DiffTransformerForCausalLM(tiny_config(1)).eval()
+    ids = torch.randint(3, 97, (4, 10))
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    # use_cache=True: the model returns its cache beside the logits, and the config names the key to drop
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=2, use_cache=True, report_to=[], use_cpu=True
+    )
+    # the documented way to keep only what the metrics need; it receives the model's outputs minus the ignored keys
+    trainer = Trainer(model=model, args=args, preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1))
+    predictions = trainer.predict(dataset).predictions
+    with torch.no_grad():
+        expected = model(ids).logits.argmax(-1)
+    assert torch.equal(torch.from_numpy(predictions), expected)
