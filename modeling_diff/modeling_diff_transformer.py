@@ -29,7 +29,12 @@ from transformers.core_model_loading import WeightRenaming
 from transformers.generation import GenerationMixin
 from transformers.generation.continuous_batching.cache import PagedAttentionCache
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
@@ -564,6 +569,22 @@ class DiffTransformerPreTrainedModel(PreTrainedModel):
             init.normal_(module.lambda_k2, 0, self.config.lambda_std_dev)
             init.ones_(module.weight)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, with every head's Auto class in the config's `auto_map`.
+
+        transformers writes only the saved class there; with all heads, a folder saved from any of them loads with
+        `trust_remote_code=True` for every task (`AutoModel`, `AutoModelForSequenceClassification`, ...).
+        """
+        if self.is_remote_code():
+            module = type(self).__module__.split(".")[-1]
+            config_module = type(self.config).__module__.split(".")[-1]
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoConfig": f"{config_module}.{type(self.config).__name__}",
+                **{auto_class: f"{module}.{name}" for auto_class, name in HEADS_BY_AUTO_CLASS.items()},
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
 
 @auto_docstring
 # Copied from transformers.models.llama.modeling_llama.LlamaModel with Llama->DiffTransformer
@@ -711,8 +732,54 @@ class DiffTransformerForCausalLM(DiffTransformerPreTrainedModel, GenerationMixin
         )
 
 
+# The generic heads build their body with `AutoModel.from_config`, which does not know this model in a process that
+# loaded it with `trust_remote_code` (nothing registered it there). Each head below builds `DiffTransformerModel`
+# itself and keeps the generic forward.
+
+
 class DiffTransformerForSequenceClassification(GenericForSequenceClassification, DiffTransformerPreTrainedModel):
-    pass
+    def __init__(self, config: DiffTransformerConfig):
+        DiffTransformerPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = DiffTransformerModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+
+        # Initialize weights and apply final processing
+        self.post_init()
+
+
+class DiffTransformerForTokenClassification(GenericForTokenClassification, DiffTransformerPreTrainedModel):
+    def __init__(self, config: DiffTransformerConfig):
+        DiffTransformerPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = DiffTransformerModel(config)
+        # the generic head's dropout: a config's own classifier_dropout, else 0.1
+        classifier_dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if classifier_dropout is None else classifier_dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+
+        # Initialize weights and apply final processing
+        self.post_init()
+
+
+class DiffTransformerForQuestionAnswering(GenericForQuestionAnswering, DiffTransformerPreTrainedModel):
+    def __init__(self, config: DiffTransformerConfig):
+        DiffTransformerPreTrainedModel.__init__(self, config)
+        self.model = DiffTransformerModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+
+        # Initialize weights and apply final processing
+        self.post_init()
+
+
+# Every head and the Auto class that loads it; `save_pretrained` writes all of them into `auto_map`.
+HEADS_BY_AUTO_CLASS = {
+    "AutoModel": "DiffTransformerModel",
+    "AutoModelForCausalLM": "DiffTransformerForCausalLM",
+    "AutoModelForSequenceClassification": "DiffTransformerForSequenceClassification",
+    "AutoModelForTokenClassification": "DiffTransformerForTokenClassification",
+    "AutoModelForQuestionAnswering": "DiffTransformerForQuestionAnswering",
+}
 
 
 __all__ = [
@@ -720,4 +787,6 @@ __all__ = [
     "DiffTransformerModel",
     "DiffTransformerForCausalLM",
     "DiffTransformerForSequenceClassification",
+    "DiffTransformerForTokenClassification",
+    "DiffTransformerForQuestionAnswering",
 ]
