@@ -231,6 +231,11 @@ def pairs_as_one_head(states: torch.Tensor) -> torch.Tensor:
     return states.unflatten(-2, (-1, 2)).flatten(-2)
 
 
+def head_major_pairs_as_one_head(states: torch.Tensor) -> torch.Tensor:
+    """(B, 2·n, S, d) -> (B, n, S, 2d): heads 2j and 2j+1 of a head-major cache as one head twice as wide (a copy)."""
+    return states.unflatten(1, (-1, 2)).transpose(2, 3).flatten(-2)
+
+
 # Copied from transformers.models.llama.modeling_llama.eager_attention_forward
 def eager_attention_forward(
     module: nn.Module,
@@ -297,7 +302,8 @@ class DiffTransformerV1Attention(nn.Module):
 
     Layout: query heads 2i and 2i+1 are q1 and q2 of differential head i; key heads 2j and 2j+1 are k1 and k2 of KV
     group j, whose value is 2·head_dim wide. The cache stores k1‖k2 as one 2·head_dim key per group, the same head
-    count and width as the value, so it holds exactly Llama's bytes and any cache class works unchanged.
+    count and width as the value, so it holds exactly Llama's bytes. A cache laid out ahead for Llama's
+    head_dim-wide heads (paged, or statically allocated early) holds the same bytes as two heads per group.
 
     Both maps come from ONE call of the attention interface. q1 is zero-padded on the right and q2 on the left to
     2·head_dim, so that q1·(k1‖k2) = q1·k1 and q2·(k1‖k2) = q2·k2, exactly. Every backend then sees q, k and v of
@@ -337,6 +343,13 @@ class DiffTransformerV1Attention(nn.Module):
         """The layer's scalar λ, in float32."""
         return self.head_norm.lambda_full()
 
+    def cache_is_allocated_by_head_dim(self, cache: Cache) -> bool:
+        """Whether this layer's cache was allocated ahead with Llama's head_dim-wide heads, not by its first write."""
+        layers = getattr(cache, "layers", [])
+        if self.layer_idx >= len(layers) or not layers[self.layer_idx].is_initialized:
+            return False
+        return layers[self.layer_idx].keys.shape[-1] == self.head_dim
+
     def differential_head_norm(self, attn_output: torch.Tensor, lambda_full: torch.Tensor) -> torch.Tensor:
         """(B, T, 2·heads, 2d) outputs of the maps -> (B, T, heads, 2d): head_norm(a1 - λ·a2)."""
         attn_output = attn_output.unflatten(2, (-1, 2))  # (B, T, heads, map, 2d)
@@ -373,7 +386,17 @@ class DiffTransformerV1Attention(nn.Module):
             for name in ("k_cache", "v_cache"):  # flash decode reads and writes the pages itself: same reading
                 if kwargs.get(name) is not None:
                     kwargs[name] = pairs_as_one_head(kwargs[name])
+        elif cache is not None and self.cache_is_allocated_by_head_dim(cache):
+            # A cache allocated ahead from num_key_value_heads × head_dim (early initialisation, ExecuTorch export):
+            # each group's k1‖k2 key and its 2d value are written as two head_dim-wide heads (the same bytes). The
+            # cache is head-major, so reading them back as one 2d-wide head copies this layer's cache.
+            key_states, value_states = cache.update(
+                key.transpose(1, 2), value.view(batch, q_len, -1, d).transpose(1, 2), self.layer_idx, kwargs=kwargs
+            )  # (B, 2·groups, S, d)
+            key_states = head_major_pairs_as_one_head(key_states)  # (B, groups, S, 2d)
+            value_states = head_major_pairs_as_one_head(value_states)
         else:
+            # every other cache is shaped by its first write: it stores the (B, groups, T, 2d) states as they are
             key_states = key.reshape(batch, q_len, -1, 2 * d).transpose(1, 2)  # (B, groups, T, 2d) = k1‖k2
             value_states = value.transpose(1, 2)  # (B, groups, T, 2d)
             if cache is not None:
