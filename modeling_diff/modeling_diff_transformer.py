@@ -39,7 +39,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple
+from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple, is_peft_available
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
@@ -793,6 +793,25 @@ class DiffTransformerForQuestionAnswering(GenericForQuestionAnswering, DiffTrans
 
         # Initialize weights and apply final processing
         self.post_init()
+
+
+def register_peft_defaults() -> None:
+    """Give this model type Llama's default PEFT target modules: its projections and norms have Llama's names.
+
+    PEFT picks `target_modules` when a config leaves them out (`LoraConfig()`, as TRL's examples pass it) from tables
+    keyed by `model_type`, and has no call to register one; so each table that has an entry for Llama gets the same
+    entry for `diff_transformer`. Without PEFT installed, nothing happens.
+    """
+    if not is_peft_available():
+        return
+    from peft.utils import constants
+
+    for name, defaults in vars(constants).items():
+        if name.startswith("TRANSFORMERS_MODELS_TO_") and isinstance(defaults, dict) and "llama" in defaults:
+            defaults.setdefault(DiffTransformerConfig.model_type, defaults["llama"])
+
+
+register_peft_defaults()
 
 
 # Every head and the Auto class that loads it; `save_pretrained` writes all of them into `auto_map`.

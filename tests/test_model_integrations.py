@@ -76,3 +76,68 @@ def test_trainer_evaluation_hands_metrics_the_logits_without_the_cache(tmp_path)
     with torch.no_grad():
         expected = model(ids).logits.argmax(-1)
     assert torch.equal(torch.from_numpy(predictions), expected)
+
+
+# ------------------------------------------------------------------------------------------------------------- PEFT
+
+
+def adapted_modules(model) -> set[str]:
+    return {name.removesuffix(".base_layer") for name, _ in model.named_modules() if name.endswith(".base_layer")}
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_lora_config_without_target_modules_adapts_what_it_adapts_in_llama(version):
+    from peft import LoraConfig, get_peft_model
+
+    config = tiny_config(version)
+    llama = LlamaForCausalLM(
+        LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+                    num_key_value_heads=4)
+    )  # fmt: skip
+    ours = get_peft_model(DiffTransformerForCausalLM(config), LoraConfig(task_type="CAUSAL_LM"))
+    theirs = get_peft_model(llama, LoraConfig(task_type="CAUSAL_LM"))
+    assert adapted_modules(ours) == adapted_modules(theirs) != set()
+    ids = torch.randint(3, 97, (2, 9))
+    assert torch.isfinite(ours(ids, labels=ids).loss)
+
+
+def perturbed_lora(model, **lora_config):
+    """LoRA with its B matrices moved off zero, so that the adapter changes the output."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(model, LoraConfig(**lora_config))
+    with torch.no_grad():
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    return lora.eval()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_adapter_saved_without_task_type_reloads_with_the_import_allowlist(tmp_path, version):
+    from peft import AutoPeftModelForCausalLM
+
+    DiffTransformerForCausalLM(tiny_config(version)).save_pretrained(tmp_path / "base")
+    lora = perturbed_lora(DiffTransformerForCausalLM.from_pretrained(tmp_path / "base"))  # a plain PeftModel
+    lora.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(3, 97, (2, 9))
+    with torch.no_grad():
+        expected = lora(ids).logits
+    # PEFT imports the base model's class from its module, only from packages on its allowlist
+    with pytest.raises(ValueError, match="import_allowlist"):
+        AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", import_allowlist=["modeling_diff"])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_adapter_saved_with_task_type_reloads_through_the_auto_class(tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    DiffTransformerForCausalLM(tiny_config(1)).save_pretrained(tmp_path / "base")
+    lora = perturbed_lora(DiffTransformerForCausalLM.from_pretrained(tmp_path / "base"), task_type="CAUSAL_LM")
+    lora.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(3, 97, (2, 9))
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, lora(ids).logits)
