@@ -1,10 +1,12 @@
 """The model inside the engines users already have: the Trainer's optimizer grouping, PEFT, TRL."""
 
+import math
+
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import tiny_config, tiny_tokenizer
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
 from modeling_diff import DiffTransformerForCausalLM
 
@@ -141,3 +143,48 @@ def test_adapter_saved_with_task_type_reloads_through_the_auto_class(tmp_path):
     loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, lora(ids).logits)
+
+
+# -------------------------------------------------------------------------------------------------------------- TRL
+
+
+def trl_data():
+    from datasets import Dataset
+
+    texts = ["def add(a, b):\n    return a + b", "for i in range(3):\n    print(i)", "x = [1, 2, 3]", "import os"]
+    sft = Dataset.from_dict({"text": texts})
+    dpo = Dataset.from_dict(
+        {"prompt": ["def f(", "x = ", "import ", "for i"], "chosen": ["a):", "1", "os", " in y:"],
+         "rejected": ["!!", "??", "]]", "))"]}
+    )  # fmt: skip
+    return sft, dpo
+
+
+def assert_saved_model_reloads(model, folder):
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor.cpu()), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", [1, 2])
+def test_trl_sft_and_dpo_steps(tmp_path, version):
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    tokenizer = tiny_tokenizer()
+    sft_data, dpo_data = trl_data()
+    common = dict(max_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=True, save_strategy="no")
+
+    model = DiffTransformerForCausalLM(tiny_config(version, vocab_size=len(tokenizer)))
+    sft = SFTTrainer(model=model, args=SFTConfig(output_dir=str(tmp_path / "sft"), max_length=32, **common),
+                     train_dataset=sft_data, processing_class=tokenizer)  # fmt: skip
+    assert math.isfinite(sft.train().training_loss)
+    sft.save_model(str(tmp_path / "sft"))
+    assert_saved_model_reloads(sft.model, tmp_path / "sft")
+
+    dpo = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tmp_path / "sft"),
+                     args=DPOConfig(output_dir=str(tmp_path / "dpo"), max_length=32, **common),
+                     train_dataset=dpo_data, processing_class=tokenizer)  # fmt: skip
+    assert math.isfinite(dpo.train().training_loss)
+    dpo.save_model(str(tmp_path / "dpo"))
+    assert_saved_model_reloads(dpo.model, tmp_path / "dpo")
