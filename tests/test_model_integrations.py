@@ -145,6 +145,32 @@ def test_adapter_saved_with_task_type_reloads_through_the_auto_class(tmp_path):
         assert torch.equal(loaded(ids).logits, lora(ids).logits)
 
 
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_lora_trains_and_saves_the_lambda_modules_through_modules_to_save(tmp_path, version):
+    """V1's λ vectors live in `head_norm`, V2's in `lambda_proj`: PEFT's own `modules_to_save` keeps them."""
+    from peft import AutoPeftModelForCausalLM
+
+    DiffTransformerForCausalLM(tiny_config(version)).save_pretrained(tmp_path / "base")
+    base = DiffTransformerForCausalLM.from_pretrained(tmp_path / "base")
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # as docs/scale-out.md
+    lora = perturbed_lora(
+        base, task_type="CAUSAL_LM", target_modules=projections, modules_to_save=["head_norm", "lambda_proj"]
+    )
+    lambdas = [(n, p) for n, p in lora.named_parameters() if "modules_to_save" in n]
+    assert lambdas and all(p.requires_grad for _, p in lambdas)
+    assert {n.split("modules_to_save.default.")[1] for n, _ in lambdas} == (
+        {"lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2", "weight"} if version == 1 else {"weight"}
+    )
+    with torch.no_grad():
+        for _, param in lambdas:
+            param.add_(0.1)
+    lora.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(3, 97, (2, 9))
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, lora(ids).logits)
+
 # -------------------------------------------------------------------------------------------------------------- TRL
 
 

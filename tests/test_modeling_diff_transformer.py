@@ -376,8 +376,7 @@ def test_executorch_export_decodes_the_tokens_of_generate(layout):
     model.generation_config.cache_implementation = "static"
     exportable = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=32)
     program = exportable.export(input_ids=ids[:, :1], cache_position=torch.tensor([0]))
-    # one module for the whole run: its buffers are the cache (the wrapper's own generate() rebuilds the module
-    # at every step, and so starts each step from an empty cache)
+    # the decode loop written out: the wrapper's own generate() feeds each new token one cache position too far
     step = program.module()
     for position in range(6):
         logits = step(input_ids=ids[:, position : position + 1], cache_position=torch.tensor([position]))
