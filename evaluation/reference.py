@@ -56,8 +56,8 @@ def attention_v1(config, w, prefix, layer, x, positions, key_mask):
 
     lam_init = lambda_init_of(config, layer)
     lam = (
-        torch.exp((w[prefix + "lambda_q1"] * w[prefix + "lambda_k1"]).sum())
-        - torch.exp((w[prefix + "lambda_q2"] * w[prefix + "lambda_k2"]).sum())
+        torch.exp((w[prefix + "head_norm.lambda_q1"] * w[prefix + "head_norm.lambda_k1"]).sum())
+        - torch.exp((w[prefix + "head_norm.lambda_q2"] * w[prefix + "head_norm.lambda_k2"]).sum())
         + lam_init
     )
     outs, maps = [], []
@@ -67,7 +67,7 @@ def attention_v1(config, w, prefix, layer, x, positions, key_mask):
         k1, k2 = rope(k[:, 2 * g], positions, theta), rope(k[:, 2 * g + 1], positions, theta)
         value = torch.cat([v[:, 2 * g], v[:, 2 * g + 1]], dim=-1)  # (T, 2d)
         diff_map = softmax_map(q1, k1, d**-0.5, key_mask) - lam * softmax_map(q2, k2, d**-0.5, key_mask)
-        o = rms_norm(diff_map @ value, w[prefix + "subln.weight"], config.rms_norm_eps) * (1 - lam_init)
+        o = rms_norm(diff_map @ value, w[prefix + "head_norm.weight"], config.rms_norm_eps) * (1 - lam_init)
         outs.append(o)
         maps.append(diff_map)
     return torch.cat(outs, dim=-1) @ w[prefix + "o_proj.weight"].T, maps

@@ -8,39 +8,44 @@
     ...                               num_key_value_heads=2, num_hidden_layers=2, intermediate_size=688)
     >>> model = AutoModelForCausalLM.from_config(config)
 
-The classes are also registered "for auto class", so `save_pretrained` writes the code files and an `auto_map`,
-and a saved or Hub copy loads with `trust_remote_code=True` on a machine without this package.
+The classes are also registered "for auto class", so `save_pretrained` writes the code files and an `auto_map` that
+names every head, and a saved or Hub copy loads with `trust_remote_code=True` on a machine without this package.
 """
 
 from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
 )
 
 from .configuration_diff_transformer import DiffTransformerConfig
 from .modeling_diff_transformer import (
     DiffTransformerForCausalLM,
+    DiffTransformerForQuestionAnswering,
     DiffTransformerForSequenceClassification,
+    DiffTransformerForTokenClassification,
     DiffTransformerModel,
     DiffTransformerPreTrainedModel,
 )
 
-
 __version__ = "0.1.0"
 
-AutoConfig.register(DiffTransformerConfig.model_type, DiffTransformerConfig, exist_ok=True)
-AutoModel.register(DiffTransformerConfig, DiffTransformerModel, exist_ok=True)
-AutoModelForCausalLM.register(DiffTransformerConfig, DiffTransformerForCausalLM, exist_ok=True)
-AutoModelForSequenceClassification.register(
-    DiffTransformerConfig, DiffTransformerForSequenceClassification, exist_ok=True
-)
+HEADS = {
+    AutoModel: DiffTransformerModel,
+    AutoModelForCausalLM: DiffTransformerForCausalLM,
+    AutoModelForSequenceClassification: DiffTransformerForSequenceClassification,
+    AutoModelForTokenClassification: DiffTransformerForTokenClassification,
+    AutoModelForQuestionAnswering: DiffTransformerForQuestionAnswering,
+}
 
+AutoConfig.register(DiffTransformerConfig.model_type, DiffTransformerConfig, exist_ok=True)
 DiffTransformerConfig.register_for_auto_class()
-DiffTransformerModel.register_for_auto_class("AutoModel")
-DiffTransformerForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-DiffTransformerForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+for auto_class, model_class in HEADS.items():
+    auto_class.register(DiffTransformerConfig, model_class, exist_ok=True)
+    model_class.register_for_auto_class(auto_class.__name__)
 
 __all__ = [
     "DiffTransformerConfig",
@@ -48,4 +53,6 @@ __all__ = [
     "DiffTransformerModel",
     "DiffTransformerForCausalLM",
     "DiffTransformerForSequenceClassification",
+    "DiffTransformerForTokenClassification",
+    "DiffTransformerForQuestionAnswering",
 ]

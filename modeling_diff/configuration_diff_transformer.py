@@ -67,8 +67,8 @@ class DiffTransformerConfig(PreTrainedConfig):
             schedule `0.8 - 0.6 * exp(-0.3 * layer_idx)`.
         lambda_std_dev (`float`, defaults to 0.1): V1 only. Std of the normal init of the four λ vectors.
         lambda_scale (`float`, defaults to 1.0): Multiplies the subtracted map's weight (V1: λ, V2: sigmoid(λ(x))).
-            1.0 is the model as published; `diff-transformer train --lambda-warmup-steps` ramps it from 0 to 1 to
-            introduce the subtraction gradually into a converted V1 model.
+            1.0 is the model as published; a training run can ramp it from 0 to 1 to introduce the subtraction
+            gradually into a converted model.
 
     Example:
 
@@ -82,7 +82,6 @@ class DiffTransformerConfig(PreTrainedConfig):
     """
 
     model_type = "diff_transformer"
-    keys_to_ignore_at_inference = ["past_key_values"]
     # Tensor parallelism (`from_pretrained(..., tp_plan="auto")` under torchrun): Llama's plan. Colwise q/k/v and a
     # rowwise o_proj give every rank a contiguous block of heads, so a differential head stays whole on one rank when
     # the KV groups divide by the TP size (checked when the distributed config is set, see `check_tensor_parallel`).
@@ -99,12 +98,9 @@ class DiffTransformerConfig(PreTrainedConfig):
         "layers.*.mlp.down_proj": "rowwise",
     }
     _variant_tp_plans = {
-        # V1: the four λ vectors (direct parameters of self_attn) and the per-head norm are shared by all heads of a
-        # layer, so every rank keeps them whole; their gradient only sees this rank's heads and is summed over ranks.
-        1: {
-            "layers.*.self_attn": "replicated_with_grad_allreduce",
-            "layers.*.self_attn.subln": "replicated_with_grad_allreduce",
-        },
+        # V1: the four λ vectors and the per-head norm (self_attn.head_norm) are shared by all heads of a layer, so
+        # every rank keeps them whole; their gradient only sees this rank's heads and is summed over ranks.
+        1: {"layers.*.self_attn.head_norm": "replicated_with_grad_allreduce"},
         # V2: lambda_proj has one output row per output head, split with the query-head pairs of those heads.
         2: {"layers.*.self_attn.lambda_proj": "colwise"},
     }

@@ -24,15 +24,22 @@ from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.generation import GenerationMixin
 from transformers.generation.continuous_batching.cache import PagedAttentionCache
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple
+from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple, is_peft_available
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
@@ -40,9 +47,12 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_diff_transformer import DiffTransformerConfig
 
 
+# Copied from transformers.models.llama.modeling_llama.LlamaRMSNorm with Llama->DiffTransformer
 class DiffTransformerRMSNorm(nn.Module):
     def __init__(self, hidden_size, eps: float = 1e-6) -> None:
-        """Root-mean-square norm with a learnable scale, computed in float32 (as Llama's)."""
+        """
+        DiffTransformerRMSNorm is equivalent to T5LayerNorm
+        """
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
@@ -58,32 +68,60 @@ class DiffTransformerRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
-class DiffTransformerHeadRMSNorm(nn.Module):
-    def __init__(self, head_width: int, scale: float, eps: float = 1e-6) -> None:
-        """V1's per-head norm: RMSNorm over each 2·head_dim-wide head, then × `scale` = (1 - λ_init).
+class DiffTransformerHeadNorm(nn.Module):
+    def __init__(self, head_dim: int, lambda_init: float, eps: float = 1e-6) -> None:
+        """V1's differential head norm: the λ that weighs the subtracted map, and the norm of the difference.
 
-        One `torch.nn.functional.rms_norm` call with the scale folded into the weight, so the scale multiplies the
-        2·head_dim weight rather than the whole activation. torch runs it as a fused kernel where it has one and
-        as its own composite elsewhere (CPU); it equals the op-by-op `DiffTransformerRMSNorm` up to float rounding.
+        λ = exp(λq1·λk1) - exp(λq2·λk2) + λ_init is reparametrised by four `head_dim` vectors; the difference
+        a1 - λ·a2 of each 2·head_dim-wide head goes through an RMSNorm whose gain is scaled by (1 - λ_init).
+        These are the layer's only vector parameters besides the block's norms, and like them they take no weight
+        decay: the Trainer's default optimizer grouping exempts parameters by name (`*_norm.*`), so they live here.
         """
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(head_width))
-        self.scale = scale
+        self.lambda_init = lambda_init
+        self.lambda_q1 = nn.Parameter(torch.zeros(head_dim))
+        self.lambda_k1 = nn.Parameter(torch.zeros(head_dim))
+        self.lambda_q2 = nn.Parameter(torch.zeros(head_dim))
+        self.lambda_k2 = nn.Parameter(torch.zeros(head_dim))
+        self.weight = nn.Parameter(torch.ones(2 * head_dim))
+        self.scale = 1 - lambda_init
         self.variance_epsilon = eps
 
+    def lambda_full(self) -> torch.Tensor:
+        """The layer's scalar λ = exp(λq1·λk1) - exp(λq2·λk2) + λ_init, in float32."""
+        lambda_1 = torch.exp(torch.dot(self.lambda_q1.float(), self.lambda_k1.float()))
+        lambda_2 = torch.exp(torch.dot(self.lambda_q2.float(), self.lambda_k2.float()))
+        return lambda_1 - lambda_2 + self.lambda_init
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # one rms_norm call with the (1 - λ_init) scale folded into the 2·head_dim gain
         weight = self.weight * self.scale
         return nn.functional.rms_norm(hidden_states, weight.shape, weight, self.variance_epsilon)
 
     def extra_repr(self):
-        return f"{tuple(self.weight.shape)}, scale={self.scale}, eps={self.variance_epsilon}"
+        return f"{tuple(self.weight.shape)}, lambda_init={self.lambda_init}, eps={self.variance_epsilon}"
 
 
+# Checkpoints keep the paper's names for V1's λ vectors and head norm (`self_attn.lambda_q1`,
+# `self_attn.subln.weight`), so that every saved model, converted checkpoint and older copy of this code reads them;
+# in memory they live in `self_attn.head_norm`. transformers renames them when loading and back when saving.
+register_checkpoint_conversion_mapping(
+    "diff_transformer",
+    [
+        WeightRenaming(r"\.self_attn\.subln\.weight", ".self_attn.head_norm.weight"),
+        WeightRenaming(r"\.self_attn\.(lambda_q1|lambda_k1|lambda_q2|lambda_k2)", r".self_attn.head_norm.\1"),
+    ],
+    overwrite=True,
+)
+
+
+# Copied from transformers.models.llama.modeling_llama.LlamaRotaryEmbedding with Llama->DiffTransformer
 class DiffTransformerRotaryEmbedding(nn.Module):
     def __init__(self, config: DiffTransformerConfig):
         super().__init__()
         self.max_seq_len_cached = config.max_position_embeddings
         self.original_max_seq_len = config.max_position_embeddings
+
         self.config = config
 
         self.rope_type = self.config.rope_parameters["rope_type"]
@@ -97,11 +135,22 @@ class DiffTransformerRotaryEmbedding(nn.Module):
 
     @staticmethod
     def compute_default_rope_parameters(config: DiffTransformerConfig, **kwargs) -> tuple[torch.Tensor, float]:
-        """Inverse frequencies of plain RoPE over one `head_dim`-wide query/key head; no attention scaling."""
+        """
+        Computes the inverse frequencies according to the original RoPE implementation
+        Args:
+            config ([`~transformers.PreTrainedConfig`]):
+                The model configuration.
+        Returns:
+            Tuple of (`torch.Tensor`, `float`), containing the inverse frequencies for the RoPE embeddings and the
+            post-processing scaling factor applied to the computed cos/sin (unused in this type of RoPE).
+        """
         base = config.rope_parameters["rope_theta"]
-        dim = config.head_dim
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+        attention_factor = 1.0  # Unused in this type of RoPE
+        # Compute the inverse frequencies
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-        return inv_freq, 1.0
+        return inv_freq, attention_factor
 
     @dynamic_rope_update  # power user: used with advanced RoPE types (e.g. dynamic rope)
     def forward(self, x, position_ids):
@@ -109,18 +158,37 @@ class DiffTransformerRotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling
+
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
 
+# Copied from transformers.models.llama.modeling_llama.rotate_half
 def rotate_half(x):
-    """Rotates half the hidden dims of the input (Llama's convention)."""
+    """Rotates half the hidden dims of the input."""
     x1 = x[..., : x.shape[-1] // 2]
     x2 = x[..., x.shape[-1] // 2 :]
     return torch.cat((-x2, x1), dim=-1)
 
 
+# Copied from transformers.models.llama.modeling_llama.apply_rotary_pos_emb
 def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-    """Rotates `q` and `k` by the position angles; `unsqueeze_dim` is their heads axis (1 or 2)."""
+    """Applies Rotary Position Embedding to the query and key tensors.
+
+    Args:
+        q (`torch.Tensor`): The query tensor.
+        k (`torch.Tensor`): The key tensor.
+        cos (`torch.Tensor`): The cosine part of the rotary embedding.
+        sin (`torch.Tensor`): The sine part of the rotary embedding.
+        unsqueeze_dim (`int`, *optional*, defaults to 1):
+            The 'unsqueeze_dim' argument specifies the dimension along which to unsqueeze cos[position_ids] and
+            sin[position_ids] so that they can be properly broadcasted to the dimensions of q and k. For example, note
+            that cos[position_ids] and sin[position_ids] have the shape [batch_size, seq_len, head_dim]. Then, if q and
+            k have the shape [batch_size, heads, seq_len, head_dim], then setting unsqueeze_dim=1 makes
+            cos[position_ids] and sin[position_ids] broadcastable to the shapes of q and k. Similarly, if q and k have
+            the shape [batch_size, seq_len, heads, head_dim], then set unsqueeze_dim=2.
+    Returns:
+        `tuple(torch.Tensor)` comprising of the query and key tensors rotated using the Rotary Position Embedding.
+    """
     cos = cos.unsqueeze(unsqueeze_dim)
     sin = sin.unsqueeze(unsqueeze_dim)
     q_embed = (q * cos) + (rotate_half(q) * sin)
@@ -128,6 +196,7 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     return q_embed, k_embed
 
 
+# Copied from transformers.models.llama.modeling_llama.LlamaMLP with Llama->DiffTransformer
 class DiffTransformerMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -140,11 +209,16 @@ class DiffTransformerMLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return down_proj
 
 
+# Copied from transformers.models.llama.modeling_llama.repeat_kv
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(batch, kv_heads, seq, dim) -> (batch, kv_heads * n_rep, seq, dim), each KV head repeated `n_rep` times."""
+    """
+    This is the equivalent of torch.repeat_interleave(x, dim=1, repeats=n_rep). The hidden states go from (batch,
+    num_key_value_heads, seqlen, head_dim) to (batch, num_attention_heads, seqlen, head_dim)
+    """
     batch, num_key_value_heads, slen, head_dim = hidden_states.shape
     if n_rep == 1:
         return hidden_states
@@ -157,6 +231,12 @@ def pairs_as_one_head(states: torch.Tensor) -> torch.Tensor:
     return states.unflatten(-2, (-1, 2)).flatten(-2)
 
 
+def head_major_pairs_as_one_head(states: torch.Tensor) -> torch.Tensor:
+    """(B, 2·n, S, d) -> (B, n, S, 2d): heads 2j and 2j+1 of a head-major cache as one head twice as wide (a copy)."""
+    return states.unflatten(1, (-1, 2)).transpose(2, 3).flatten(-2)
+
+
+# Copied from transformers.models.llama.modeling_llama.eager_attention_forward
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -178,10 +258,42 @@ def eager_attention_forward(
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value_states)
     attn_output = attn_output.transpose(1, 2).contiguous()
+
     return attn_output, attn_weights
 
 
-class DiffTransformerAttention(nn.Module):
+def softmax_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every softmax map of a layer (both maps of each differential head) in one call of the attention interface.
+
+    Returns the maps' outputs (B, T, maps, width) and the maps (B, maps, T, S) where the backend returns them, else
+    None: flex_attention on an accelerator returns each map row's log-sum-exp (B, maps, T) instead, not a map.
+    """
+    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+        module.config._attn_implementation, eager_attention_forward
+    )
+    attn_output, attn_weights = attention_interface(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=0.0 if not module.training else module.attention_dropout,
+        scaling=module.scaling,
+        **kwargs,
+    )
+    if attn_weights is not None and attn_weights.dim() != 4:
+        attn_weights = None
+    return attn_output, attn_weights
+
+
+class DiffTransformerV1Attention(nn.Module):
     """Differential attention of the paper (V1):
 
         out_i = (softmax(q1_i k1ᵀ/√d) - λ softmax(q2_i k2ᵀ/√d)) v,   λ = exp(λq1·λk1) - exp(λq2·λk2) + λ_init
@@ -190,16 +302,14 @@ class DiffTransformerAttention(nn.Module):
 
     Layout: query heads 2i and 2i+1 are q1 and q2 of differential head i; key heads 2j and 2j+1 are k1 and k2 of KV
     group j, whose value is 2·head_dim wide. The cache stores k1‖k2 as one 2·head_dim key per group, the same head
-    count and width as the value, so it holds exactly Llama's bytes and any cache class works unchanged.
+    count and width as the value, so it holds exactly Llama's bytes. A cache laid out ahead for Llama's
+    head_dim-wide heads (paged, or statically allocated early) holds the same bytes as two heads per group.
 
     Both maps come from ONE call of the attention interface. q1 is zero-padded on the right and q2 on the left to
     2·head_dim, so that q1·(k1‖k2) = q1·k1 and q2·(k1‖k2) = q2·k2, exactly. Every backend then sees q, k and v of
     one width (what flash kernels need), the cache key is used in place (no slicing or copy per decode step), and
-    GQA runs natively. The price is QKᵀ at twice the width; we measured it against the alternatives on CPU sdpa
-    (benchmarks/attention_kernels.py): the 4-call split-value scheme of `multihead_flashdiff_2` runs the same FLOPs
-    in more calls and is slower, q/k of width d with v of width 2d falls off the fused kernel entirely, and
-    materialised maps (Llama's FLOPs) win only at short T (1.6× vs 1.9× Llama's core at T=512, 7× at T >= 2048,
-    with T² memory per head), so one layout serves every backend and length.
+    GQA runs natively. The price is QKᵀ at twice the width, which costs less than the alternatives: more attention
+    calls, a value wider than the key (which falls off the fused kernels), or materialised T×T maps.
     """
 
     def __init__(self, config: DiffTransformerConfig, layer_idx: int):
@@ -227,22 +337,23 @@ class DiffTransformerAttention(nn.Module):
         self.o_proj = nn.Linear(
             config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias
         )
-        self.lambda_q1 = nn.Parameter(torch.zeros(self.head_dim))
-        self.lambda_k1 = nn.Parameter(torch.zeros(self.head_dim))
-        self.lambda_q2 = nn.Parameter(torch.zeros(self.head_dim))
-        self.lambda_k2 = nn.Parameter(torch.zeros(self.head_dim))
-        self.subln = DiffTransformerHeadRMSNorm(2 * self.head_dim, 1 - self.lambda_init, eps=config.rms_norm_eps)
+        self.head_norm = DiffTransformerHeadNorm(self.head_dim, self.lambda_init, eps=config.rms_norm_eps)
 
     def lambda_full(self) -> torch.Tensor:
-        """The layer's scalar λ = exp(λq1·λk1) - exp(λq2·λk2) + λ_init, in float32."""
-        lambda_1 = torch.exp(torch.dot(self.lambda_q1.float(), self.lambda_k1.float()))
-        lambda_2 = torch.exp(torch.dot(self.lambda_q2.float(), self.lambda_k2.float()))
-        return lambda_1 - lambda_2 + self.lambda_init
+        """The layer's scalar λ, in float32."""
+        return self.head_norm.lambda_full()
+
+    def cache_is_allocated_by_head_dim(self, cache: Cache) -> bool:
+        """Whether this layer's cache was allocated ahead with Llama's head_dim-wide heads, not by its first write."""
+        layers = getattr(cache, "layers", [])
+        if self.layer_idx >= len(layers) or not layers[self.layer_idx].is_initialized:
+            return False
+        return layers[self.layer_idx].keys.shape[-1] == self.head_dim
 
     def differential_head_norm(self, attn_output: torch.Tensor, lambda_full: torch.Tensor) -> torch.Tensor:
-        """(B, T, 2·heads, 2d) outputs of the maps -> (B, T, heads, 2d): subln(a1 - λ·a2) · (1 - λ_init)."""
+        """(B, T, 2·heads, 2d) outputs of the maps -> (B, T, heads, 2d): head_norm(a1 - λ·a2)."""
         attn_output = attn_output.unflatten(2, (-1, 2))  # (B, T, heads, map, 2d)
-        return self.subln(torch.addcmul(attn_output[..., 0, :], lambda_full, attn_output[..., 1, :], value=-1))
+        return self.head_norm(torch.addcmul(attn_output[..., 0, :], lambda_full, attn_output[..., 1, :], value=-1))
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -275,7 +386,17 @@ class DiffTransformerAttention(nn.Module):
             for name in ("k_cache", "v_cache"):  # flash decode reads and writes the pages itself: same reading
                 if kwargs.get(name) is not None:
                     kwargs[name] = pairs_as_one_head(kwargs[name])
+        elif cache is not None and self.cache_is_allocated_by_head_dim(cache):
+            # A cache allocated ahead from num_key_value_heads × head_dim (early initialisation, ExecuTorch export):
+            # each group's k1‖k2 key and its 2d value are written as two head_dim-wide heads (the same bytes). The
+            # cache is head-major, so reading them back as one 2d-wide head copies this layer's cache.
+            key_states, value_states = cache.update(
+                key.transpose(1, 2), value.view(batch, q_len, -1, d).transpose(1, 2), self.layer_idx, kwargs=kwargs
+            )  # (B, 2·groups, S, d)
+            key_states = head_major_pairs_as_one_head(key_states)  # (B, groups, S, 2d)
+            value_states = head_major_pairs_as_one_head(value_states)
         else:
+            # every other cache is shaped by its first write: it stores the (B, groups, T, 2d) states as they are
             key_states = key.reshape(batch, q_len, -1, 2 * d).transpose(1, 2)  # (B, groups, T, 2d) = k1‖k2
             value_states = value.transpose(1, 2)  # (B, groups, T, 2d)
             if cache is not None:
@@ -288,28 +409,14 @@ class DiffTransformerAttention(nn.Module):
         query_states = torch.diag_embed(query, dim1=-3, dim2=-2)  # (B, T, heads, 2, 2, d)
         query_states = query_states.view(batch, q_len, -1, 2 * d).transpose(1, 2)  # (B, 2·heads, T, 2d)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        if attn_weights is not None and attn_weights.dim() != 4:
-            # flex_attention on an accelerator returns each map row's log-sum-exp (B, 2·heads, T), not the maps:
-            # there is no differential map to return
-            attn_weights = None
+        attn_output, attn_weights = softmax_attention(
+            self, query_states, key_states, value_states, attention_mask, **kwargs
+        )  # (B, T, 2·heads, 2d), (B, 2·heads, T, S) or None
 
         # a float32 scalar: as a 0-dim tensor it leaves the dtype of the bf16/fp16 activations it multiplies
         lambda_full = self.lambda_full()
-        # CODEPATH: lambda_scale is 1.0 in every checkpoint (no multiply per layer and token); below 1 only while
-        # `train --lambda-warmup-steps` ramps it.
+        # CODEPATH: lambda_scale is 1.0 in every checkpoint (no multiply per layer and token); below 1 only while a
+        # training run ramps the subtraction in.
         if self.config.lambda_scale != 1.0:
             lambda_full = lambda_full * self.config.lambda_scale
         if attn_weights is not None:
@@ -318,12 +425,11 @@ class DiffTransformerAttention(nn.Module):
             attn_weights = attn_weights.view(batch, -1, 2, q_len, attn_weights.shape[-1])  # (B, heads, map, T, S)
             attn_weights = attn_weights[:, :, 0] - lambda_full * attn_weights[:, :, 1]  # (B, heads, T, S)
             value_states = repeat_kv(value_states, attn_weights.shape[1] // value_states.shape[1])
-            attn_output = self.subln(torch.matmul(attn_weights, value_states).transpose(1, 2))  # (B, T, heads, 2d)
+            attn_output = self.head_norm(torch.matmul(attn_weights, value_states).transpose(1, 2))  # (B, T, heads, 2d)
         elif self.training and torch.is_grad_enabled():
             # CODEPATH: training. The subtraction and the head norm are recomputed in the backward pass rather than
             # storing their two (B, T, heads, 2d) results: the maps' output is kept by the attention kernel anyway,
-            # so this drops two of the four activations V1 adds to Llama's per layer for two elementwise passes
-            # (benchmarks/v1_recompute.py: peak 1.18x -> 1.11x Llama's, step time unchanged within noise).
+            # so this drops two of the four activations V1 adds to Llama's per layer for two elementwise passes.
             attn_output = checkpoint(
                 self.differential_head_norm, attn_output, lambda_full, use_reentrant=False, preserve_rng_state=False
             )
@@ -331,6 +437,10 @@ class DiffTransformerAttention(nn.Module):
             attn_output = self.differential_head_norm(attn_output, lambda_full)  # (B, T, heads, 2d)
         attn_output = self.o_proj(attn_output.reshape(batch, q_len, -1))
         return attn_output, attn_weights
+
+
+# The name this class had before there were two variants.
+DiffTransformerAttention = DiffTransformerV1Attention
 
 
 class DiffTransformerV2Attention(nn.Module):
@@ -387,26 +497,13 @@ class DiffTransformerV2Attention(nn.Module):
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        if attn_weights is not None and attn_weights.dim() != 4:
-            # flex_attention on an accelerator returns each map row's log-sum-exp (B, 2·heads, T), not the maps
-            attn_weights = None
+        attn_output, attn_weights = softmax_attention(
+            self, query_states, key_states, value_states, attention_mask, **kwargs
+        )  # (B, T, 2·heads, d), (B, 2·heads, T, S) or None
 
         lambda_gate = torch.sigmoid(self.lambda_proj(hidden_states))  # (B, T, heads)
-        # CODEPATH: lambda_scale is 1.0 in every checkpoint (no multiply per layer and token); below 1 only while
-        # `train --lambda-warmup-steps` ramps it.
+        # CODEPATH: lambda_scale is 1.0 in every checkpoint (no multiply per layer and token); below 1 only while a
+        # training run ramps the subtraction in.
         if self.config.lambda_scale != 1.0:
             lambda_gate = lambda_gate * self.config.lambda_scale
         if attn_weights is not None:
@@ -430,13 +527,14 @@ class DiffTransformerDecoderLayer(GradientCheckpointingLayer):
         self.hidden_size = config.hidden_size
         # CODEPATH: diff_version=1 checkpoints (the paper, DiffLlama conversions) use the paper's attention;
         # diff_version=2 checkpoints (DIFF V2, the default Llama conversion) use the V2 attention.
-        attention_class = DiffTransformerAttention if config.diff_version == 1 else DiffTransformerV2Attention
+        attention_class = DiffTransformerV1Attention if config.diff_version == 1 else DiffTransformerV2Attention
         self.self_attn = attention_class(config=config, layer_idx=layer_idx)
         self.mlp = DiffTransformerMLP(config)
         self.input_layernorm = DiffTransformerRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DiffTransformerRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    # Copied from transformers.models.llama.modeling_llama.LlamaDecoderLayer.forward
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -449,6 +547,7 @@ class DiffTransformerDecoderLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
+        # Self Attention
         hidden_states, _ = self.self_attn(
             hidden_states=hidden_states,
             attention_mask=attention_mask,
@@ -460,6 +559,7 @@ class DiffTransformerDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = residual + hidden_states
 
+        # Fully Connected
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
         hidden_states = self.mlp(hidden_states)
@@ -480,19 +580,37 @@ class DiffTransformerPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_record_outputs = {
         "hidden_states": DiffTransformerDecoderLayer,
-        "attentions": [DiffTransformerAttention, DiffTransformerV2Attention],
+        "attentions": [DiffTransformerV1Attention, DiffTransformerV2Attention],
     }
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, DiffTransformerAttention):
+        if isinstance(module, DiffTransformerHeadNorm):
             init.normal_(module.lambda_q1, 0, self.config.lambda_std_dev)
             init.normal_(module.lambda_k1, 0, self.config.lambda_std_dev)
             init.normal_(module.lambda_q2, 0, self.config.lambda_std_dev)
             init.normal_(module.lambda_k2, 0, self.config.lambda_std_dev)
+            init.ones_(module.weight)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, with every head's Auto class in the config's `auto_map`.
+
+        transformers writes only the saved class there; with all heads, a folder saved from any of them loads with
+        `trust_remote_code=True` for every task (`AutoModel`, `AutoModelForSequenceClassification`, ...).
+        """
+        if self.is_remote_code():
+            module = type(self).__module__.split(".")[-1]
+            config_module = type(self.config).__module__.split(".")[-1]
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoConfig": f"{config_module}.{type(self.config).__name__}",
+                **{auto_class: f"{module}.{name}" for auto_class, name in HEADS_BY_AUTO_CLASS.items()},
+            }
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 @auto_docstring
+# Copied from transformers.models.llama.modeling_llama.LlamaModel with Llama->DiffTransformer
 class DiffTransformerModel(DiffTransformerPreTrainedModel):
     def __init__(self, config: DiffTransformerConfig):
         super().__init__(config)
@@ -561,7 +679,10 @@ class DiffTransformerModel(DiffTransformerPreTrainedModel):
             )
 
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache,
+        )
 
 
 @auto_docstring
@@ -570,6 +691,7 @@ class DiffTransformerForCausalLM(DiffTransformerPreTrainedModel, GenerationMixin
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
+    # Copied from transformers.models.llama.modeling_llama.LlamaForCausalLM.__init__ with Llama->DiffTransformer
     def __init__(self, config: DiffTransformerConfig):
         super().__init__(config)
         self.model = DiffTransformerModel(config)
@@ -633,8 +755,73 @@ class DiffTransformerForCausalLM(DiffTransformerPreTrainedModel, GenerationMixin
         )
 
 
+# The generic heads build their body with `AutoModel.from_config`, which does not know this model in a process that
+# loaded it with `trust_remote_code` (nothing registered it there). Each head below builds `DiffTransformerModel`
+# itself and keeps the generic forward.
+
+
 class DiffTransformerForSequenceClassification(GenericForSequenceClassification, DiffTransformerPreTrainedModel):
-    pass
+    def __init__(self, config: DiffTransformerConfig):
+        DiffTransformerPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = DiffTransformerModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+
+        # Initialize weights and apply final processing
+        self.post_init()
+
+
+class DiffTransformerForTokenClassification(GenericForTokenClassification, DiffTransformerPreTrainedModel):
+    def __init__(self, config: DiffTransformerConfig):
+        DiffTransformerPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = DiffTransformerModel(config)
+        # the generic head's dropout: a config's own classifier_dropout, else 0.1
+        classifier_dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if classifier_dropout is None else classifier_dropout)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+
+        # Initialize weights and apply final processing
+        self.post_init()
+
+
+class DiffTransformerForQuestionAnswering(GenericForQuestionAnswering, DiffTransformerPreTrainedModel):
+    def __init__(self, config: DiffTransformerConfig):
+        DiffTransformerPreTrainedModel.__init__(self, config)
+        self.model = DiffTransformerModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+
+        # Initialize weights and apply final processing
+        self.post_init()
+
+
+def register_peft_defaults() -> None:
+    """Give this model type Llama's default PEFT target modules: its projections and norms have Llama's names.
+
+    PEFT picks `target_modules` when a config leaves them out (`LoraConfig()`, as TRL's examples pass it) from tables
+    keyed by `model_type`, and has no call to register one; so each table that has an entry for Llama gets the same
+    entry for `diff_transformer`. Without PEFT installed, nothing happens.
+    """
+    if not is_peft_available():
+        return
+    from peft.utils import constants
+
+    for name, defaults in vars(constants).items():
+        if name.startswith("TRANSFORMERS_MODELS_TO_") and isinstance(defaults, dict) and "llama" in defaults:
+            defaults.setdefault(DiffTransformerConfig.model_type, defaults["llama"])
+
+
+register_peft_defaults()
+
+
+# Every head and the Auto class that loads it; `save_pretrained` writes all of them into `auto_map`.
+HEADS_BY_AUTO_CLASS = {
+    "AutoModel": "DiffTransformerModel",
+    "AutoModelForCausalLM": "DiffTransformerForCausalLM",
+    "AutoModelForSequenceClassification": "DiffTransformerForSequenceClassification",
+    "AutoModelForTokenClassification": "DiffTransformerForTokenClassification",
+    "AutoModelForQuestionAnswering": "DiffTransformerForQuestionAnswering",
+}
 
 
 __all__ = [
@@ -642,4 +829,6 @@ __all__ = [
     "DiffTransformerModel",
     "DiffTransformerForCausalLM",
     "DiffTransformerForSequenceClassification",
+    "DiffTransformerForTokenClassification",
+    "DiffTransformerForQuestionAnswering",
 ]

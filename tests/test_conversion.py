@@ -78,7 +78,7 @@ def test_llama_to_v1_layout_and_maps(tmp_path):
     cfg = diff.config
     assert (cfg.diff_version, cfg.num_attention_heads, cfg.num_key_value_heads) == (1, heads, kv)
     attn = diff.model.layers[0].self_attn
-    assert attn.q_proj.weight.shape == (heads * 8, hidden) and attn.subln.weight.shape == (16,)
+    assert attn.q_proj.weight.shape == (heads * 8, hidden) and attn.head_norm.weight.shape == (16,)
     assert sum(p.numel() for p in diff.parameters()) == sum(p.numel() for p in llama.parameters()) + 2 * 6 * 8
 
     # with the subtraction switched off, each differential head's map is exactly the Llama map of its q1 head
@@ -91,7 +91,7 @@ def test_llama_to_v1_layout_and_maps(tmp_path):
         theirs = llama(ids, output_attentions=True).attentions[0][0]  # (heads, T, T)
     order = llama_v1_query_order(heads, kv)
     torch.testing.assert_close(ours, theirs[order[0::2]], rtol=1e-5, atol=1e-6)
-    assert first_diff.lambda_q1.abs().sum() > 0  # λ vectors were drawn, not left at zero
+    assert first_diff.head_norm.lambda_q1.abs().sum() > 0  # λ vectors were drawn, not left at zero
 
 
 @pytest.mark.parametrize("heads, kv", [(4, 4), (8, 2)])

@@ -7,7 +7,15 @@ import pytest
 import torch
 from helpers import LAYOUTS, make_model, tiny_config
 from modeling_diff_eval.reference import causal_lm_forward
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers import (
+    AutoModelForCausalLM,
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    QuantizedCache,
+    StaticCache,
+)
+from transformers.configuration_utils import get_head_shapes
 
 from modeling_diff import DiffTransformerForCausalLM, DiffTransformerForSequenceClassification, DiffTransformerModel
 
@@ -166,7 +174,8 @@ def test_kv_cache_bytes_equal_llama(layout):
         cache = m(ids, use_cache=True).past_key_values
         total = 0
         for layer in cache.layers:
-            total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+            for tensor in (layer.keys, layer.values):
+                total += tensor.numel() * tensor.element_size()
         # K and V keep the same head count, so offloaded and quantized caches work unchanged
         assert all(layer.keys.shape[:3] == layer.values.shape[:3] for layer in cache.layers)
         return total
@@ -289,9 +298,10 @@ def test_auto_classes_resolve():
 def test_init_weights_cover_lambda_and_norms():
     model = DiffTransformerForCausalLM(tiny_config(1, lambda_std_dev=0.1))
     attn = model.model.layers[0].self_attn
-    lam = torch.cat([attn.lambda_q1, attn.lambda_k1, attn.lambda_q2, attn.lambda_k2])
+    norm = attn.head_norm
+    lam = torch.cat([norm.lambda_q1, norm.lambda_k1, norm.lambda_q2, norm.lambda_k2])
     assert 0.03 < lam.std().item() < 0.3  # N(0, 0.1), not the zeros the module was built with
-    assert torch.equal(attn.subln.weight, torch.ones(16))
+    assert torch.equal(norm.weight, torch.ones(16))
     assert torch.equal(model.model.norm.weight, torch.ones(64))
 
 
@@ -312,3 +322,86 @@ def test_compiled_decode_with_static_cache_matches_generate(version):
             token = out.logits[:, -1:].argmax(-1)
             seq.append(token)
     assert torch.equal(torch.cat(seq, dim=1), expected)
+
+
+def test_attention_classes_are_named_by_variant_and_the_old_name_still_resolves():
+    from modeling_diff.modeling_diff_transformer import (
+        DiffTransformerAttention,
+        DiffTransformerV1Attention,
+        DiffTransformerV2Attention,
+    )
+
+    assert DiffTransformerAttention is DiffTransformerV1Attention
+    v1, v2 = (DiffTransformerModel(tiny_config(version)) for version in (1, 2))
+    assert all(isinstance(layer.self_attn, DiffTransformerAttention) for layer in v1.layers)
+    assert all(isinstance(layer.self_attn, DiffTransformerV2Attention) for layer in v2.layers)
+
+
+V1_LAYOUTS = ["v1-mha", "v1-gqa", "v1-gqa4"]  # 8/8, 8/4 and 8/2 query/KV heads
+
+
+def cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+@pytest.mark.parametrize("layout", V1_LAYOUTS + ["v2-gqa"])
+def test_caches_allocated_ahead_give_the_dynamic_caches_tokens(layout):
+    """A static cache laid out from num_key_value_heads × head_dim before the first write: Llama's bytes."""
+    model = make_model(layout, "sdpa")
+    ids = torch.randint(3, 97, (2, 6))
+    kw = generate_kwargs(model)
+    expected = model.generate(ids, do_sample=False, **kw)
+    chunked = model.generate(ids, do_sample=False, cache_implementation="static", prefill_chunk_size=4, **kw)
+    assert torch.equal(chunked, expected)
+
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    cache.early_initialization(2, *get_head_shapes(model.config), torch.float32, torch.device("cpu"))
+    allocated = cache_bytes(cache)
+    assert torch.equal(model.generate(ids, do_sample=False, past_key_values=cache, **kw), expected)
+    _, heads, kv_heads = LAYOUTS[layout]
+    llama = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads)
+    llama_cache = StaticCache(config=llama, max_cache_len=32)
+    llama_cache.early_initialization(2, *get_head_shapes(llama), torch.float32, torch.device("cpu"))
+    assert cache_bytes(cache) == allocated == cache_bytes(llama_cache)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", V1_LAYOUTS + ["v2-gqa"])
+def test_executorch_export_decodes_the_tokens_of_generate(layout):
+    from transformers.integrations.executorch import TorchExportableModuleForDecoderOnlyLM
+
+    model = make_model(layout, "sdpa")
+    ids = torch.randint(3, 97, (1, 6))
+    expected = model.generate(ids, do_sample=False, **generate_kwargs(model))
+    model.generation_config.cache_implementation = "static"
+    exportable = TorchExportableModuleForDecoderOnlyLM(model, batch_size=1, max_cache_len=32)
+    program = exportable.export(input_ids=ids[:, :1], cache_position=torch.tensor([0]))
+    # the decode loop written out: the wrapper's own generate() feeds each new token one cache position too far
+    step = program.module()
+    for position in range(6):
+        logits = step(input_ids=ids[:, position : position + 1], cache_position=torch.tensor([position]))
+    seq = ids
+    for position in range(6, 14):
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, token], dim=1)
+        logits = step(input_ids=token, cache_position=torch.tensor([position]))
+    assert torch.equal(seq, expected)
+
+
+@pytest.mark.parametrize("layout", V1_LAYOUTS)
+def test_quantized_cache(layout):
+    """Quantized caches are lossy for every model: the prefill is exact, the decode error shrinks with more bits."""
+    pytest.importorskip("optimum.quanto")
+    model = make_model(layout, "sdpa")
+    seq = model.generate(torch.randint(3, 97, (1, 8)), do_sample=False, **generate_kwargs(model))
+    with torch.no_grad():
+        full = model(seq).logits
+        errors = []
+        for nbits in (4, 2):
+            cache = QuantizedCache("quanto", model.config, nbits=nbits, q_group_size=16, residual_length=2)
+            logits = [model(seq[:, :8], cache=cache, use_cache=True).logits]
+            logits += [model(seq[:, p : p + 1], cache=cache, use_cache=True).logits for p in range(8, seq.shape[1])]
+            logits = torch.cat(logits, dim=1)
+            torch.testing.assert_close(logits[:, :8], full[:, :8], rtol=1e-5, atol=1e-5)
+            errors.append((logits[:, 8:] - full[:, 8:]).abs().max().item())
+    assert 0 < errors[0] < errors[1]

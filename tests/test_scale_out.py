@@ -84,10 +84,10 @@ def test_tp_plan_names_each_variants_modules_and_refuses_layouts_that_cannot_spl
     v1, v2 = tiny_config(1, heads=8, kv_heads=4), tiny_config(2, heads=8, kv_heads=2)
     assert v1.base_model_tp_plan["layers.*.self_attn.q_proj"] == "colwise"
     assert v1.base_model_tp_plan["layers.*.mlp.down_proj"] == "rowwise"
-    assert v1.base_model_tp_plan["layers.*.self_attn.subln"] == "replicated_with_grad_allreduce"
+    assert v1.base_model_tp_plan["layers.*.self_attn.head_norm"] == "replicated_with_grad_allreduce"
     assert "layers.*.self_attn.lambda_proj" not in v1.base_model_tp_plan
     assert v2.base_model_tp_plan["layers.*.self_attn.lambda_proj"] == "colwise"
-    assert "layers.*.self_attn.subln" not in v2.base_model_tp_plan
+    assert "layers.*.self_attn.head_norm" not in v2.base_model_tp_plan
 
     v1.check_tensor_parallel(DistributedConfig(tp_size=2))  # 2 KV groups over 2 ranks
     with pytest.raises(ValueError, match=r"tp_size=4 .* 2 KV groups .* Use tp_size in \[2\]"):
@@ -224,7 +224,8 @@ def test_lora_cli_lowers_the_loss_merges_and_runs_under_torchrun(models, blocks,
         # 2 processes x 2 sequences = the same global batch: fp32 reduction order only (see the FSDP test)
         ddp_adapter = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "ddp")
         torch.testing.assert_close(ddp_adapter(blocks).logits, adapter(blocks).logits, atol=1e-4, rtol=1e-4)
-    assert (merged.model.layers[0].self_attn.lambda_q1 - base.model.layers[0].self_attn.lambda_q1).abs().max() > 1e-4
+    merged_lambda, base_lambda = (m.model.layers[0].self_attn.head_norm.lambda_q1 for m in (merged, base))
+    assert (merged_lambda - base_lambda).abs().max() > 1e-4
 
     # without this package: the base folder carries the model code, so trust_remote_code=True suffices
     torch.save(blocks, tmp_path / "blocks.pt")
