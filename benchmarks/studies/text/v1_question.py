@@ -152,6 +152,9 @@ def parse_args(argv=None):
                         help="leave out the 2×-heads arms (without them the default run fits in 90 min on 2 cores)")
     parser.add_argument("--dry-run", action="store_true",
                         help="train nothing: print the runs the study would train and its estimated wall time")
+    parser.add_argument("--measure-costs", action="store_true",
+                        help="train nothing: time a few training steps of every arm on one thread and print each "
+                             "against Llama's and V1's (the ratios behind RUN_MINUTES)")
     parser.add_argument("--report-only", action="store_true",
                         help="do not train: write the report from OUT/v1_question.json (or the partial file of an "
                              "interrupted run)")
@@ -212,6 +215,29 @@ def dry_run(plan, settings: Settings, reused: list[dict]) -> None:
     print(f"total without extensions: about {sum(minutes):.0f} min on {settings.workers} worker(s)")
 
 
+def measure_costs(settings: Settings, steps: int = 15) -> dict:
+    """Seconds of CPU time per training step (AdamW, batch × sequence of the study) of every arm, on one thread."""
+    import torch
+
+    torch.set_num_threads(1)
+    vocab = settings.vocab_size
+    ids = torch.randint(3, vocab, (settings.batch_size, settings.seq_len), generator=torch.Generator().manual_seed(0))
+    seconds = {}
+    for name, arm in ARMS.items():
+        model = ablate(harness.init_model(arm_config(name, settings, vocab), 0), arm.ablation).train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        for step in range(steps + 3):  # 3 warm-up steps
+            if step == 3:
+                started = time.process_time()
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        seconds[name] = (time.process_time() - started) / steps
+        base = "llama" if arm.model == "llama" else "v1"
+        print(f"{name}: {seconds[name]:.3f} s per step, {seconds[name] / seconds[base]:.2f}× {base}'s", flush=True)
+    return seconds
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     out = args.out
@@ -225,6 +251,8 @@ def main(argv=None) -> list[dict]:
                    head_arms=plan.head_arms and not args.no_head_arms)
     settings = plan.settings if args.workers is None else replace(plan.settings, workers=args.workers)
     reuse = () if args.no_reuse else tuple(args.reuse) if args.reuse else plan.reuse
+    if args.measure_costs:
+        return measure_costs(settings)
     reused = reused_runs(reuse, settings, plan.sweeps["llama"])
     if args.dry_run:
         return dry_run(plan, settings, reused)

@@ -44,13 +44,15 @@ ARMS = {
 ABLATION_ARMS = ("v1-lambda-zero", "v1-no-subln", "v1-no-scale", "v1-decayed")  # at the best rate of "v1"
 HEAD_ARMS = {"v1-16h": "v1", "llama-16h": "llama"}  # each at the best rate of its 8-head counterpart
 
-# Minutes one run of an arm takes on one thread of the project's 2-core machine with nothing else running (700 steps,
-# the data and the perplexity included): Llama 5.1 and V1 6.3 min of training in the text study's default run, plus
-# 0.3 min of data and evaluation; the other arms scaled by their training-step time against those two, measured on
-# one thread (Llama with 16 heads of width 8: 1.64× Llama's step on CPU sdpa; V1 with 16: 0.99× V1's; λ fixed at 0:
-# 0.88×; no head norm: 0.91×). The study orders its jobs by these (longest first) and prints its estimate from them.
-RUN_MINUTES = {"llama": 5.4, "v1": 6.6, "llama-16h": 8.7, "v1-16h": 6.5, "v1-lambda-zero": 5.8, "v1-no-subln": 6.0,
-               "v1-no-scale": 6.6, "v1-decayed": 6.6}
+# Minutes one run of an arm takes on one thread of the project's 2-core machine with nothing else running: 700
+# training steps at the CPU time per step `v1_question --measure-costs` measured there (AMD EPYC guest, load average
+# 0.5-0.9: Llama 0.526 s, V1 0.624, Llama with 16 heads of width 8 0.830, V1 with 16 heads 0.673, λ fixed at 0 0.610,
+# no head norm 0.639, no (1 − λ_init) scale 0.652, decay on λ and the head norm 0.611), plus 0.3 min of data and
+# perplexity. The text study's own runs went faster (Llama 0.42 s and V1 0.53 s per step, `train_seconds` in
+# benchmarks/results/paper_effects/paper_effects.json), so these err long. The study orders its jobs by them (longest
+# first) and prints its estimate from them.
+RUN_MINUTES = {"llama": 6.4, "v1": 7.6, "llama-16h": 10.0, "v1-16h": 8.2, "v1-lambda-zero": 7.4, "v1-no-subln": 7.8,
+               "v1-no-scale": 7.9, "v1-decayed": 7.4}
 
 
 @dataclass(frozen=True)
