@@ -95,9 +95,9 @@ def run_arm(job: dict, queue=None) -> dict:
     return result
 
 
-def key(run_or_job: dict, rate: float | None = None) -> tuple:
-    """(arm, rate, seed) of a run, or of a job at `rate`."""
-    return run_or_job["arm"], round(rate if rate is not None else run_or_job["learning_rate"], 12), run_or_job["seed"]
+def key(run: dict) -> tuple:
+    """(arm, learning rate, seed) of a run: what a reused run stands for."""
+    return run["arm"], round(run["learning_rate"], 12), run["seed"]
 
 
 def jobs_for(arm: str, rates, settings: Settings, tokenizer_file: str, scratch: Path, done=()) -> list[dict]:
@@ -280,9 +280,10 @@ def main(argv=None) -> list[dict]:
     # 1. the sweep, with the reused runs (and, to check them, one reused Llama run re-trained)
     runs = reused + train_all(sweep_jobs(plan, settings, reused, tokenizer_file, scratch), reused)
 
-    # 2. while a best rate is on the edge of its grid, one more rate beyond it
-    grids = {arm: list(rates) for arm, rates in plan.sweeps.items()}
-    extended = dict.fromkeys(grids, 0)
+    # 2. while a best rate is on the edge of its grid (the preset's rates and any reused), one more rate beyond it
+    grids = {arm: sorted({*rates, *(r["learning_rate"] for r in reused if r["arm"] == arm)})
+             for arm, rates in plan.sweeps.items()}
+    extended = {arm: len(grids[arm]) - len(plan.sweeps[arm]) for arm in grids}  # reused runs' extensions count
     while new := edge_extensions(plan, [r for r in runs if not r.get("verify")], grids, extended):
         for arm, rate in new.items():
             grids[arm].append(rate)
