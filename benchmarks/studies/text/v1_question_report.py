@@ -33,7 +33,7 @@ def best_rate(results: list[dict], arm: str) -> float | None:
 
 
 def duration(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
 def fmt(stats: tuple[float, float]) -> str:
@@ -169,11 +169,10 @@ def make_chart(state: dict, path: Path) -> dict:
         left.errorbar(rates, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3,
                       ls="-" if len(rates) > 1 else "none", label=arm["label"])
     left.set_xscale("log")
-    left.set_yscale("log")
     left.set_xlabel("peak learning rate")
     left.set_ylabel("held-out perplexity (lower is better)")
     left.set_title("Learning-rate sweep (mean ± std over seeds)")
-    left.grid(alpha=0.3, which="both")
+    left.grid(alpha=0.3)
     left.legend(fontsize=8)
     bars = [name for name in ("v1", *[n for n in arms if arms[n]["ablation"] or arms[n]["decay"] == "decayed"])
             if best_rate(results, name) is not None]
@@ -181,6 +180,10 @@ def make_chart(state: dict, path: Path) -> dict:
         stats = ppl(results, name, best_rate(results, name))
         plotted["ablations"][name] = stats
         right.bar(index, stats[0], yerr=stats[1], capsize=3, color="tab:gray" if name == "v1" else "tab:blue")
+    if bars:  # the bars differ by a few percent: a y axis from just below the lowest
+        low = min(plotted["ablations"][name][0] - plotted["ablations"][name][1] for name in bars)
+        high = max(plotted["ablations"][name][0] + plotted["ablations"][name][1] for name in bars)
+        right.set_ylim(low - 0.2 * (high - low) - 0.1, high + 0.2 * (high - low) + 0.1)
     right.set_xticks(range(len(bars)), [arms[name]["label"] for name in bars], rotation=20, ha="right", fontsize=8)
     right.set_ylabel("held-out perplexity")
     right.set_title("V1's ablations at its best rate")
