@@ -34,8 +34,8 @@ def test_ablations_change_the_forward_as_stated():
     with torch.no_grad():  # give λ a value of its own, as training does
         for model in (base, zero):
             for attention in ablations.v1_attentions(model):
-                attention.lambda_q1.fill_(0.3)
-                attention.lambda_k1.fill_(0.2)
+                attention.head_norm.lambda_q1.fill_(0.3)
+                attention.head_norm.lambda_k1.fill_(0.2)
     for attention, sums in zip(ablations.v1_attentions(base), maps_row_sums(base, ids)):
         torch.testing.assert_close(sums, torch.full_like(sums, 1 - attention.lambda_full().item()))
         assert abs(attention.lambda_full().item()) > 0.1  # so that 1 − λ differs from 1
@@ -45,12 +45,13 @@ def test_ablations_change_the_forward_as_stated():
     assert not any(p.requires_grad for n, p in zero.named_parameters() if "lambda_" in n)
     # no head norm: the norm returns its input times (1 − λ_init); no scale: the RMSNorm alone, times its gain
     x = torch.randn(3, 2 * base.config.head_dim)
-    for plain, no_norm, no_scale in zip(ablations.v1_attentions(base), ablations.v1_attentions(tiny_v1("no-subln")),
-                                        ablations.v1_attentions(tiny_v1("no-scale"))):
-        assert torch.equal(no_norm.subln(x), x * (1 - plain.lambda_init))
-        expected = torch.nn.functional.rms_norm(x, (x.shape[-1],), no_scale.subln.weight, base.config.rms_norm_eps)
-        torch.testing.assert_close(no_scale.subln(x), expected)
-        torch.testing.assert_close(plain.subln(x), expected * (1 - plain.lambda_init))
+    ablated = [ablations.v1_attentions(tiny_v1(ablation)) for ablation in ("no-head-norm", "no-scale")]
+    for plain, no_norm, no_scale in zip(ablations.v1_attentions(base), *ablated):
+        assert torch.equal(no_norm.head_norm(x), x * (1 - plain.lambda_init))
+        assert not no_norm.head_norm.weight.requires_grad and no_norm.head_norm.lambda_q1.requires_grad
+        expected = torch.nn.functional.rms_norm(x, (x.shape[-1],), no_scale.head_norm.weight, base.config.rms_norm_eps)
+        torch.testing.assert_close(no_scale.head_norm(x), expected)
+        torch.testing.assert_close(plain.head_norm(x), expected * (1 - plain.lambda_init))
     with pytest.raises(ValueError, match="unknown ablation"):
         ablations.ablate(tiny_v1(), "no-such")
 
@@ -94,7 +95,7 @@ def test_v1_question_smoke_runs_every_arm_and_records_each_run(smoke):
     assert probes["v1-lambda-zero"]["map_row_sum"] == pytest.approx([1.0] * plan.settings.num_hidden_layers)
     assert all(abs(s - (1 - lam)) < 1e-5 for s, lam in zip(probes["v1"]["map_row_sum"], probes["v1"]["lambda"]))
     assert all(lam != 0 for lam in probes["v1"]["lambda"])
-    assert max(probes["v1-no-subln"]["head_norm_vs_scaled_input"]) == 0
+    assert max(probes["v1-no-head-norm"]["head_norm_vs_scaled_input"]) == 0
     assert min(probes["v1"]["head_norm_vs_scaled_input"]) > 0
     assert probes["v1-no-scale"]["head_norm_scale"] == [1.0] * plan.settings.num_hidden_layers
     decayed = {r["arm"]: r["decayed_differential_parameters"] for r in runs if r["model"] == "diff-v1"}

@@ -3,34 +3,25 @@ groupings the study states for each arm, and the probes that show, after trainin
 
 - ``lambda-zero``: λ fixed at 0 (each layer's `lambda_full` returns 0 and the λ vectors are frozen): a plain attention
   with values 2·head_dim wide and the per-head norm;
-- ``no-subln``: the per-head RMSNorm replaced by its (1 − λ_init) scale alone;
+- ``no-head-norm``: the per-head RMSNorm replaced by its (1 − λ_init) scale alone (its gain frozen, λ kept);
 - ``no-scale``: the per-head RMSNorm without the (1 − λ_init) scale.
+
+V1's λ vectors and the norm's gain live in each layer's `self_attn.head_norm` (checkpoints call them `lambda_q1`, ...
+and `subln.weight`; both spellings are matched below).
 """
 
 import re
 
 import torch
-from torch import nn
 
-ABLATIONS = ("lambda-zero", "no-subln", "no-scale")
+ABLATIONS = ("lambda-zero", "no-head-norm", "no-scale")
 # V1's λ vectors and per-head norm gains (and a V2 λ projection's bias, where a config has one)
-DIFFERENTIAL_PARAMETERS = re.compile(r"(?:^|\.)(?:lambda_[qk][12]|subln\.weight|lambda_proj\.bias)$")
+DIFFERENTIAL_PARAMETERS = re.compile(r"(?:^|\.)(?:lambda_[qk][12]|head_norm\.weight|subln\.weight|lambda_proj\.bias)$")
 DECAY_GROUPINGS = {
     "trainer": "the Trainer's default grouping",
     "exempt": "the Trainer's grouping with V1's λ vectors and head-norm gains taking no weight decay",
     "decayed": "the Trainer's grouping with V1's λ vectors and head-norm gains taking weight decay",
 }
-
-
-class ScaledIdentity(nn.Module):
-    """In place of V1's head norm: x · scale, the (1 − λ_init) scale kept, the RMSNorm and its gain dropped."""
-
-    def __init__(self, scale: float):
-        super().__init__()
-        self.scale = scale
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states * self.scale
 
 
 def v1_attentions(model) -> list:
@@ -45,15 +36,17 @@ def ablate(model, ablation: str | None):
     if ablation not in ABLATIONS:
         raise ValueError(f"unknown ablation {ablation!r}; choose from {ABLATIONS}")
     for attention in v1_attentions(model):
+        norm = attention.head_norm
         if ablation == "lambda-zero":
             zero = torch.zeros((), dtype=torch.float32)
             attention.lambda_full = lambda zero=zero: zero  # the method each forward reads λ from
             for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
-                getattr(attention, name).requires_grad_(False)
-        elif ablation == "no-subln":
-            attention.subln = ScaledIdentity(attention.subln.scale)
+                getattr(norm, name).requires_grad_(False)
+        elif ablation == "no-head-norm":
+            norm.forward = lambda hidden_states, norm=norm: hidden_states * norm.scale  # x · (1 − λ_init)
+            norm.weight.requires_grad_(False)
         else:
-            attention.subln.scale = 1.0
+            norm.scale = 1.0
     return model
 
 
@@ -84,7 +77,7 @@ def probe_v1(model, ids: torch.Tensor) -> dict:
     return {
         "lambda": [float(attention.lambda_full()) for attention in attentions],
         "map_row_sum": [float(layer_maps.sum(-1).mean()) for layer_maps in maps],
-        "head_norm_scale": [float(attention.subln.scale) for attention in attentions],
-        "head_norm_vs_scaled_input": [float((attention.subln(x) - x * attention.subln.scale).abs().max())
+        "head_norm_scale": [float(attention.head_norm.scale) for attention in attentions],
+        "head_norm_vs_scaled_input": [float((attention.head_norm(x) - x * attention.head_norm.scale).abs().max())
                                       for attention in attentions],
     }

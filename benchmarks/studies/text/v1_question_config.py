@@ -37,11 +37,11 @@ ARMS = {
     "llama-16h": Arm("llama", "Llama, 2× heads", head_factor=2),
     "v1-16h": Arm("diff-v1", "V1, 2× heads", head_factor=2, decay="exempt"),
     "v1-lambda-zero": Arm("diff-v1", "V1, λ fixed at 0", ablation="lambda-zero", decay="exempt"),
-    "v1-no-subln": Arm("diff-v1", "V1, no head norm", ablation="no-subln", decay="exempt"),
+    "v1-no-head-norm": Arm("diff-v1", "V1, no head norm", ablation="no-head-norm", decay="exempt"),
     "v1-no-scale": Arm("diff-v1", "V1, no (1 − λ_init) scale", ablation="no-scale", decay="exempt"),
     "v1-decayed": Arm("diff-v1", "V1, decay on λ and head norm", decay="decayed"),
 }
-ABLATION_ARMS = ("v1-lambda-zero", "v1-no-subln", "v1-no-scale", "v1-decayed")  # at the best rate of "v1"
+ABLATION_ARMS = ("v1-lambda-zero", "v1-no-head-norm", "v1-no-scale", "v1-decayed")  # at the best rate of "v1"
 HEAD_ARMS = {"v1-16h": "v1", "llama-16h": "llama"}  # each at the best rate of its 8-head counterpart
 
 # Minutes one run of an arm takes on one thread of the project's 2-core machine with nothing else running: 700
@@ -51,8 +51,8 @@ HEAD_ARMS = {"v1-16h": "v1", "llama-16h": "llama"}  # each at the best rate of i
 # perplexity. The text study's own runs went faster (Llama 0.42 s and V1 0.53 s per step, `train_seconds` in
 # benchmarks/results/paper_effects/paper_effects.json), so these err long. The study orders its jobs by them (longest
 # first) and prints its estimate from them.
-RUN_MINUTES = {"llama": 6.4, "v1": 7.6, "llama-16h": 10.0, "v1-16h": 8.2, "v1-lambda-zero": 7.4, "v1-no-subln": 7.8,
-               "v1-no-scale": 7.9, "v1-decayed": 7.4}
+RUN_MINUTES = {"llama": 6.4, "v1": 7.6, "llama-16h": 10.0, "v1-16h": 8.2, "v1-lambda-zero": 7.4,
+               "v1-no-head-norm": 7.8, "v1-no-scale": 7.9, "v1-decayed": 7.4}
 
 
 @dataclass(frozen=True)
