@@ -121,6 +121,17 @@ def study_trainer(model, data, settings, learning_rate: float, seed: int, output
     return StudyTrainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
 
 
+def reporter(queue, tag: str):
+    """The `report(kind, value)` through which a job shows its progress on the study's bar (nothing without a queue:
+    a job run on its own)."""
+
+    def report(kind, value=None):
+        if queue is not None:
+            queue.put((tag, kind, value))
+
+    return report
+
+
 def progress_callback(report):
     """A TrainerCallback that reports every finished step and every logged loss through `report(kind, value)`."""
     from transformers import TrainerCallback

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.harness.models import parameter_count
-from benchmarks.studies.harness import init_model, progress_callback, study_trainer
+from benchmarks.studies.harness import init_model, progress_callback, reporter, study_trainer
 from benchmarks.studies.text.config import Settings, model_configs
 from benchmarks.studies.text.data import corpus, train_tokenizer, training_sequences
 
@@ -90,12 +90,7 @@ def run_job(job: dict, queue=None) -> dict:
     settings = Settings(**job["settings"])
     torch.set_num_threads(settings.threads_per_worker)
     name, seed = job["model"], job["seed"]
-    tag = f"{name} seed {seed}"
-
-    def report(kind, value=None):
-        if queue is not None:
-            queue.put((tag, kind, value))
-
+    report = reporter(queue, f"{name} seed {seed}")
     tokenizer = load_tokenizer(job["tokenizer_file"])
     model = init_model(model_configs(settings, len(tokenizer))[name], seed)
     record, _ = train(model, tokenizer, settings, seed, job["scratch"], report)

@@ -67,11 +67,7 @@ def run_arm(job: dict, queue=None) -> dict:
     settings = Settings(**job["settings"])
     torch.set_num_threads(settings.threads_per_worker)
     name, seed = job["arm"], job["seed"]
-    tag = f"{name} lr {settings.learning_rate:g} seed {seed}"
-
-    def report(kind, value=None):
-        if queue is not None:
-            queue.put((tag, kind, value))
+    report = harness.reporter(queue, f"{name} lr {settings.learning_rate:g} seed {seed}")
 
     arm = ARMS[name]
     tokenizer = load_tokenizer(job["tokenizer_file"])
@@ -138,6 +134,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny models, a few steps, one seed: the tests")
+    add_run_arguments(parser, "v1_question")
     parser.add_argument("--workers", type=int, default=None,
                         help="training processes in parallel, one thread each (default: the preset's)")
     parser.add_argument("--no-reuse", action="store_true",
@@ -149,16 +146,13 @@ def parse_args(argv=None):
     parser.add_argument("--verify-reuse", action="store_true",
                         help="also re-train one reused run and report how far it lands from the saved one")
     parser.add_argument("--no-head-arms", action="store_true",
-                        help="leave out the 2×-heads arms (without them the default run fits in 90 min on 2 cores)")
+                        help="leave out the 2×-heads arms, about a quarter of the default run's time")
     parser.add_argument("--dry-run", action="store_true",
                         help="train nothing: print the runs the study would train and its estimated wall time")
     parser.add_argument("--measure-costs", action="store_true",
                         help="train nothing: time a few training steps of every arm on one thread and print each "
                              "against Llama's and V1's (the ratios behind RUN_MINUTES)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="do not train: write the report from OUT/v1_question.json (or the partial file of an "
-                             "interrupted run)")
-    add_run_arguments(parser, "v1_question")
+    parser.add_argument("--report-only", action="store_true", help="do not train: re-write the report of OUT's runs")
     return parser.parse_args(argv)
 
 

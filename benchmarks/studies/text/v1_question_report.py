@@ -6,6 +6,7 @@ import math
 import statistics
 from pathlib import Path
 
+from benchmarks.harness.report import table
 from benchmarks.studies.harness import load_line, mean_std, settings_from_dict, verdict
 from benchmarks.studies.text.ablations import DECAY_GROUPINGS
 from benchmarks.studies.text.config import Settings
@@ -51,22 +52,20 @@ def bracket(results: list[dict], arm: str) -> str:
     return f"yes: inside {rates[0]:g}–{rates[-1]:g}"
 
 
-def headline(state: dict) -> list[str]:
+def headline(state: dict) -> str:
     """model × arm × best rate → perplexity, one row per arm trained."""
-    results, arms = state["results"], state["arms"]
-    lines = ["| arm | model | query heads (differential) × width | λ and head norm: weight decay | best rate | "
-             "best rate inside the rates tried | held-out perplexity at the best rate | parameters |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, arm in arms.items():
+    results, rows = state["results"], []
+    for name, arm in state["arms"].items():
         best = best_rate(results, name)
         if best is None:
             continue
         run = runs_of(results, name)[0]
         heads = f"{run['heads']} ({run['differential_heads']})" if run["differential_heads"] else str(run["heads"])
         decay = {"trainer": "— (Trainer default)", "exempt": "none", "decayed": "yes"}[arm["decay"]]
-        lines.append(f"| {arm['label']} | {arm['model']} | {heads} × {run['head_dim']} | {decay} | {best:g} | "
-                     f"{bracket(results, name)} | **{fmt(ppl(results, name, best))}** | {run['parameters']:,} |")
-    return lines
+        rows.append([arm["label"], arm["model"], f"{heads} × {run['head_dim']}", decay, f"{best:g}",
+                     bracket(results, name), f"**{fmt(ppl(results, name, best))}**", f"{run['parameters']:,}"])
+    return table(["arm", "model", "query heads (differential) × width", "λ and head norm: weight decay", "best rate",
+                  "best rate inside the rates tried", "held-out perplexity at the best rate", "parameters"], rows)
 
 
 def sweep_table(state: dict) -> list[str]:
@@ -127,26 +126,24 @@ def findings(state: dict) -> list[str]:
     return lines
 
 
-def probe_table(state: dict) -> list[str]:
+def probe_table(state: dict) -> str:
     """What each V1 arm's forward did after training, per layer (mean over seeds): the evidence the ablations held."""
-    results, arms = state["results"], state["arms"]
-    lines = ["| arm | λ used, per layer | differential-map row sum (= 1 − λ), per layer | head-norm scale, per layer "
-             "| max abs (head norm(x) − x · scale) | λ and head-norm parameters with weight decay |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for name, arm in arms.items():
-        runs = [r for r in runs_of(results, name) if "probe" in r]
+    rows = []
+    for name, arm in state["arms"].items():
+        runs = [r for r in runs_of(state["results"], name) if "probe" in r]
         if not runs:
             continue
 
         def per_layer(key, runs=runs):
-            values = zip(*(r["probe"][key] for r in runs))
-            return ", ".join(f"{statistics.fmean(v):.3f}" for v in values)
+            return ", ".join(f"{statistics.fmean(v):.3f}" for v in zip(*(r["probe"][key] for r in runs)))
 
         off_norm = max(max(r["probe"]["head_norm_vs_scaled_input"]) for r in runs)
         decayed = sorted({r["decayed_differential_parameters"] for r in runs})
-        lines.append(f"| {arm['label']} | {per_layer('lambda')} | {per_layer('map_row_sum')} | "
-                     f"{per_layer('head_norm_scale')} | {off_norm:.3g} | {', '.join(map(str, decayed))} |")
-    return lines
+        rows.append([arm["label"], per_layer("lambda"), per_layer("map_row_sum"), per_layer("head_norm_scale"),
+                     f"{off_norm:.3g}", ", ".join(map(str, decayed))])
+    return table(["arm", "λ used, per layer", "differential-map row sum (= 1 − λ), per layer",
+                  "head-norm scale, per layer", "max abs (head norm(x) − x · scale)",
+                  "λ and head-norm parameters with weight decay"], rows)
 
 
 def make_chart(state: dict, path: Path) -> dict:
@@ -228,7 +225,7 @@ def write_report(state: dict, out: Path) -> dict:
         "",
         "## Each arm at its best learning rate",
         "",
-        *headline(state),
+        headline(state),
         "",
         "## Findings (\"better\"/\"worse\" only when the means differ by more than the sum of the two stds)",
         "",
@@ -242,7 +239,7 @@ def write_report(state: dict, out: Path) -> dict:
         "",
         "## What each V1 arm's forward did after training (the ablations, checked)",
         "",
-        *probe_table(state),
+        probe_table(state),
         "",
         "## Settings",
         "",
