@@ -87,8 +87,8 @@ def study_trainer(model, data, settings, learning_rate: float, seed: int, output
     `settings.weight_decay`, gradient clipping 1.0, the paper's schedule (`paper_schedule`), fp32, `settings.steps`
     steps of `settings.batch_size`. `sequential` feeds the data in its stored order instead of shuffled by `seed`.
 
-    `decay_parameters`, when given, is a callable(model) -> names of the parameters that take weight decay, in
-    place of the Trainer's own grouping (`Trainer.get_decay_parameter_names`).
+    `decay_parameters`, when given, is a callable(model, the Trainer's own names) -> the names of the parameters
+    that take weight decay, in place of the Trainer's grouping (`Trainer.get_decay_parameter_names`).
     """
     import torch
     from torch.utils.data import SequentialSampler
@@ -108,9 +108,8 @@ def study_trainer(model, data, settings, learning_rate: float, seed: int, output
             return self.lr_scheduler
 
         def get_decay_parameter_names(self, model) -> list[str]:
-            if decay_parameters is None:
-                return super().get_decay_parameter_names(model)
-            return decay_parameters(model)
+            names = super().get_decay_parameter_names(model)
+            return names if decay_parameters is None else decay_parameters(model, names)
 
     args = TrainingArguments(
         output_dir=output_dir, max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
@@ -120,6 +119,17 @@ def study_trainer(model, data, settings, learning_rate: float, seed: int, output
         disable_tqdm=quiet, dataloader_num_workers=0,
     )
     return StudyTrainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+
+
+def reporter(queue, tag: str):
+    """The `report(kind, value)` through which a job shows its progress on the study's bar (nothing without a queue:
+    a job run on its own)."""
+
+    def report(kind, value=None):
+        if queue is not None:
+            queue.put((tag, kind, value))
+
+    return report
 
 
 def progress_callback(report):
@@ -141,12 +151,14 @@ def progress_callback(report):
 # jobs in worker processes
 
 
-def run_jobs(job_fn, jobs: list[dict], workers: int, total_steps: int, partial: Path, state: dict) -> list[dict]:
+def run_jobs(job_fn, jobs: list[dict], workers: int, total_steps: int, partial: Path, state: dict,
+             finished: list[dict] = ()) -> list[dict]:
     """Run `job_fn(job, queue)` for every job, in `workers` spawned processes (in this one when workers ≤ 1).
 
     Shows one progress bar over `total_steps` training steps of all jobs (jobs report through the queue, see
     `_drain_one`), samples the load into `state["load_samples"]`, and after every finished job writes `state` with
-    the finished results to `partial` (for ``--report-only`` after an interruption). Returns results in job order.
+    the `finished` results of earlier calls and this call's to `partial` (for ``--report-only`` after an
+    interruption). Returns this call's results in job order.
     """
     from tqdm.auto import tqdm
 
@@ -161,7 +173,7 @@ def run_jobs(job_fn, jobs: list[dict], workers: int, total_steps: int, partial: 
             _sample_load(state)
             while not progress.empty():
                 _drain_one(progress.get(), bar)
-            _write_partial(partial, results, state)
+            _write_partial(partial, [*finished, *results], state)
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, wait
@@ -178,7 +190,7 @@ def run_jobs(job_fn, jobs: list[dict], workers: int, total_steps: int, partial: 
                     while not progress.empty():
                         _drain_one(progress.get(), bar)
                     if done:
-                        _write_partial(partial, [f.result() for f in futures if f.done()], state)
+                        _write_partial(partial, [*finished, *(f.result() for f in futures if f.done())], state)
                 results = [f.result() for f in futures]
     bar.close()
     return results

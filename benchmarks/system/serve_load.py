@@ -83,19 +83,9 @@ def tiny_model(folder: Path) -> Path:
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
     tokenizer.chat_template = CHAT_TEMPLATE
-    config = DiffTransformerConfig(
-        diff_version=2,
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=CONTEXT,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    config = DiffTransformerConfig(diff_version=2, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+                                   max_position_embeddings=CONTEXT, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     model = DiffTransformerForCausalLM(config)
     with torch.no_grad():  # peaked attention maps: a wrong cache layout or pairing changes the answers

@@ -73,11 +73,7 @@ def run_job(job: dict, queue=None) -> dict:
     settings = Settings(**job["settings"])
     torch.set_num_threads(settings.threads_per_worker)
     name, width, rate, seed = job["model"], job["width"], job["learning_rate"], job["seed"]
-    tag = f"{name} w{width} lr {rate:g} seed {seed}"
-
-    def report(kind, value=None):
-        if queue is not None:
-            queue.put((tag, kind, value))
+    report = harness.reporter(queue, f"{name} w{width} lr {rate:g} seed {seed}")
 
     model = harness.init_model(model_config(settings, width, name), seed)
     data = training_data(settings, seed)

@@ -38,13 +38,11 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from benchmarks.harness.models import parameter_count
 from benchmarks.harness.report import add_run_arguments, command
 from benchmarks.studies import harness
-from benchmarks.studies.text.config import PRESETS, Settings, model_configs
-from benchmarks.studies.text.data import corpus, train_tokenizer
+from benchmarks.studies.text.config import PRESETS, Settings
 from benchmarks.studies.text.report import write_report, write_sweep_report
-from benchmarks.studies.text.runs import reusable_runs, run_job
+from benchmarks.studies.text.runs import prepare, reusable_runs, run_job
 
 MODULE = "benchmarks.studies.text.paper_effects"
 
@@ -122,21 +120,6 @@ def main(argv=None):
         print(f"{v['metric']}: best {v['best']}{'' if v['clear'] else ' (within spread)'}")
     print(f"wrote {out / 'paper_effects.md'} in {wall / 60:.1f} min")
     return results
-
-
-def prepare(settings: Settings, scratch: Path) -> tuple[str, dict]:
-    """Train the study's tokenizer (saved for the workers) and check the three models' parameters are equal within
-    2%; returns the tokenizer file and the parameter counts."""
-    train_texts, _ = corpus()
-    tokenizer = train_tokenizer(train_texts, settings.vocab_size)
-    tokenizer_file = str(scratch / "tokenizer.json")
-    tokenizer.backend_tokenizer.save(tokenizer_file)
-    params = {name: parameter_count(harness.init_model(config, 0))
-              for name, config in model_configs(settings, len(tokenizer)).items()}
-    spread = max(params.values()) / min(params.values()) - 1
-    assert spread <= 0.02, f"parameter counts differ by {spread:.1%}: {params}"
-    print("parameters: " + ", ".join(f"{m} {p:,}" for m, p in params.items()) + f" (spread {spread:.2%})")
-    return tokenizer_file, params
 
 
 def lr_sweep(args, settings: Settings, state: dict, tokenizer_file: str, scratch: Path, out: Path) -> list[dict]:

@@ -8,9 +8,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.harness.models import parameter_count
-from benchmarks.studies.harness import init_model, progress_callback, study_trainer
+from benchmarks.studies.harness import init_model, progress_callback, reporter, study_trainer
 from benchmarks.studies.text.config import Settings, model_configs
-from benchmarks.studies.text.data import corpus, training_sequences
+from benchmarks.studies.text.data import corpus, train_tokenizer, training_sequences
 
 
 def load_tokenizer(path: str):
@@ -20,8 +20,10 @@ def load_tokenizer(path: str):
     return PreTrainedTokenizerFast(tokenizer_file=path, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def train(model, tokenizer, settings: Settings, seed: int, scratch: str, report, decay_parameters=None) -> dict:
-    """Train `model` on the seed's sequences with the study recipe; returns the training record of the run."""
+def train(model, tokenizer, settings: Settings, seed: int, scratch: str, report,
+          decay_parameters=None) -> tuple[dict, list[str]]:
+    """Train `model` on the seed's sequences with the study recipe; returns the training record of the run and the
+    names of the parameters that took weight decay (`study_trainer`'s `decay_parameters` sets them)."""
     from transformers.trainer_callback import PrinterCallback
 
     train_texts, _ = corpus()
@@ -32,10 +34,11 @@ def train(model, tokenizer, settings: Settings, seed: int, scratch: str, report,
     trainer.remove_callback(PrinterCallback)  # progress goes to the study's own bar
     history = trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return {"train_loss_last": losses[-1] if losses else None, "train_loss_curve": losses,
-            "train_seconds": time.time() - started,
-            "train_tokens": settings.steps * settings.batch_size * settings.seq_len,
-            "train_loss_mean": history.training_loss}
+    record = {"train_loss_last": losses[-1] if losses else None, "train_loss_curve": losses,
+              "train_seconds": time.time() - started,
+              "train_tokens": settings.steps * settings.batch_size * settings.seq_len,
+              "train_loss_mean": history.training_loss}
+    return record, trainer.get_decay_parameter_names(model)
 
 
 def measure(model, tokenizer, settings: Settings, seed: int, perplexity_only: bool = False) -> dict:
@@ -65,6 +68,21 @@ def measure(model, tokenizer, settings: Settings, seed: int, perplexity_only: bo
     return results
 
 
+def prepare(settings: Settings, scratch: Path) -> tuple[str, dict]:
+    """Train the study's tokenizer (saved for the workers) and check the three models' parameters are equal within
+    2%; returns the tokenizer file and the parameter counts."""
+    train_texts, _ = corpus()
+    tokenizer = train_tokenizer(train_texts, settings.vocab_size)
+    tokenizer_file = str(scratch / "tokenizer.json")
+    tokenizer.backend_tokenizer.save(tokenizer_file)
+    params = {name: parameter_count(init_model(config, 0))
+              for name, config in model_configs(settings, len(tokenizer)).items()}
+    spread = max(params.values()) / min(params.values()) - 1
+    assert spread <= 0.02, f"parameter counts differ by {spread:.1%}: {params}"
+    print("parameters: " + ", ".join(f"{m} {p:,}" for m, p in params.items()) + f" (spread {spread:.2%})")
+    return tokenizer_file, params
+
+
 def run_job(job: dict, queue=None) -> dict:
     """Train `job["model"]` with `job["seed"]` and run every measurement; returns a JSON-serialisable dict."""
     import torch
@@ -72,15 +90,10 @@ def run_job(job: dict, queue=None) -> dict:
     settings = Settings(**job["settings"])
     torch.set_num_threads(settings.threads_per_worker)
     name, seed = job["model"], job["seed"]
-    tag = f"{name} seed {seed}"
-
-    def report(kind, value=None):
-        if queue is not None:
-            queue.put((tag, kind, value))
-
+    report = reporter(queue, f"{name} seed {seed}")
     tokenizer = load_tokenizer(job["tokenizer_file"])
     model = init_model(model_configs(settings, len(tokenizer))[name], seed)
-    record = train(model, tokenizer, settings, seed, job["scratch"], report)
+    record, _ = train(model, tokenizer, settings, seed, job["scratch"], report)
     report("phase", "eval")
     result = {"model": name, "seed": seed, "learning_rate": settings.learning_rate,
               "parameters": parameter_count(model), **record, **measure(model, tokenizer, settings, seed)}
@@ -88,9 +101,10 @@ def run_job(job: dict, queue=None) -> dict:
     return result
 
 
-def reusable_runs(path: Path, settings: Settings, models, rates: list[float],
+def reusable_runs(path: Path, settings: Settings, models, rates: list[float] | None = None,
                   free: tuple = ("learning_rate", "seeds", "workers")) -> list[dict]:
-    """The runs of the study saved at `path` that stand for new runs of `models` at `rates` and `settings.seeds`.
+    """The runs of the study saved at `path` that stand for new runs of `models` at `rates` (default: any rate) and
+    `settings.seeds`.
 
     Only when that study's settings equal `settings` in every field but the `free` ones (a reused run is the same
     code path on the same sequences); otherwise stops with an error line. Each run is marked `reused_from`.
@@ -105,7 +119,7 @@ def reusable_runs(path: Path, settings: Settings, models, rates: list[float],
     runs = []
     for r in earlier["results"]:
         r = dict(r, learning_rate=r.get("learning_rate", earlier["settings"]["learning_rate"]), reused_from=path.name)
-        if r["model"] in models and r["seed"] in settings.seeds and any(
-                math.isclose(r["learning_rate"], rate) for rate in rates):
+        if r["model"] in models and r["seed"] in settings.seeds and (rates is None or any(
+                math.isclose(r["learning_rate"], rate) for rate in rates)):
             runs.append(r)
     return runs
