@@ -301,7 +301,7 @@ def _write_weights(src: Source, config, variant, dtype, folder: Path, max_shard_
         mapper = lambda name, t: map_llama_to_v1(name, t, src.config, lambdas)  # noqa: E731
 
     # Peak memory is one source shard (its mmapped pages) + the output buffer + one tensor in flight. Output shards
-    # of half the largest source shard keep that near 1.5 source shards (benchmarks/convert_memory.py measures
+    # of half the largest source shard keep that near 1.5 source shards (benchmarks/system/convert_memory.py measures
     # it). A GGUF source is dequantised in memory anyway, so its output uses transformers' usual shard size.
     default = 2 * 2**30 if src.gguf_file else max(src.largest_shard_bytes // 2, 16 * 2**20)
     max_bytes = max_shard_bytes or default
