@@ -718,3 +718,59 @@ def test_convert_keeps_only_tokenizer_code_it_copies(models_dir, tmp_path):
     assert converted["auto_map"] == {"AutoTokenizer": [None, "tokenization_present.FastTokenizer"]}
     assert (tmp_path / "out" / "tokenization_present.py").read_text() == "# the source's tokenizer code\n"
     assert not (tmp_path / "out" / "tokenization_absent.py").exists()
+
+
+def final_losses(folder: Path) -> tuple[float, float]:
+    """(the last training loss, the held-out loss) of a finished run, from its trainer_state.json."""
+    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    return [e["loss"] for e in history if "loss" in e][-1], [e["eval_loss"] for e in history if "eval_loss" in e][-1]
+
+
+def interrupt_when_saved(command: list[str], checkpoint: Path) -> subprocess.CompletedProcess:
+    """Run `diff-transformer COMMAND` and send it SIGINT (Ctrl-C) as soon as `checkpoint` appears."""
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "modeling_diff_cli.main", *command],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    while not checkpoint.exists() and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+def test_interrupted_training_resumes_to_the_uninterrupted_result(models_dir, tmp_path):
+    """Ctrl-C at two random steps (mid-step or mid-save, wherever the signal lands), then a kill during a save
+    (simulated: the newest checkpoint's weights cut to half), each followed by the same command: the final training
+    and held-out losses equal those of an uninterrupted run."""
+    import random
+
+    def train(output):
+        return [*tiny_train(models_dir / "diff", output, 30), "--save_steps", "1", "--logging_steps", "1",
+                "--learning_rate", "1e-2", "--disable_tqdm", "true"]
+
+    reference = cli(*train(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    out = tmp_path / "out"
+    checkpoints = Path(str(out.resolve()) + "-checkpoints")
+    first, second = sorted(random.Random(0).sample(range(3, 25), 2))
+    for step in (first, second):
+        result = interrupt_when_saved(train(out), checkpoints / f"checkpoint-{step}")
+        assert result.returncode == 130, result.stderr[-3000:]
+        assert f"interrupted: the checkpoints in {checkpoints} are kept" in result.stderr
+    newest = max(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    result = cli(*train(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"skipping the incomplete checkpoint {newest}" in result.stderr and "resuming from" in result.stdout
+    loss, eval_loss = final_losses(out)
+    reference_loss, reference_eval_loss = final_losses(tmp_path / "reference")
+    assert abs(loss - reference_loss) < 1e-4 and abs(eval_loss - reference_eval_loss) < 1e-4, (
+        loss, reference_loss, eval_loss, reference_eval_loss)
