@@ -763,7 +763,9 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(models_dir, tm
         result = interrupt_when_saved(train(out), checkpoints / f"checkpoint-{step}")
         assert result.returncode == 130, result.stderr[-3000:]
         assert f"interrupted: the checkpoints in {checkpoints} are kept" in result.stderr
-    newest = max(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    from modeling_diff_training.checkpoints import complete_checkpoints
+
+    newest = complete_checkpoints(checkpoints)[-1]  # a newer folder may be one that the Ctrl-C cut short
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 
