@@ -130,8 +130,6 @@ def check_scale_out_flags(model_args, fsdp) -> None:
         model_args.lora
     ):
         raise CLIError("--merge-lora, --lora-r and --lora-alpha need --lora")
-    if model_args.lora and model_args.lora_r is not None and model_args.lora_r < 1:
-        raise CLIError(f"--lora-r must be a positive rank, got {model_args.lora_r}")
     if fsdp not in (None, True):
         raise CLIError(
             f"--fsdp {fsdp!r}: this command shards with FSDP2 at load time, one decoder layer per unit; pass --fsdp "

@@ -133,6 +133,7 @@ def test_train_resumes_from_checkpoints(models_dir, tmp_path):
     from modeling_diff_cli.common import load_model
     from modeling_diff_cli.data import train_eval_texts
     from modeling_diff_training import DiffTrainingArguments, train_model
+    from modeling_diff_training.checkpoints import TrainedFrom
 
     checkpoints = Path(str((tmp_path / "out").resolve()) + "-checkpoints")
     model, tokenizer = load_model(str(models_dir / "diff"))
@@ -140,7 +141,9 @@ def test_train_resumes_from_checkpoints(models_dir, tmp_path):
         output_dir=str(checkpoints), max_steps=2, save_steps=1, logging_steps=1, per_device_train_batch_size=2,
         disable_tqdm=True,
     )
-    first = train_model(model, tokenizer, train_eval_texts(None)[0], args, seq_len=32)
+    # from Python, as the CLI does: the checkpoints record the model, so that the CLI may resume them
+    source = TrainedFrom.of(models_dir / "diff")
+    first = train_model(model, tokenizer, train_eval_texts(None)[0], args, seq_len=32, trained_from=source)
     assert (checkpoints / "checkpoint-2").is_dir()
     result = cli(*tiny_train(models_dir / "diff", tmp_path / "out", 4), "--logging_steps", 1)
     assert result.returncode == 0, result.stderr[-3000:]
