@@ -1,8 +1,10 @@
 """Pieces the subcommands share: one-line errors, atomic output folders, loading models, λ statistics."""
 
 import importlib.util
+import json
 from pathlib import Path
 
+import psutil
 import torch
 from modeling_diff_conversion.source import download_snapshot
 
@@ -48,6 +50,46 @@ def resolve_model_path(model: str) -> tuple[str, str | None]:
     return str(download_snapshot(model)), None
 
 
+def check_config(folder: str, gguf_file: str | None, name: str, bytes_per_parameter: int = 4):
+    """Refuse a config that cannot make a model, or whose weights cannot fit in free memory, before any tensor is
+    allocated: sizes that are not positive (zero heads, ...), what the config class itself refuses, and absurd sizes
+    (an estimate of the parameter count, `estimate_parameters`)."""
+    from transformers import AutoConfig
+
+    config_path = Path(folder) / "config.json"
+    if gguf_file is None and config_path.is_file():
+        try:
+            raw = json.loads(config_path.read_text())
+        except ValueError as err:
+            raise CLIError(f"{name}/config.json is not valid JSON ({err})")
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+            if key in raw and not (isinstance(raw[key], int) and raw[key] > 0):
+                raise CLIError(f"{name}/config.json has {key}={raw[key]!r}: it must be a positive integer")
+    try:
+        config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (ValueError, ArithmeticError, TypeError) as err:
+        raise CLIError(f"{name} has an invalid config: {str(err).splitlines()[0]}")
+    parameters = estimate_parameters(config)
+    need, available = parameters * bytes_per_parameter, psutil.virtual_memory().available
+    if need > 0.9 * available:
+        raise CLIError(
+            f"{name}'s config describes about {parameters / 1e9:.3g}B parameters ({config.num_hidden_layers} layers "
+            f"of hidden size {config.hidden_size}): about {need / 2**30:,.0f} GiB of weights, but "
+            f"{available / 2**30:.1f} GiB of memory is free"
+        )
+
+
+def estimate_parameters(config) -> int:
+    """About how many parameters a Llama-like causal LM of this config has (embeddings, attention, gated MLP)."""
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim  # q and o, k and v
+    mlp = 3 * hidden * getattr(config, "intermediate_size", 4 * hidden)
+    embeddings = config.vocab_size * hidden * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    return embeddings + config.num_hidden_layers * (attention + mlp)
+
+
 def load_model(model: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
     """A causal LM (DiffTransformer, Llama, DiffLlama, ...) and its tokenizer from a folder, Hub id or GGUF."""
     from transformers import AutoModelForCausalLM
@@ -55,6 +97,7 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, attn_implementati
     import modeling_diff  # noqa: F401  (registers diff_transformer with the Auto classes)
 
     folder, gguf_file = resolve_model_path(model)
+    check_config(folder, gguf_file, model, bytes_per_parameter=torch.finfo(dtype).bits // 8)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -34,10 +34,21 @@ def load_texts(dataset: str | None) -> list[str]:
     return texts
 
 
+def read_text(path: Path, max_undecodable: float = 0.01) -> str:
+    """The file's text; refuses a file that is not text: NUL bytes, or more than `max_undecodable` of its
+    characters not UTF-8 (a few stray bytes in a text file are replaced)."""
+    data = path.read_bytes()
+    text = data.decode("utf-8", errors="replace")
+    undecodable = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+    if b"\0" in data or undecodable > max_undecodable * max(len(text), 1):
+        raise CLIError(f"{path} is not a text file (NUL bytes or undecodable UTF-8): give a .txt, .md or .jsonl file")
+    return text
+
+
 def _read_file(path: Path) -> list[str]:
     if path.suffix in (".jsonl", ".json"):
         texts = []
-        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        for n, line in enumerate(read_text(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -48,7 +59,7 @@ def _read_file(path: Path) -> list[str]:
                 raise CLIError(f'{path}:{n} has no string field "text"')
             texts.append(record["text"])
         return texts
-    return [block for block in path.read_text(errors="replace").split("\n\n") if block.strip()]
+    return [block for block in read_text(path).split("\n\n") if block.strip()]
 
 
 def _load_hf_dataset(name: str) -> list[str]:

@@ -3,7 +3,7 @@
 import torch
 from transformers import TextStreamer
 
-from .common import load_model
+from .common import CLIError, load_model
 
 
 def add_arguments(parser):
@@ -45,8 +45,12 @@ def stream(model, tokenizer, ids: torch.Tensor, max_new_tokens=64, temperature=0
 
 
 def run(args) -> int:
+    if not args.prompt.strip():
+        raise CLIError("--prompt is empty: give the text to continue (or, with --chat, the user's message)")
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
     ids = prompt_ids(tokenizer, args.prompt, args.chat, args.system)
+    if ids.shape[1] == 0:
+        raise CLIError(f"--prompt {args.prompt!r} has no tokens for this tokenizer: give some text")
     stream(model, tokenizer, ids, args.max_new_tokens, args.temperature, args.top_p)
     return 0

@@ -62,8 +62,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.run(args)
-    except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        # a command that kept something (train: its checkpoints) says so in the interruption it raises
+        print(f"interrupted: {err or 'nothing was written'}", file=sys.stderr)
         return 130
     except Exception as err:
         if args.debug:

@@ -14,6 +14,19 @@ def add_arguments(parser):
     parser.add_argument("--dry-run", action="store_true", help="list every file and its size, upload nothing")
 
 
+def check_repo_id(repo_id: str, owner_required: bool = True) -> None:
+    """Refuse a repo id the Hub would refuse (huggingface_hub's own validator), and one without its owner unless
+    not `owner_required` (a bare name is then the token owner's)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise CLIError(f"repo id {repo_id!r} is not valid on the Hub: {str(err).splitlines()[0]}")
+    if owner_required and repo_id.count("/") != 1:
+        raise CLIError(f"repo id {repo_id!r} must look like user/name")
+
+
 def files_to_upload(folder: Path) -> list[tuple[str, int]]:
     """(relative path, bytes) of every file that would be uploaded, hidden files and folders excluded."""
     files = []
@@ -37,8 +50,7 @@ def run(args) -> int:
         raise CLIError(f"{args.model_dir} is not a folder")
     if not (folder / "config.json").is_file() or not any((folder / f).is_file() for f in WEIGHT_FILES):
         raise CLIError(f"{args.model_dir} is not a model folder: it needs config.json and weights")
-    if args.repo_id.count("/") != 1:
-        raise CLIError(f"repo id {args.repo_id!r} must look like user/name")
+    check_repo_id(args.repo_id)
     files = files_to_upload(folder)
     total = sum(size for _, size in files)
     for name, size in files:

@@ -16,7 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import yaml
-from modeling_diff_conversion.output import atomic_output_dir, check_output_dir
+from modeling_diff_conversion.output import atomic_output_dir, check_not_a_source, check_output_dir
 from modeling_diff_training import (
     DataArguments,
     DiffTrainingArguments,
@@ -25,13 +25,13 @@ from modeling_diff_training import (
     save_lora_adapter,
     train_model,
 )
+from modeling_diff_training.checkpoints import TrainedFrom, complete_checkpoints, resume_point
 from modeling_diff_training.fsdp import gather_fsdp_weights, load_fsdp_model, save_unsharded
 from transformers import HfArgumentParser, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from .common import CLIError, load_model, load_tokenizer, resolve_model_path
 from .data import train_eval_texts
-from .push import upload_folder
+from .push import check_repo_id, upload_folder
 
 # the dataclasses main.py builds this command's options from, as transformers' example scripts do
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, DiffTrainingArguments)
@@ -130,8 +130,6 @@ def check_scale_out_flags(model_args, fsdp) -> None:
         model_args.lora
     ):
         raise CLIError("--merge-lora, --lora-r and --lora-alpha need --lora")
-    if model_args.lora and model_args.lora_r is not None and model_args.lora_r < 1:
-        raise CLIError(f"--lora-r must be a positive rank, got {model_args.lora_r}")
     if fsdp not in (None, True):
         raise CLIError(
             f"--fsdp {fsdp!r}: this command shards with FSDP2 at load time, one decoder layer per unit; pass --fsdp "
@@ -180,17 +178,15 @@ def run(args) -> int:
     model_args, data_args, training_args, output, fsdp, push = parse_arguments(args)
     checkpoints = Path(training_args.output_dir)
     overwrite = training_args.overwrite_output_dir
+    check_inputs_apart(model_args, data_args, training_args, output, checkpoints)
     check_output_dir(output, overwrite, flag="--overwrite_output_dir")
-    resume = training_args.resume_from_checkpoint
-    if resume is None and checkpoints.is_dir() and not overwrite:
-        resume = get_last_checkpoint(checkpoints)
+    if push:
+        check_repo_id(training_args.hub_model_id or output.resolve().name, owner_required=False)
+    folder, gguf_file = resolve_model_path(model_args.model_name_or_path)
+    source = TrainedFrom.of(Path(folder) / (gguf_file or ""), name=model_name(model_args.model_name_or_path))
+    resume, source = resume_point(checkpoints, source, training_args.resume_from_checkpoint, overwrite)
     if resume and fsdp:
-        raise CLIError(
-            f"{checkpoints} holds checkpoints of an earlier run, and an --fsdp run cannot resume: remove it, or "
-            "pass --overwrite_output_dir"
-        )
-    if overwrite and checkpoints.is_dir() and training_args.process_index == 0:
-        shutil.rmtree(checkpoints)  # start afresh: the earlier run's checkpoints would mix with this run's
+        raise CLIError(f"an --fsdp run cannot resume, and {resume} is a checkpoint: pass --overwrite_output_dir")
     train_texts, eval_texts = train_eval_texts(data_args.dataset, data_args.eval_fraction, training_args.seed)
     model, tokenizer = load_fsdp(model_args.model_name_or_path) if fsdp else load_model(model_args.model_name_or_path)
     if model_args.lora:
@@ -207,34 +203,33 @@ def run(args) -> int:
                 f"--distill-from has vocabulary {teacher.config.vocab_size}, the model "
                 f"{model.config.vocab_size}: teacher and student must share a tokenizer"
             )
-    if resume:
-        print(f"resuming from {resume}")
-    trainer = train_model(
-        model,
-        tokenizer,
-        train_texts,
-        training_args,
-        eval_texts=eval_texts,
-        seq_len=data_args.seq_len,
-        lambda_warmup_steps=model_args.lambda_warmup_steps,
-        teacher=teacher,
-        distill_weight=model_args.distill_weight,
-        resume_from_checkpoint=resume,
-    )
-    state_dict = gather_fsdp_weights(trainer) if fsdp else None  # every rank takes part
-    if not trainer.is_world_process_zero():
-        return 0  # under torchrun / accelerate launch, rank 0 alone writes the result
-    with atomic_output_dir(output, force=overwrite, flag="--overwrite_output_dir") as tmp:
-        if fsdp:
-            save_unsharded(trainer.model.config, state_dict, tmp)
-        elif model_args.lora and model_args.merge_lora:
-            trainer.model.merge_and_unload().save_pretrained(tmp)
-        elif model_args.lora:
-            save_lora_adapter(trainer.model, tmp)
-        else:
-            trainer.save_model(str(tmp))
-        tokenizer.save_pretrained(tmp)
-        trainer.state.save_to_json(str(tmp / "trainer_state.json"))  # the run's log history
+    if overwrite and checkpoints.is_dir() and training_args.process_index == 0:
+        shutil.rmtree(checkpoints)  # start afresh: the earlier run's checkpoints would mix with this run's
+    print(f"resuming from {resume}" if resume else f"checkpoints go to {checkpoints} while training")
+    created = not checkpoints.exists()
+    try:
+        trainer = train_model(
+            model,
+            tokenizer,
+            train_texts,
+            training_args,
+            eval_texts=eval_texts,
+            seq_len=data_args.seq_len,
+            lambda_warmup_steps=model_args.lambda_warmup_steps,
+            teacher=teacher,
+            distill_weight=model_args.distill_weight,
+            trained_from=source,
+            resume_from_checkpoint=resume,
+        )
+        state_dict = gather_fsdp_weights(trainer) if fsdp else None  # every rank takes part
+        if not trainer.is_world_process_zero():
+            return 0  # under torchrun / accelerate launch, rank 0 alone writes the result
+        save_trained(trainer, tokenizer, model_args, output, overwrite, state_dict)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(after_failure(checkpoints, created, training_args.process_index)) from None
+    except Exception:
+        print(f"note: {after_failure(checkpoints, created, training_args.process_index)}", file=sys.stderr)
+        raise
     shutil.rmtree(checkpoints, ignore_errors=True)
     print_results(trainer.state.log_history)
     print(f"saved the trained model to {output}")
@@ -244,6 +239,49 @@ def run(args) -> int:
         url = upload_folder(output, repo_id, private, training_args.hub_revision, token=training_args.hub_token)
         print(f"uploaded: {url}")
     return 0
+
+
+def check_inputs_apart(model_args, data_args, training_args, output: Path, checkpoints: Path) -> None:
+    """Refuse an output folder (the model's, or its checkpoints') that is, holds or lies inside an input."""
+    inputs = {
+        "MODEL": model_args.model_name_or_path,
+        "--dataset": data_args.dataset,
+        "--distill_from": model_args.distill_from,
+    }
+    check_not_a_source(output, {**inputs, "--resume_from_checkpoint": training_args.resume_from_checkpoint})
+    check_not_a_source(checkpoints, inputs)  # a checkpoint of this folder may be resumed
+
+
+def model_name(model: str) -> str:
+    """How checkpoint records name a model: a local path made absolute, a Hub id as it is."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def save_trained(trainer, tokenizer, model_args, output: Path, overwrite: bool, state_dict) -> None:
+    """Write the trained model (or LoRA adapter), its tokenizer and the run's log history to `output`, atomically."""
+    with atomic_output_dir(output, force=overwrite, flag="--overwrite_output_dir") as tmp:
+        if state_dict is not None:
+            save_unsharded(trainer.model.config, state_dict, tmp)
+        elif model_args.lora and model_args.merge_lora:
+            trainer.model.merge_and_unload().save_pretrained(tmp)
+        elif model_args.lora:
+            save_lora_adapter(trainer.model, tmp)
+        else:
+            trainer.save_model(str(tmp))
+        tokenizer.save_pretrained(tmp)
+        trainer.state.save_to_json(str(tmp / "trainer_state.json"))  # the run's log history
+
+
+def after_failure(checkpoints: Path, created: bool, process_index: int) -> str:
+    """What a failed or interrupted run leaves: a checkpoint folder it created without a complete checkpoint is
+    removed; complete checkpoints are kept for the same command to resume. Returns that, as a sentence."""
+    complete = complete_checkpoints(checkpoints) if checkpoints.is_dir() else []
+    if complete:
+        return f"the checkpoints in {checkpoints} are kept; the same command resumes from {complete[-1].name}"
+    if created and process_index == 0:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    return "nothing was written"
 
 
 def load_fsdp(model: str):

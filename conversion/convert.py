@@ -25,7 +25,7 @@ from modeling_diff import DiffTransformerConfig
 
 from .mapping import map_diffllama_to_v1, map_llama_to_v1, map_llama_to_v2
 from .model_card import write_model_card
-from .output import atomic_output_dir, check_output_dir
+from .output import atomic_output_dir, check_not_a_source, check_output_dir
 from .source import SKIPPED_SUFFIXES, ConversionError, Source, open_source
 from .verify import VerificationResult, verify
 
@@ -239,9 +239,12 @@ def convert(
     if dtype != "auto" and dtype not in DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
     output = Path(output_dir).expanduser().resolve()
+    check_not_a_source(output_dir, {"SOURCE": source})
     check_output_dir(output_dir, force)  # before the (slow) source is opened
 
     src = open_source(source, gguf_file)
+    # where a Hub id or a .gguf file resolved to (the HF cache, the GGUF's folder)
+    check_not_a_source(output_dir, {"SOURCE": src.folder / (src.gguf_file or "") if src.folder else None})
     if variant is None:
         variant = "v1" if src.architecture == "DiffLlamaForCausalLM" else "v2"
     if variant not in ("v1", "v2"):
@@ -350,3 +353,33 @@ def _write_metadata(src: Source, config: DiffTransformerConfig, folder: Path, ou
     tokenizer = src.tokenizer
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+        keep_tokenizer_code(src.folder, folder)
+
+
+def keep_tokenizer_code(source: Path | None, folder: Path):
+    """Copy the tokenizer code files that tokenizer_config.json's auto_map names from the source folder; drop the
+    entries whose file the source does not have (they would point at code that is not there).
+
+    Entries that name another Hub repo (`repo--module.Class`) are kept as they are.
+    """
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    if not config.get("auto_map"):
+        return
+    auto_map = {}
+    for key, refs in config["auto_map"].items():
+        kept = []
+        for ref in refs if isinstance(refs, list) else [refs]:
+            module = f"{ref.rsplit('.', 1)[0]}.py" if ref and "--" not in ref else None
+            if module and source is not None and (source / module).is_file():
+                shutil.copy(source / module, folder / module)
+            elif module:
+                ref = None  # its code is not in the source folder
+            kept.append(ref)
+        if any(kept):
+            auto_map[key] = kept if isinstance(refs, list) else kept[0]
+    if auto_map:
+        config["auto_map"] = auto_map
+    else:
+        del config["auto_map"]
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

@@ -15,6 +15,31 @@ def check_output_dir(path: str | Path, force: bool, flag: str = "--force"):
         raise ConversionError(f"{path} exists and is not empty; pass {flag} to replace it")
 
 
+def check_not_a_source(output: str | Path, sources: dict[str, str | Path | None]):
+    """Refuse an output folder that is an input, contains one, or lies inside one (real paths: symlinks resolved).
+
+    Writing or replacing such a folder could delete or change the input. `sources` maps how the command names each
+    input to its path; names that are not paths (Hub ids) are skipped.
+    """
+    final = Path(output).expanduser().resolve()
+    for name, source in sources.items():
+        if source is None or not Path(source).expanduser().exists():
+            continue
+        real = Path(source).expanduser().resolve()
+        if final == real:
+            relation = "is"
+        elif real.is_relative_to(final):
+            relation = "contains"
+        elif final.is_relative_to(real):
+            relation = "is inside"
+        else:
+            continue
+        raise ConversionError(
+            f"the output {output} {relation} the input {source} ({name}): writing it could delete or change the "
+            "input; choose an output folder apart from the inputs"
+        )
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | Path, force: bool = False, flag: str = "--force"):
     """Yield a temporary sibling folder that becomes `path` only if the block finishes without an error.

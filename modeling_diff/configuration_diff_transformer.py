@@ -136,6 +136,11 @@ class DiffTransformerConfig(PreTrainedConfig):
     lambda_scale: float = 1.0
 
     def __post_init__(self, **kwargs):
+        if not isinstance(self.num_attention_heads, int) or self.num_attention_heads < 2:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads!r}: a differential head subtracts two softmax maps, "
+                "so a layer needs an even number of query heads, at least 2."
+            )
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:

@@ -133,6 +133,7 @@ def test_train_resumes_from_checkpoints(models_dir, tmp_path):
     from modeling_diff_cli.common import load_model
     from modeling_diff_cli.data import train_eval_texts
     from modeling_diff_training import DiffTrainingArguments, train_model
+    from modeling_diff_training.checkpoints import TrainedFrom
 
     checkpoints = Path(str((tmp_path / "out").resolve()) + "-checkpoints")
     model, tokenizer = load_model(str(models_dir / "diff"))
@@ -140,7 +141,9 @@ def test_train_resumes_from_checkpoints(models_dir, tmp_path):
         output_dir=str(checkpoints), max_steps=2, save_steps=1, logging_steps=1, per_device_train_batch_size=2,
         disable_tqdm=True,
     )
-    first = train_model(model, tokenizer, train_eval_texts(None)[0], args, seq_len=32)
+    # from Python, as the CLI does: the checkpoints record the model, so that the CLI may resume them
+    source = TrainedFrom.of(models_dir / "diff")
+    first = train_model(model, tokenizer, train_eval_texts(None)[0], args, seq_len=32, trained_from=source)
     assert (checkpoints / "checkpoint-2").is_dir()
     result = cli(*tiny_train(models_dir / "diff", tmp_path / "out", 4), "--logging_steps", 1)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -505,3 +508,274 @@ def test_demo_fails_cleanly_on_a_bad_dataset(tmp_path):
     result = cli("demo", "--output-dir", tmp_path / "demo", "--dataset", "no-such-dataset-anywhere")
     assert_one_line_error(result, "unknown dataset")
     assert not (tmp_path / "demo").exists()
+
+
+# ------------------------------------------------------------------------------------- bad input, lost data (issue)
+
+
+def tree_hash(folder: Path) -> dict:
+    """{relative path: sha256} of every file under `folder`: what must survive a refused command untouched."""
+    import hashlib
+
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_convert_force_never_touches_a_source(models_dir, tmp_path):
+    import shutil
+
+    parent = tmp_path / "P"
+    shutil.copytree(models_dir / "llama", parent / "llama")
+    (tmp_path / "link").symlink_to(parent / "llama")
+    before = tree_hash(tmp_path)
+    for source, output, relation in (
+        (parent / "llama", parent / "llama", "is the input"),
+        (parent / "llama", parent, "contains the input"),
+        (parent / "llama", parent / "llama" / "diff", "is inside the input"),
+        (tmp_path / "link", parent / "llama", "is the input"),  # a symlink to the source is the source
+        (parent / "llama", tmp_path / "link", "is the input"),
+    ):
+        result = cli("convert", source, output, "--force", "--no-verify")
+        assert_one_line_error(result, f"{relation} {source}")
+    assert tree_hash(tmp_path) == before
+
+
+def interrupt_at_the_final_evaluation(monkeypatch):
+    """Training runs, then the Trainer's evaluation raises KeyboardInterrupt (Ctrl-C): the checkpoints stay."""
+    from transformers import Trainer
+
+    def interrupt(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "evaluate", interrupt)
+
+
+def test_train_refuses_checkpoints_of_another_model(models_dir, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    shutil.copytree(models_dir / "diff", tmp_path / "a")
+    b = DiffTransformerForCausalLM.from_pretrained(models_dir / "diff")
+    with torch.no_grad():
+        b.lm_head.weight.mul_(-1)  # model B: the same architecture and tokenizer, other weights
+    b.save_pretrained(tmp_path / "b")
+    shutil.copy(models_dir / "diff" / "tokenizer.json", tmp_path / "b")
+    shutil.copy(models_dir / "diff" / "tokenizer_config.json", tmp_path / "b")
+    out = tmp_path / "out"
+    checkpoints = Path(str(out.resolve()) + "-checkpoints")
+    train = [*tiny_train(tmp_path / "a", out, 3), "--save_steps", "1", "--learning_rate", "1e-2"]
+
+    with monkeypatch.context() as patch:
+        interrupt_at_the_final_evaluation(patch)
+        assert main(train) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted: the checkpoints in {checkpoints} are kept; the same command resumes from checkpoint-3" in err
+    kept = tree_hash(checkpoints)
+    record = json.loads((checkpoints / "checkpoint-3" / "trainer_state.json").read_text())["stateful_callbacks"]
+    assert record["TrainedFrom"]["args"]["model"] == str((tmp_path / "a").resolve())
+
+    train_b = [*tiny_train(tmp_path / "b", out, 3), "--save_steps", "1", "--learning_rate", "1e-2"]
+    result = cli(*train_b)
+    assert_one_line_error(result, f"holds checkpoints of a run trained from {(tmp_path / 'a').resolve()}, not from "
+                                  f"{(tmp_path / 'b').resolve()}: pass --overwrite_output_dir to start afresh")
+    assert "--resume_from_checkpoint PATH" in result.stderr
+    assert tree_hash(checkpoints) == kept and not out.exists()
+    # the same model, changed in place, is another model too
+    with torch.no_grad():
+        b.lm_head.weight.mul_(2)
+    b.save_pretrained(tmp_path / "a")
+    assert_one_line_error(cli(*train), "an earlier version of")
+
+    result = cli(*train_b, "--overwrite_output_dir")
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = DiffTransformerForCausalLM.from_pretrained(out).lm_head.weight
+    from_a = (trained - DiffTransformerForCausalLM.from_pretrained(models_dir / "diff").lm_head.weight).abs().max()
+    from_b = (trained - DiffTransformerForCausalLM.from_pretrained(tmp_path / "b").lm_head.weight).abs().max()
+    assert from_b < 0.1 < from_a, (from_a, from_b)  # a fine-tune of B, not of A's checkpoint
+    assert not checkpoints.exists()
+
+
+def test_train_skips_incomplete_checkpoints_and_resumes_the_newest_complete_one(models_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    checkpoints = Path(str(out.resolve()) + "-checkpoints")
+    train = [*tiny_train(models_dir / "diff", out, 4), "--save_steps", "1", "--save_total_limit", "3"]
+    with monkeypatch.context() as patch:
+        interrupt_at_the_final_evaluation(patch)
+        assert main(train) == 130
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    weights = checkpoints / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a disk that filled up during a save
+    (checkpoints / "checkpoint-3" / "trainer_state.json").unlink()  # a kill during a save: the state comes last
+
+    result = cli(*train)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from {checkpoints / 'checkpoint-2'}" in result.stdout
+    skipped = f"skipping the incomplete checkpoint {checkpoints / 'checkpoint-4'}: its model.safetensors is cut short"
+    assert skipped in result.stderr
+    assert "checkpoint-3: it has no trainer_state.json" in result.stderr
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert history[-2]["step"] == 4 and "eval_loss" in history[-1]
+
+
+def test_train_failed_start_leaves_nothing_and_says_so(models_dir, tmp_path, monkeypatch, capsys):
+    from transformers import Trainer
+
+    assert_one_line_error(cli(*tiny_train(models_dir / "diff", tmp_path / "nan", 2), "--learning_rate", "nan"),
+                          "learning_rate must be a finite number above 0, got nan")
+
+    def fail(self, *args, **kwargs):
+        raise RuntimeError("the step failed")
+
+    monkeypatch.setattr(Trainer, "training_step", fail)  # after the Trainer made its output folder
+    assert main(tiny_train(models_dir / "diff", tmp_path / "fail", 2)) == 2
+    assert "error: RuntimeError: the step failed" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # no model folder, no -checkpoints folder
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--max_steps", "-3"], "max_steps must be a finite number at least 1 (or -1), got -3"),
+        (["--max_steps", "0"], "max_steps must be a finite number at least 1"),
+        (["--learning_rate", "0"], "learning_rate must be a finite number above 0, got 0.0"),
+        (["--learning_rate", "inf"], "learning_rate must be a finite number above 0, got inf"),
+        (["--num_train_epochs", "-1"], "num_train_epochs must be a finite number above 0"),
+        (["--warmup_steps", "nan"], "warmup_steps must be a finite number at least 0"),
+        (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be a finite number at least 1"),
+        (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be a finite number at least 1"),
+        (["--seq_len", "0"], "seq_len must be a finite number at least 1, got 0"),
+        (["--eval_fraction", "1.5"], "eval_fraction must be below 1"),
+        (["--lambda_warmup_steps", "-1"], "lambda_warmup_steps must be a finite number at least 0"),
+        (["--push_to_hub", "--hub_model_id", "user/na me"], "is not valid on the Hub"),
+        (["--fsdp", "full_shard"], "pass --fsdp alone"),
+    ],
+)
+def test_train_refuses_out_of_range_options_before_any_work(models_dir, tmp_path, capsys, extra, message):
+    assert main([*tiny_train(models_dir / "diff", tmp_path / "out", 2), *extra]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not any(tmp_path.iterdir())
+
+
+def test_train_refuses_a_dataset_that_is_not_text(models_dir, tmp_path, capsys):
+    import random
+
+    (tmp_path / "weights.bin").write_bytes(bytes(range(256)) * 64)  # NUL bytes
+    (tmp_path / "random.txt").write_bytes(random.Random(0).randbytes(20_000))
+    (tmp_path / "ok.txt").write_bytes(b"A stray byte: \xff.\n\n" + b"Some plain text in a block.\n\n" * 199)
+    for name in ("weights.bin", "random.txt"):
+        dataset = tmp_path / name
+        assert main([*tiny_train(models_dir / "diff", tmp_path / "out", 1), "--dataset", str(dataset)]) == 2
+        assert f"error: {dataset} is not a text file" in capsys.readouterr().err
+    from modeling_diff_cli.data import load_texts
+
+    assert len(load_texts(str(tmp_path / "ok.txt"))) == 200  # a few undecodable bytes in a text file pass
+    assert not (tmp_path / "out").exists()
+
+
+def test_implausible_configs_are_refused_before_any_tensor(models_dir, tmp_path):
+    import shutil
+
+    config = json.loads((models_dir / "diff" / "config.json").read_text())
+    for name, change, message in (
+        ("zero_heads", {"num_attention_heads": 0}, "has num_attention_heads=0: it must be a positive integer"),
+        ("huge", {"num_hidden_layers": 10**6}, "about 34.8B parameters (1000000 layers of hidden size 64)"),
+    ):
+        shutil.copytree(models_dir / "diff", tmp_path / name)
+        (tmp_path / name / "config.json").write_text(json.dumps({**config, **change}))
+        result = cli("generate", tmp_path / name, "--prompt", "x")
+        assert_one_line_error(result, message)
+    assert "GiB of weights, but" in result.stderr
+    with pytest.raises(ValueError, match="num_attention_heads=0: a differential head subtracts two softmax maps"):
+        DiffTransformerConfig(num_attention_heads=0)
+
+
+def test_push_dry_run_validates_the_repo_id(models_dir, capsys):
+    for repo_id in ("user/na me", "/x", "a/"):
+        assert main(["push", str(models_dir / "diff"), repo_id, "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: repo id {repo_id!r} is not valid on the Hub"), err
+
+
+def test_generate_refuses_an_empty_prompt(models_dir):
+    assert_one_line_error(cli("generate", models_dir / "diff", "--prompt", ""), "--prompt is empty")
+
+
+def test_convert_keeps_only_tokenizer_code_it_copies(models_dir, tmp_path):
+    import shutil
+
+    source = tmp_path / "llama"
+    shutil.copytree(models_dir / "llama", source)
+    tokenizer_config = json.loads((source / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {
+        "AutoTokenizer": ["tokenization_absent.SlowTokenizer", "tokenization_present.FastTokenizer"],
+        "AutoProcessor": "processing_absent.Processor",
+    }
+    (source / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    (source / "tokenization_present.py").write_text("# the source's tokenizer code\n")
+    result = cli("convert", source, tmp_path / "out", "--no-verify")
+    assert result.returncode == 0, result.stderr[-3000:]
+    converted = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert converted["auto_map"] == {"AutoTokenizer": [None, "tokenization_present.FastTokenizer"]}
+    assert (tmp_path / "out" / "tokenization_present.py").read_text() == "# the source's tokenizer code\n"
+    assert not (tmp_path / "out" / "tokenization_absent.py").exists()
+
+
+def final_losses(folder: Path) -> tuple[float, float]:
+    """(the last training loss, the held-out loss) of a finished run, from its trainer_state.json."""
+    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    return [e["loss"] for e in history if "loss" in e][-1], [e["eval_loss"] for e in history if "eval_loss" in e][-1]
+
+
+def interrupt_when_saved(command: list[str], checkpoint: Path) -> subprocess.CompletedProcess:
+    """Run `diff-transformer COMMAND` and send it SIGINT (Ctrl-C) as soon as `checkpoint` appears."""
+    import signal
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "modeling_diff_cli.main", *command],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    while not checkpoint.exists() and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+def test_interrupted_training_resumes_to_the_uninterrupted_result(models_dir, tmp_path):
+    """Ctrl-C at two random steps (mid-step or mid-save, wherever the signal lands), then a kill during a save
+    (simulated: the newest checkpoint's weights cut to half), each followed by the same command: the final training
+    and held-out losses equal those of an uninterrupted run."""
+    import random
+
+    def train(output):
+        return [*tiny_train(models_dir / "diff", output, 30), "--save_steps", "1", "--logging_steps", "1",
+                "--learning_rate", "1e-2", "--disable_tqdm", "true"]
+
+    reference = cli(*train(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    out = tmp_path / "out"
+    checkpoints = Path(str(out.resolve()) + "-checkpoints")
+    first, second = sorted(random.Random(0).sample(range(3, 25), 2))
+    for step in (first, second):
+        result = interrupt_when_saved(train(out), checkpoints / f"checkpoint-{step}")
+        assert result.returncode == 130, result.stderr[-3000:]
+        assert f"interrupted: the checkpoints in {checkpoints} are kept" in result.stderr
+    from modeling_diff_training.checkpoints import complete_checkpoints
+
+    newest = complete_checkpoints(checkpoints)[-1]  # a newer folder may be one that the Ctrl-C cut short
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    result = cli(*train(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"skipping the incomplete checkpoint {newest}" in result.stderr and "resuming from" in result.stdout
+    loss, eval_loss = final_losses(out)
+    reference_loss, reference_eval_loss = final_losses(tmp_path / "reference")
+    assert abs(loss - reference_loss) < 1e-4 and abs(eval_loss - reference_eval_loss) < 1e-4, (
+        loss, reference_loss, eval_loss, reference_eval_loss)

@@ -254,7 +254,7 @@ def test_scale_out_flags_fail_cleanly(models, tmp_path, capsys):
         (["--merge-lora"], "error: --merge-lora, --lora-r and --lora-alpha need --lora"),
         (["--fsdp"], "error: --fsdp shards the model over several processes: run under torchrun --nproc_per_node"),
         (["--lora", "--fsdp"], "error: --lora with --fsdp is not supported"),
-        (["--lora", "--lora-r", "0"], "error: --lora-r must be a positive rank"),
+        (["--lora", "--lora-r", "0"], "error: lora_r must be a finite number at least 1, got 0"),
     ):
         assert main(train_args(models / "v1", tmp_path / "out", *extra)) == 2
         err = capsys.readouterr().err.strip()

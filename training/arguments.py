@@ -5,6 +5,7 @@
 transformers name.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +14,17 @@ from transformers import SchedulerType, TrainingArguments
 
 class TrainingError(ValueError):
     """Bad input to training (options, data, checkpoints): the CLI prints it as one line `error: ...`."""
+
+
+def check_range(name: str, value, low: float, *, inclusive: bool = True, allowed=()):
+    """Refuse a value that is not a finite number >= `low` (> `low` when not `inclusive`), unless it is `allowed`."""
+    if value in allowed:
+        return
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and (value >= low if inclusive else value > low)):
+        bound = f"{'at least' if inclusive else 'above'} {low}"
+        others = [str(a) for a in allowed if a is not None]
+        extra = f" (or {', '.join(others)})" if others else ""
+        raise TrainingError(f"{name} must be a finite number {bound}{extra}, got {value!r}")
 
 
 @dataclass
@@ -56,6 +68,12 @@ class ModelArguments:
         metadata={"help": "with --lora: merge the adapters into the weights and save a full model"},
     )
 
+    def __post_init__(self):
+        check_range("distill_weight", self.distill_weight, 0)
+        check_range("lambda_warmup_steps", self.lambda_warmup_steps, 0)
+        check_range("lora_r", self.lora_r, 1, allowed=(None,))
+        check_range("lora_alpha", self.lora_alpha, 0, inclusive=False, allowed=(None,))
+
 
 @dataclass
 class DataArguments:
@@ -74,6 +92,12 @@ class DataArguments:
     eval_fraction: float = field(
         default=0.1, metadata={"help": "share of the documents held out: the Trainer's eval_dataset"}
     )
+
+    def __post_init__(self):
+        check_range("seq_len", self.seq_len, 1)
+        check_range("eval_fraction", self.eval_fraction, 0, inclusive=False)
+        if self.eval_fraction >= 1:
+            raise TrainingError(f"eval_fraction must be below 1 (a share of the documents), got {self.eval_fraction}")
 
 
 @dataclass
@@ -127,6 +151,16 @@ class DiffTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        check_range("max_steps", self.max_steps, 1, allowed=(None, -1))
+        check_range("num_train_epochs", self.num_train_epochs, 0, inclusive=False, allowed=(None,))
+        check_range("learning_rate", self.learning_rate, 0, inclusive=False)
+        check_range("warmup_steps", self.warmup_steps, 0, allowed=(None,))
+        check_range("weight_decay", self.weight_decay, 0)
+        check_range("max_grad_norm", self.max_grad_norm, 0)
+        check_range("per_device_train_batch_size", self.per_device_train_batch_size, 1)
+        check_range("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
+        check_range("logging_steps", self.logging_steps, 0, inclusive=False)
+        check_range("save_steps", self.save_steps, 0, inclusive=False)
         if self.max_steps is None:
             self.max_steps = -1 if self.num_train_epochs is not None else 100
         if self.num_train_epochs is None:

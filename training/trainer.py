@@ -6,6 +6,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 from .arguments import TrainingError
+from .checkpoints import TrainedFrom
 from .data import TokenBlocks, check_fits_in_memory
 
 logger = logging.get_logger(__name__)
@@ -53,6 +54,7 @@ def train_model(
     lambda_warmup_steps: int = 0,
     teacher=None,
     distill_weight: float = 1.0,
+    trained_from: TrainedFrom | None = None,
     resume_from_checkpoint: str | bool | None = None,
 ):
     """Train `model` in place with the HF Trainer and return the Trainer (its `state.log_history` has the losses).
@@ -60,7 +62,9 @@ def train_model(
     The texts are packed into blocks of `seq_len` tokens. `args` is any `TrainingArguments`; `DiffTrainingArguments`
     brings this project's defaults. The blocks of `eval_texts` are the Trainer's `eval_dataset`: evaluated whenever
     `args.eval_strategy` says, and once more after training when `args.do_eval` (`eval_loss` in the log history).
-    With a `teacher`, the loss adds `distill_weight` x KL(teacher || student) (`DistillationTrainer`). A model loaded
+    With a `teacher`, the loss adds `distill_weight` x KL(teacher || student) (`DistillationTrainer`). With
+    `trained_from`, every checkpoint records it (see `checkpoints.resume_point`, which picks `resume_from_checkpoint`
+    among checkpoints of the same model). A model loaded
     by `load_fsdp_model` trains with FSDP2 (with `save_strategy="no"`): the Trainer sees that transformers sharded it.
     """
     check_fits_in_memory(
@@ -85,7 +89,7 @@ def train_model(
             )
         logger.warning(f"the held-out text has {eval_data.num_tokens} tokens, fewer than one block: no evaluation")
         eval_data = None
-    callbacks = []
+    callbacks = [trained_from] if trained_from is not None else []
     if lambda_warmup_steps > 0:
         if getattr(model.config, "model_type", None) != "diff_transformer":
             raise TrainingError("the λ warm-up needs a DiffTransformer model")

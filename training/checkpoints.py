@@ -1,0 +1,184 @@
+"""Checkpoints that belong to one run: what the run was trained from, which checkpoints are complete, where to resume.
+
+Every checkpoint records what its run was trained from (`TrainedFrom`: the model and a fingerprint of its config and
+weights) in its `trainer_state.json`, through the Trainer's own mechanism for stateful callbacks. `resume_point`
+then resumes only checkpoints of the same model, and skips incomplete ones (a run killed or a disk full during a
+save) with a warning, where transformers' `get_last_checkpoint` would pick the newest folder whatever it holds.
+"""
+
+import fnmatch
+import hashlib
+import json
+import re
+import zipfile
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+
+from .arguments import TrainingError
+
+logger = logging.get_logger(__name__)
+
+# the files that define a model (or a LoRA adapter): what a fingerprint covers
+MODEL_FILES = (
+    "config.json",
+    "adapter_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "*.gguf",
+)
+WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+TORCH_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth")  # torch.save's zip archives
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def fingerprint(path: str | Path) -> str:
+    """sha256 over the files that define a model: a folder's config and weights (`MODEL_FILES`), or one .gguf file."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.iterdir())
+    files = [f for f in files if f == path or (f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in MODEL_FILES))]
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            digest.update(f"{file.name}\0".encode() + hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
+class TrainedFrom(TrainerCallback, ExportableState):
+    """What a run was trained from, written into every checkpoint's `trainer_state.json` (`stateful_callbacks`)."""
+
+    def __init__(self, model: str, fingerprint: str):
+        self.model, self.fingerprint = model, fingerprint
+
+    def state(self) -> dict:
+        return {"args": {"model": self.model, "fingerprint": self.fingerprint}, "attributes": {}}
+
+    @classmethod
+    def of(cls, path: str | Path, name: str | None = None) -> "TrainedFrom":
+        """The record of a model folder or .gguf file; `name` is how messages refer to it (default: its path)."""
+        return cls(name or str(Path(path).resolve()), fingerprint(path))
+
+    @classmethod
+    def recorded_in(cls, checkpoint: str | Path) -> "TrainedFrom | None":
+        """The record a checkpoint holds, or None (a checkpoint written without `TrainedFrom`)."""
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        recorded = state.get("stateful_callbacks", {}).get(cls.__name__)
+        return cls(**recorded["args"]) if recorded else None
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed, or None when it is complete.
+
+    The Trainer writes `trainer_state.json` last, so a save that was cut short lacks it; a weight or optimizer file
+    cut short (a full disk) is caught by its length: safetensors by its header, torch's zip files by their end record.
+    """
+    state = checkpoint / "trainer_state.json"
+    if not state.is_file():
+        return "it has no trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except ValueError:
+        return "its trainer_state.json is cut short"
+    weights = [checkpoint / name for name in WEIGHT_FILES if (checkpoint / name).is_file()]
+    for index in WEIGHT_INDEXES:
+        if (checkpoint / index).is_file():
+            try:
+                shards = set(json.loads((checkpoint / index).read_text())["weight_map"].values())
+            except (ValueError, KeyError):
+                return f"its {index} is cut short"
+            missing = sorted(s for s in shards if not (checkpoint / s).is_file())
+            if missing:
+                return f"its weight file {missing[0]} is missing"
+            weights += [checkpoint / s for s in sorted(shards)]
+    if not weights:
+        return "it has no weight file"
+    for file in weights:
+        if file.suffix == ".safetensors" and not _safetensors_complete(file):
+            return f"its {file.name} is cut short"
+    torch_files = [f for pattern in TORCH_FILES for f in checkpoint.glob(pattern)]
+    for file in [*torch_files, *(w for w in weights if w.suffix == ".bin")]:
+        if not zipfile.is_zipfile(file):
+            return f"its {file.name} is cut short"
+    return None
+
+
+def _safetensors_complete(path: Path) -> bool:
+    """Whether a .safetensors file holds every byte its header announces."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if size < 8 or 8 + header_len > size:
+            return False
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError:
+            return False
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    return size >= 8 + header_len + end
+
+
+def complete_checkpoints(folder: str | Path) -> list[Path]:
+    """The complete `checkpoint-N` folders of `folder`, oldest first; each incomplete one is skipped with a warning."""
+    found = sorted(
+        (int(m.group(1)), p) for p in Path(folder).iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))
+    )
+    complete = []
+    for _, checkpoint in found:
+        problem = checkpoint_problem(checkpoint)
+        if problem:
+            logger.warning(f"skipping the incomplete checkpoint {checkpoint}: {problem}")
+        else:
+            complete.append(checkpoint)
+    return complete
+
+
+def resume_point(
+    folder: str | Path,
+    source: TrainedFrom,
+    resume_from_checkpoint: str | None = None,
+    overwrite_output_dir: bool = False,
+) -> tuple[str | None, TrainedFrom]:
+    """(the checkpoint to resume from or None, the record this run's checkpoints get), for checkpoints in `folder`.
+
+    - `resume_from_checkpoint`: that checkpoint, which must be complete; the run continues its record (or, for a
+      checkpoint without one, records the checkpoint's own files).
+    - `overwrite_output_dir`: start afresh (the caller deletes `folder`).
+    - otherwise the newest complete checkpoint in `folder`, when it was trained from `source`; checkpoints of
+      another model are refused, never resumed or mixed with this run's.
+    """
+    folder = Path(folder)
+    if resume_from_checkpoint:
+        checkpoint = Path(resume_from_checkpoint).expanduser()
+        problem = checkpoint_problem(checkpoint) if checkpoint.is_dir() else "it is not a folder"
+        if problem:
+            raise TrainingError(f"cannot resume from {resume_from_checkpoint}: {problem}")
+        if overwrite_output_dir and checkpoint.resolve().is_relative_to(folder.resolve()):
+            raise TrainingError(
+                f"--overwrite_output_dir would delete {folder}, which holds the checkpoint to resume from"
+            )
+        source = TrainedFrom.recorded_in(checkpoint) or TrainedFrom.of(checkpoint)
+    if overwrite_output_dir or not folder.is_dir():
+        return (str(checkpoint) if resume_from_checkpoint else None), source
+    complete = complete_checkpoints(folder)
+    if complete:
+        recorded = TrainedFrom.recorded_in(complete[-1])
+        if recorded is None or recorded.fingerprint != source.fingerprint:
+            if recorded is None:
+                theirs = "an unrecorded model"
+            elif recorded.model == source.model:
+                theirs = f"an earlier version of {recorded.model} (its config or weights changed since)"
+            else:
+                theirs = recorded.model
+            raise TrainingError(
+                f"{folder} holds checkpoints of a run trained from {theirs}, not from {source.model}: pass "
+                "--overwrite_output_dir to start afresh (deleting them), or --resume_from_checkpoint PATH to continue "
+                "one of them"
+            )
+    if resume_from_checkpoint:
+        return str(checkpoint), source
+    return (str(complete[-1]) if complete else None), source
