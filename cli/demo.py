@@ -28,6 +28,7 @@ import torch
 from modeling_diff_conversion.output import atomic_output_dir
 from modeling_diff_conversion.verify import CHAT_PROMPT
 from modeling_diff_training import DiffTrainingArguments, train_model
+from transformers import Trainer
 
 from .common import CLIError, embedded_smollm2, format_lambda_table, load_model
 from .data import train_eval_texts
@@ -44,10 +45,9 @@ DEMO_PACKAGES = {"gguf": "reads the embedded SmolLM2 file", "matplotlib": "draws
 FULL_STEPS, FULL_SEQ_LEN = 60, 128
 SHORT_SEQ_LEN = 64  # a step of half the tokens costs about half: the plan shortens sequences before it drops models
 MIN_STEPS = 20  # fewest steps per model the plan accepts before it gives up something else
+FEWEST_STEPS = 2  # when nothing fits: the first step is the learning-rate warm-up's, at lr 0
 DEFAULT_TIME_BUDGET = 8.0  # minutes, from the process start to the end of the demo
-# the probe times forward + backward only: AdamW (6% of a float32 step of 4 x 128 tokens, 11% at 4 x 64) and the
-# Trainer add to every step
-STEP_MARGIN = 1.2
+STEP_MARGIN = 1.1  # what the probe leaves out of a Trainer step: data loading, gradient clipping, logging
 AFTER_TRAINING_SECONDS = 30  # chat answer, model card, loss plot, save
 
 
@@ -197,20 +197,28 @@ class FineTuningPlan:
 
 
 def plan_fine_tuning(
-    step_seconds: float, *, budget_seconds: float, elapsed_seconds: float, eval_seconds: float, baseline: bool = True
+    step_seconds: float,
+    optimizer_seconds: float,
+    *,
+    budget_seconds: float,
+    elapsed_seconds: float,
+    eval_seconds: float,
+    baseline: bool = True,
 ) -> FineTuningPlan:
     """The most fine-tuning that lets the demo end within `budget_seconds` of its start.
 
-    `step_seconds` is one measured forward + backward of FULL_SEQ_LEN-token sequences; a step of `seq` tokens is
-    costed step_seconds * STEP_MARGIN * seq / FULL_SEQ_LEN (its matmuls grow with its tokens). Each model fine-tuned
-    then spends `eval_seconds` on held-out perplexity, and the demo AFTER_TRAINING_SECONDS on the rest. The first of
-    these with at least MIN_STEPS steps per model wins, its steps capped at FULL_STEPS: FULL_SEQ_LEN with the baseline
+    `step_seconds` is one measured forward + backward of FULL_SEQ_LEN-token sequences and `optimizer_seconds` one
+    optimizer step; a training step of `seq` tokens is costed (step_seconds * seq / FULL_SEQ_LEN + optimizer_seconds)
+    * STEP_MARGIN, since its matmuls grow with its tokens and the optimizer's work does not. Each model fine-tuned then
+    spends `eval_seconds` on held-out perplexity, and the demo AFTER_TRAINING_SECONDS on the rest. The first of these
+    with at least MIN_STEPS steps per model wins, its steps capped at FULL_STEPS: FULL_SEQ_LEN with the baseline
     (FULL_STEPS of them is the full run), SHORT_SEQ_LEN with the baseline, SHORT_SEQ_LEN without it. When none has,
-    the last runs as many steps as fit, at least one, and the reason says the demo will end past the budget.
+    the last runs as many steps as fit, at least FEWEST_STEPS, and the reason says whether the demo ends past the
+    budget.
     """
 
     def step_cost(seq_len: int) -> float:
-        return step_seconds * STEP_MARGIN * seq_len / FULL_SEQ_LEN
+        return (step_seconds * seq_len / FULL_SEQ_LEN + optimizer_seconds) * STEP_MARGIN
 
     def end_seconds(steps: int, seq_len: int, models: int) -> float:
         return elapsed_seconds + models * (steps * step_cost(seq_len) + eval_seconds) + AFTER_TRAINING_SECONDS
@@ -224,7 +232,7 @@ def plan_fine_tuning(
         steps = min(FULL_STEPS, math.floor(left / (models * step_cost(seq_len))))
         if steps >= MIN_STEPS:
             break
-    steps = max(1, steps)
+    steps = max(FEWEST_STEPS, steps)
     expected = end_seconds(steps, seq_len, models)
     full = end_seconds(FULL_STEPS, FULL_SEQ_LEN, 2 if baseline else 1)
     budget = f"the {budget_seconds / 60:g}-min budget"
@@ -248,25 +256,38 @@ def baseline_still_fits(diff_seconds: float, *, budget_seconds: float, elapsed_s
     return elapsed_seconds + diff_seconds + eval_seconds + AFTER_TRAINING_SECONDS <= budget_seconds
 
 
-def measure_step_seconds(model, batch_size: int, seq_len: int, bf16: bool, device: torch.device) -> float:
-    """Seconds of one forward + backward of the LM loss on `batch_size` x `seq_len` tokens, after one untimed warm-up.
+def measure_step_seconds(model, training_args: DiffTrainingArguments, seq_len: int) -> tuple[float, float]:
+    """(forward + backward, optimizer step) seconds of a training step of the Trainer that `training_args` set up.
 
-    No optimizer step: the weights are left as they are, and the gradients are dropped.
+    One step of `per_device_train_batch_size` x `seq_len` tokens warms up, the next is timed. The optimizer is the
+    Trainer's own, at learning rate 0, so that it does all its work and leaves the weights as they were; its state
+    and the gradients are dropped afterwards.
     """
+    device, bf16 = training_args.device, training_args.bf16
     model.to(device).train()
-    # the time does not depend on which tokens: a fixed random batch (batch_size, seq_len)
-    ids = torch.randint(3, model.config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(device)
+    optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args, model)
+    optimizer = optimizer_class(model.parameters(), **{**optimizer_kwargs, "lr": 0.0})
+    # the time does not depend on which tokens: a fixed random batch (batch, seq_len)
+    shape = (training_args.per_device_train_batch_size, seq_len)
+    ids = torch.randint(3, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(0)).to(device)
     for _ in range(2):
         started = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-    model.zero_grad(set_to_none=True)
-    return seconds
+        synchronize(device)
+        backward_done = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        timing = (backward_done - started, time.perf_counter() - backward_done)
+    return timing
+
+
+def synchronize(device: torch.device):
+    """Wait for the GPU's queued work, so that a clock read after it counts it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def chosen_work(args) -> list[str]:
@@ -344,8 +365,7 @@ def run(args) -> int:
 
         precision = "bf16 mixed precision" if bf16 else "float32"
         banner(f"3/5 Fine-tune with the HF Trainer ({precision}, batch {args.batch_size})")
-        device = fine_tuning_args(args, work / "diff", bf16, FULL_STEPS).device  # where the Trainer will train
-        plan = choose_plan(args, diff, device, bf16, timer, eval_seconds)
+        plan = choose_plan(args, diff, fine_tuning_args(args, work / "diff", bf16, FULL_STEPS), timer, eval_seconds)
         print(f"plan: {plan.describe(args.batch_size)}\nwhy: {plan.reason}", flush=True)
         diff_args = fine_tuning_args(args, work / "diff", bf16, plan.max_steps)
         diff.train()
@@ -437,7 +457,7 @@ def run(args) -> int:
     return 0
 
 
-def choose_plan(args, model, device, bf16: bool, timer: StageTimer, eval_seconds: float) -> FineTuningPlan:
+def choose_plan(args, model, training_args, timer: StageTimer, eval_seconds: float) -> FineTuningPlan:
     """The user's steps and sequence length (--full, --max-steps, --seq-len), or a plan timed to the budget."""
     baseline = not args.no_baseline
     if args.full or chosen_work(args):
@@ -446,15 +466,16 @@ def choose_plan(args, model, device, bf16: bool, timer: StageTimer, eval_seconds
         return FineTuningPlan(steps, seq_len, baseline, f"{reason}: no time budget")
     budget = DEFAULT_TIME_BUDGET if args.time_budget is None else args.time_budget
     print(f"timing a training step of {args.batch_size} x {FULL_SEQ_LEN} tokens to fit the {budget:g}-min budget")
-    step_seconds = measure_step_seconds(model, args.batch_size, FULL_SEQ_LEN, bf16, device)
+    step_seconds, optimizer_seconds = measure_step_seconds(model, training_args, FULL_SEQ_LEN)
     print(
-        f"forward + backward of {args.batch_size} x {FULL_SEQ_LEN} tokens: {step_seconds:.2f} s "
-        f"({'bf16 mixed precision' if bf16 else 'float32'}, {torch.get_num_threads()} thread(s)); held-out "
-        f"perplexity of one model: {eval_seconds:.1f} s"
+        f"forward + backward of {args.batch_size} x {FULL_SEQ_LEN} tokens: {step_seconds:.2f} s, optimizer step: "
+        f"{optimizer_seconds:.2f} s ({'bf16 mixed precision' if training_args.bf16 else 'float32'}, "
+        f"{torch.get_num_threads()} thread(s)); held-out perplexity of one model: {eval_seconds:.1f} s"
     )
     timer.lap("time a step")
     return plan_fine_tuning(
         step_seconds,
+        optimizer_seconds,
         budget_seconds=budget * 60,
         elapsed_seconds=time.time() - timer.started,
         eval_seconds=eval_seconds,

@@ -5,33 +5,48 @@ import subprocess
 
 import pytest
 import torch
-from helpers import assert_one_line_error, make_model
+from helpers import assert_one_line_error, make_model, tiny_tokenizer
 from helpers import run_cli as cli
 from modeling_diff_cli.demo import (
     AFTER_TRAINING_SECONDS,
+    FEWEST_STEPS,
     FULL_SEQ_LEN,
     FULL_STEPS,
     MIN_STEPS,
     SHORT_SEQ_LEN,
     STEP_MARGIN,
     baseline_still_fits,
+    fine_tune,
     measure_step_seconds,
     plan_fine_tuning,
 )
 from modeling_diff_cli.main import main
+from modeling_diff_eval.corpus import python_docs_texts
+from modeling_diff_training import DiffTrainingArguments
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from benchmarks.system.demo_timing import matmul_flops
 
 BUDGET = 8 * 60
+OPTIMIZER = 0.05  # optimizer seconds per step, as a share of a forward + backward of 4 x 128 tokens (about this in
+# float32 on a CPU)
 
 
 def end_seconds(steps, seq_len, models, step_seconds, elapsed, eval_seconds):
     """When the demo ends by the plan's documented cost model, written out again here as the reference."""
-    one_step = step_seconds * STEP_MARGIN * seq_len / FULL_SEQ_LEN
+    one_step = (step_seconds * seq_len / FULL_SEQ_LEN + OPTIMIZER * step_seconds) * STEP_MARGIN
     return elapsed + models * (steps * one_step + eval_seconds) + AFTER_TRAINING_SECONDS
 
 
 def plan(step_seconds, elapsed=60.0, eval_seconds=10.0, baseline=True, budget=BUDGET):
     return plan_fine_tuning(
-        step_seconds, budget_seconds=budget, elapsed_seconds=elapsed, eval_seconds=eval_seconds, baseline=baseline
+        step_seconds,
+        OPTIMIZER * step_seconds,
+        budget_seconds=budget,
+        elapsed_seconds=elapsed,
+        eval_seconds=eval_seconds,
+        baseline=baseline,
     )
 
 
@@ -73,9 +88,9 @@ def test_the_plan_is_the_most_work_that_fits(step_seconds, baseline):
         assert end_seconds(MIN_STEPS, seq_len, n, step_seconds, elapsed, eval_seconds) > BUDGET, (seq_len, n)
 
 
-def test_a_spent_budget_still_runs_one_step_and_says_it_will_be_late():
+def test_a_spent_budget_still_runs_the_fewest_steps_and_says_it_will_be_late():
     p = plan(step_seconds=5.0, elapsed=BUDGET + 10)
-    assert (p.max_steps, p.seq_len, p.baseline) == (1, SHORT_SEQ_LEN, False)
+    assert (p.max_steps, p.seq_len, p.baseline) == (FEWEST_STEPS, SHORT_SEQ_LEN, False)
     assert p.expected_seconds > BUDGET and p.reason.endswith("past the budget")
     assert "the Llama baseline, so it is left out" in p.reason
 
@@ -94,11 +109,14 @@ def test_the_baseline_is_checked_again_with_the_measured_fine_tune():
     assert not baseline_still_fits(100.0, elapsed_seconds=room - 99.0, **kw)
 
 
-def test_the_step_probe_leaves_the_weights_alone():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_step_probe_leaves_the_weights_alone(tmp_path, bf16):
+    """It runs the Trainer's own optimizer (at lr 0) on real gradients: the weights stay bit for bit."""
     model = make_model("v2-gqa")
+    args = DiffTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, bf16=bf16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    seconds = measure_step_seconds(model, batch_size=2, seq_len=16, bf16=False, device=torch.device("cpu"))
-    assert seconds > 0 and math.isfinite(seconds)
+    step, optimizer = measure_step_seconds(model, args, seq_len=16)
+    assert step > 0 and optimizer > 0 and math.isfinite(step + optimizer)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
 
@@ -121,8 +139,8 @@ def test_contradicting_or_bad_flags_fail_before_any_work(tmp_path, capsys, flags
 
 
 @pytest.mark.slow
-def test_a_spent_budget_runs_the_whole_demo_with_one_step(tmp_path):
-    """A budget spent before the plan: one short step for the Diff model only, and the notes say what is missing."""
+def test_a_spent_budget_runs_the_whole_demo_with_the_fewest_steps(tmp_path):
+    """A budget spent before the plan: two short steps for the Diff model only, and the notes say what is missing."""
     result = cli(
         "demo",
         "--output-dir",
@@ -141,12 +159,12 @@ def test_a_spent_budget_runs_the_whole_demo_with_one_step(tmp_path):
     out = result.stdout
     # the verification and both chat answers come before the step is timed
     assert out.index("PASS (same function)") < out.index("DiffTransformer :") < out.index("timing a training step")
-    assert f"plan: 1 step(s) of 2 x {SHORT_SEQ_LEN} tokens for DiffTransformer V2 only" in out
+    assert f"plan: {FEWEST_STEPS} step(s) of 2 x {SHORT_SEQ_LEN} tokens for DiffTransformer V2 only" in out
     why = out.split("\nwhy: ")[1].splitlines()[0]
     assert why.startswith("the full run would end at about") and why.endswith("past the budget")
     assert "same fine-tuning for the source Llama" not in out
     card = (tmp_path / "demo" / "README.md").read_text()
-    assert f"1 steps of 2 x {SHORT_SEQ_LEN} tokens" in card
+    assert f"{FEWEST_STEPS} steps of 2 x {SHORT_SEQ_LEN} tokens" in card
     assert "| SmolLM2-135M-Instruct (Llama) |" in card and "(not fine-tuned)" in card
     assert "No Llama baseline (it did not fit in the time budget)" in card
     assert "λ per layer moved by at most" in card
@@ -154,11 +172,6 @@ def test_a_spent_budget_runs_the_whole_demo_with_one_step(tmp_path):
 
 def test_a_bf16_fine_tune_leaves_a_float32_model(tmp_path):
     """After the Trainer's bf16 autocast, the demo's perplexity and chat run in float32 again, as before training."""
-    from helpers import tiny_tokenizer
-    from modeling_diff_cli.demo import fine_tune
-    from modeling_diff_eval.corpus import python_docs_texts
-    from modeling_diff_training import DiffTrainingArguments
-
     model = make_model("v2-gqa", peaked=False, vocab_size=400)
     args = DiffTrainingArguments(
         output_dir=str(tmp_path), max_steps=1, bf16=True, save_strategy="no", per_device_train_batch_size=2
@@ -169,3 +182,17 @@ def test_a_bf16_fine_tune_leaves_a_float32_model(tmp_path):
     ids = torch.randint(3, 400, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model.eval()(ids).logits, fresh(ids).logits)
+
+
+def test_the_breakdown_counts_the_step_s_weight_matmuls():
+    """benchmarks.system.demo_timing's FLOP column against torch's own count of a tiny Llama's mm ops, fwd + bwd."""
+
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).train()
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    counts = counter.get_flop_counts()["Global"]
+    mm = sum(n for op, n in counts.items() if str(op).split(".")[1] in ("mm", "addmm"))
+    assert mm == matmul_flops(config, tokens=2 * 16)
