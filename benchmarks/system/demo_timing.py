@@ -97,7 +97,7 @@ def steps_run(args, info: dict) -> str:
                   "SmolLM2-135M-Instruct, forward + backward + AdamW of 4 × 128 tokens, the variants alternating, "
                   f"median of {args.repeats} after a warm-up")
     rows = [[name, f"{m:.2f}", f"{m / first:.2f}×"] for name, m in median.items()]
-    return ("\n".join(text) + table(["precision, threads", "median s/step", "ratio to the first row"], rows)
+    return ("\n".join(text) + "\n" + table(["precision, threads", "median s/step", "ratio to the first row"], rows)
             + "\n\nEvery step: " + ", ".join(f"{n} " + " ".join(f"{t:.2f}" for t in v) for n, v in times.items()))
 
 
@@ -155,7 +155,7 @@ def breakdown_run(args, info: dict) -> str:
                   "forward), attention products left out; GFLOP/s divides them by the forward + backward seconds")
     head = ["precision, tokens", "forward s", "backward s", "AdamW s", "step s", "AdamW share", "matmul TFLOP",
             "GFLOP/s (fwd + bwd)"]
-    return "\n".join(text) + table(head, rows)
+    return "\n".join(text) + "\n" + table(head, rows)
 
 
 def main(argv=None):
