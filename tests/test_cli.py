@@ -461,7 +461,9 @@ def test_model_from_offline_hub_cache_with_remote_code_generates(models_dir, tmp
     assert result.stdout.strip().splitlines()[-1] == str(expected[0].tolist())
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_with_tiny_settings(tmp_path):
+    """The user's --max-steps and --seq-len: no time budget, the Llama baseline fine-tuned alike."""
     result = cli(
         "demo",
         "--output-dir",
@@ -484,10 +486,14 @@ def test_demo_end_to_end_with_tiny_settings(tmp_path):
     llama_answer = out.split("SmolLM2 (Llama) :")[1].splitlines()[0].strip()
     diff_answer = out.split("DiffTransformer :")[1].splitlines()[0].strip()
     assert llama_answer == diff_answer and llama_answer
+    assert "plan: 2 step(s) of 2 x 64 tokens for DiffTransformer V2 and the Llama baseline" in out
+    assert "why: your --max-steps and --seq-len: no time budget" in out and "timing a training step" not in out
+    assert "the same fine-tuning for the source Llama" in out
     assert "diff-transformer push" in out
     demo = tmp_path / "demo"
     card = (demo / "README.md").read_text()
     assert "held-out ppl before" in card and "λ per layer" in card and "base_model:" in card
+    assert "(not fine-tuned)" not in card and "- DiffTransformer V2 vs the Llama fine-tuned alike:" in card
     assert (demo / "training_loss.png").stat().st_size > 1000
     assert (demo / "modeling_diff_transformer.py").exists() and (demo / "tokenizer.json").exists()
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
