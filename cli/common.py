@@ -6,7 +6,7 @@ from pathlib import Path
 
 import psutil
 import torch
-from modeling_diff_conversion.source import download_snapshot
+from modeling_diff_conversion.source import check_config_sizes, download_snapshot, estimate_parameters
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -52,8 +52,8 @@ def resolve_model_path(model: str) -> tuple[str, str | None]:
 
 def check_config(folder: str, gguf_file: str | None, name: str, bytes_per_parameter: int = 4):
     """Refuse a config that cannot make a model, or whose weights cannot fit in free memory, before any tensor is
-    allocated: sizes that are not positive (zero heads, ...), what the config class itself refuses, and absurd sizes
-    (an estimate of the parameter count, `estimate_parameters`)."""
+    allocated: sizes that are not positive integers (zero heads, ...), what the config class itself refuses, and
+    absurd sizes (from `estimate_parameters`)."""
     from transformers import AutoConfig
 
     config_path = Path(folder) / "config.json"
@@ -62,14 +62,12 @@ def check_config(folder: str, gguf_file: str | None, name: str, bytes_per_parame
             raw = json.loads(config_path.read_text())
         except ValueError as err:
             raise CLIError(f"{name}/config.json is not valid JSON ({err})")
-        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-            if key in raw and not (isinstance(raw[key], int) and raw[key] > 0):
-                raise CLIError(f"{name}/config.json has {key}={raw[key]!r}: it must be a positive integer")
+        check_config_sizes(raw, f"{name}/config.json")
     try:
         config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (ValueError, ArithmeticError, TypeError) as err:
         raise CLIError(f"{name} has an invalid config: {str(err).splitlines()[0]}")
-    parameters = estimate_parameters(config)
+    parameters = estimate_parameters(config.to_dict())
     need, available = parameters * bytes_per_parameter, psutil.virtual_memory().available
     if need > 0.9 * available:
         raise CLIError(
@@ -77,17 +75,6 @@ def check_config(folder: str, gguf_file: str | None, name: str, bytes_per_parame
             f"of hidden size {config.hidden_size}): about {need / 2**30:,.0f} GiB of weights, but "
             f"{available / 2**30:.1f} GiB of memory is free"
         )
-
-
-def estimate_parameters(config) -> int:
-    """About how many parameters a Llama-like causal LM of this config has (embeddings, attention, gated MLP)."""
-    hidden, heads = config.hidden_size, config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim  # q and o, k and v
-    mlp = 3 * hidden * getattr(config, "intermediate_size", 4 * hidden)
-    embeddings = config.vocab_size * hidden * (1 if getattr(config, "tie_word_embeddings", False) else 2)
-    return embeddings + config.num_hidden_layers * (attention + mlp)
 
 
 def load_model(model: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):

@@ -23,8 +23,41 @@ TOKENIZER_FILES = [
 ]
 
 
+# the sizes a config divides by or allocates from: each must be a positive integer
+CONFIG_SIZES = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+)
+
+
 class ConversionError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
+
+
+def check_config_sizes(values: dict, where: str) -> None:
+    """Refuse a config.json whose sizes are not positive integers (zero heads, ...): the config class would divide by
+    them, or a model allocate from them."""
+    for key in CONFIG_SIZES:
+        value = values.get(key)
+        if value is not None and not (type(value) is int and value > 0):
+            raise ConversionError(f"{where} has {key}={value!r}: it must be a positive integer")
+
+
+def estimate_parameters(values: dict) -> int:
+    """About how many parameters a causal LM with these config values has, in Llama's layout: embeddings, attention
+    and the gated MLP. Norms are left out, so for Llama and DiffLlama it is never more than the model has; for a
+    DiffTransformer V2 (whose o_proj is half as wide) a few percent more."""
+    hidden, heads = values["hidden_size"], values["num_attention_heads"]
+    kv_heads = values.get("num_key_value_heads") or heads
+    head_dim = values.get("head_dim") or hidden // heads
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim  # q and o, k and v
+    mlp = 3 * hidden * (values.get("intermediate_size") or 4 * hidden)  # gate, up and down
+    embeddings = values["vocab_size"] * hidden * (1 if values.get("tie_word_embeddings") else 2)
+    return embeddings + values["num_hidden_layers"] * (attention + mlp)
 
 
 @dataclass
@@ -164,10 +197,14 @@ def _open_folder(name: str, folder: Path) -> Source:
         "diffllama": "DiffLlamaForCausalLM",
     }.get(raw.get("model_type"), raw.get("model_type"))
     _check_architecture(str(architecture), name)
+    check_config_sizes(raw, str(config_path))
 
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, ArithmeticError, TypeError) as err:
+        raise ConversionError(f"{config_path} is not a valid config: {str(err).splitlines()[0]}")
     index = folder / "model.safetensors.index.json"
     bin_index = folder / "pytorch_model.bin.index.json"
     if index.is_file():
@@ -185,6 +222,7 @@ def _open_folder(name: str, folder: Path) -> Source:
     missing = [s.name for s in shards if not s.is_file()]
     if missing:
         raise ConversionError(f"the shard index of {folder} names missing files: {', '.join(missing)}")
+    check_config_fits_weights(config, config_path, shards)
     return Source(
         name=name,
         config=config,
@@ -193,6 +231,19 @@ def _open_folder(name: str, folder: Path) -> Source:
         shards=shards,
         license=_license_from_readme(folder / "README.md"),
     )
+
+
+def check_config_fits_weights(config, config_path: Path, shards: list[Path]) -> None:
+    """Refuse a config that describes more parameters than its weight files can hold (at least one byte each), before
+    anything is allocated or streamed: a config.json that does not belong to its weights, or a mistyped size."""
+    parameters = estimate_parameters(config.to_dict())
+    weight_bytes = sum(shard.stat().st_size for shard in shards)
+    if parameters > weight_bytes:
+        raise ConversionError(
+            f"{config_path} describes about {parameters / 1e9:.3g}B parameters ({config.num_hidden_layers} layers of "
+            f"hidden size {config.hidden_size}; {2 * parameters / 2**30:,.1f} GiB in bfloat16), but its weight files "
+            f"hold {weight_bytes / 2**20:,.1f} MiB: the config does not match the weights"
+        )
 
 
 def _open_gguf(name: str, folder: Path, gguf_file: str) -> Source:

@@ -14,7 +14,7 @@ import torch
 from helpers import add_to_hub_cache, assert_one_line_error, tiny_tokenizer
 from helpers import run_cli as cli
 from modeling_diff_cli.main import main
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
 
@@ -138,19 +138,19 @@ def test_train_resumes_from_checkpoints(models_dir, tmp_path):
     checkpoints = Path(str((tmp_path / "out").resolve()) + "-checkpoints")
     model, tokenizer = load_model(str(models_dir / "diff"))
     args = DiffTrainingArguments(
-        output_dir=str(checkpoints), max_steps=2, save_steps=1, logging_steps=1, per_device_train_batch_size=2,
+        output_dir=str(checkpoints), max_steps=3, save_steps=1, logging_steps=1, per_device_train_batch_size=2,
         disable_tqdm=True,
     )
     # from Python, as the CLI does: the checkpoints record the model, so that the CLI may resume them
     source = TrainedFrom.of(models_dir / "diff")
     first = train_model(model, tokenizer, train_eval_texts(None)[0], args, seq_len=32, trained_from=source)
-    assert (checkpoints / "checkpoint-2").is_dir()
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-2"]  # none at the last step
     result = cli(*tiny_train(models_dir / "diff", tmp_path / "out", 4), "--logging_steps", 1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming from {checkpoints / 'checkpoint-2'}" in result.stdout
     history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
     losses = [(e["step"], e["loss"]) for e in history if "loss" in e]
-    assert losses[:2] == [(e["step"], e["loss"]) for e in first.state.log_history if "loss" in e]  # from checkpoint-2
+    assert losses[:2] == [(e["step"], e["loss"]) for e in first.state.log_history if "loss" in e][:2]  # checkpoint-2
     assert [step for step, _ in losses] == [1, 2, 3, 4]
     assert "'epoch'" in result.stdout or "loss" in result.stdout
     assert (tmp_path / "out" / "model.safetensors").exists() and not checkpoints.exists()
@@ -179,10 +179,11 @@ def test_train_trainer_options_take_effect(models_dir, tmp_path, monkeypatch):
                "--save_steps", "1", "--logging_steps", "1", "--learning_rate", "1e-3"]
     assert main([*tiny_train(models_dir / "diff", out, 4), *options]) == 130
     checkpoints = Path(str(out.resolve()) + "-checkpoints")
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-4"]  # --save_total_limit 1
-    state = json.loads((checkpoints / "checkpoint-4" / "trainer_state.json").read_text())
+    # --save_total_limit 1: the newest checkpoint alone (the last step takes none: the model is saved at the end)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-3"]
+    state = json.loads((checkpoints / "checkpoint-3" / "trainer_state.json").read_text())
     rates = [e["learning_rate"] for e in state["log_history"] if "learning_rate" in e]
-    assert rates == [1e-3] * 4  # constant: no warm-up ramp, no decay
+    assert rates == [1e-3] * 3  # constant: no warm-up ramp, no decay
     assert not out.exists()
 
 
@@ -530,7 +531,15 @@ def tree_hash(folder: Path) -> dict:
     }
 
 
-def test_convert_force_never_touches_a_source(models_dir, tmp_path):
+def error_line(argv: list, capsys) -> str:
+    """Run `diff-transformer ARGV` in this process: exit status 2 and one `error:` line, which is returned."""
+    assert main([str(a) for a in argv]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_convert_force_never_touches_a_source(models_dir, tmp_path, capsys):
     import shutil
 
     parent = tmp_path / "P"
@@ -544,8 +553,7 @@ def test_convert_force_never_touches_a_source(models_dir, tmp_path):
         (tmp_path / "link", parent / "llama", "is the input"),  # a symlink to the source is the source
         (parent / "llama", tmp_path / "link", "is the input"),
     ):
-        result = cli("convert", source, output, "--force", "--no-verify")
-        assert_one_line_error(result, f"{relation} {source}")
+        assert f"{relation} {source}" in error_line(["convert", source, output, "--force", "--no-verify"], capsys)
     assert tree_hash(tmp_path) == before
 
 
@@ -577,25 +585,24 @@ def test_train_refuses_checkpoints_of_another_model(models_dir, tmp_path, monkey
         interrupt_at_the_final_evaluation(patch)
         assert main(train) == 130
     err = capsys.readouterr().err
-    assert f"interrupted: the checkpoints in {checkpoints} are kept; the same command resumes from checkpoint-3" in err
+    assert f"interrupted: the checkpoints in {checkpoints} are kept; the same command resumes from checkpoint-2" in err
     kept = tree_hash(checkpoints)
-    record = json.loads((checkpoints / "checkpoint-3" / "trainer_state.json").read_text())["stateful_callbacks"]
+    record = json.loads((checkpoints / "checkpoint-2" / "trainer_state.json").read_text())["stateful_callbacks"]
     assert record["TrainedFrom"]["args"]["model"] == str((tmp_path / "a").resolve())
 
     train_b = [*tiny_train(tmp_path / "b", out, 3), "--save_steps", "1", "--learning_rate", "1e-2"]
-    result = cli(*train_b)
-    assert_one_line_error(result, f"holds checkpoints of a run trained from {(tmp_path / 'a').resolve()}, not from "
-                                  f"{(tmp_path / 'b').resolve()}: pass --overwrite_output_dir to start afresh")
-    assert "--resume_from_checkpoint PATH" in result.stderr
+    error = error_line(train_b, capsys)
+    assert (f"holds checkpoints of a run trained from {(tmp_path / 'a').resolve()}, not from "
+            f"{(tmp_path / 'b').resolve()}: pass --overwrite_output_dir to start afresh") in error
+    assert "--resume_from_checkpoint PATH" in error
     assert tree_hash(checkpoints) == kept and not out.exists()
     # the same model, changed in place, is another model too
     with torch.no_grad():
         b.lm_head.weight.mul_(2)
     b.save_pretrained(tmp_path / "a")
-    assert_one_line_error(cli(*train), "an earlier version of")
+    assert "an earlier version of" in error_line(train, capsys)
 
-    result = cli(*train_b, "--overwrite_output_dir")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert main([*train_b, "--overwrite_output_dir"]) == 0
     trained = DiffTransformerForCausalLM.from_pretrained(out).lm_head.weight
     from_a = (trained - DiffTransformerForCausalLM.from_pretrained(models_dir / "diff").lm_head.weight).abs().max()
     from_b = (trained - DiffTransformerForCausalLM.from_pretrained(tmp_path / "b").lm_head.weight).abs().max()
@@ -610,26 +617,49 @@ def test_train_skips_incomplete_checkpoints_and_resumes_the_newest_complete_one(
     with monkeypatch.context() as patch:
         interrupt_at_the_final_evaluation(patch)
         assert main(train) == 130
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
-    weights = checkpoints / "checkpoint-4" / "model.safetensors"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    weights = checkpoints / "checkpoint-3" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a disk that filled up during a save
-    (checkpoints / "checkpoint-3" / "trainer_state.json").unlink()  # a kill during a save: the state comes last
+    (checkpoints / "checkpoint-2" / "trainer_state.json").unlink()  # a kill during a save: the state comes last
 
-    result = cli(*train)
+    result = cli(*train, "--disable_tqdm", "true")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming from {checkpoints / 'checkpoint-2'}" in result.stdout
-    skipped = f"skipping the incomplete checkpoint {checkpoints / 'checkpoint-4'}: its model.safetensors is cut short"
+    assert f"resuming from {checkpoints / 'checkpoint-1'}" in result.stdout
+    skipped = f"skipping the incomplete checkpoint {checkpoints / 'checkpoint-3'}: its model.safetensors is cut short"
     assert skipped in result.stderr
-    assert "checkpoint-3: it has no trainer_state.json" in result.stderr
+    assert "checkpoint-2: it has no trainer_state.json" in result.stderr
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert history[-2]["step"] == 4 and "eval_loss" in history[-1]
+
+
+def test_train_interrupted_after_its_last_step_ends_where_an_uninterrupted_run_ends(models_dir, tmp_path, monkeypatch):
+    """Ctrl-C during the final evaluation, after the last step: the same command redoes that step from the checkpoint
+    before it (the Trainer resumed from a checkpoint of the last step would train a step more)."""
+
+    def train(output):
+        return [*tiny_train(models_dir / "diff", output, 3), "--save_steps", "1", "--logging_steps", "1",
+                "--lr_scheduler_type", "constant", "--learning_rate", "1e-2", "--disable_tqdm", "true"]
+
+    assert main(train(tmp_path / "reference")) == 0
+    with monkeypatch.context() as patch:
+        interrupt_at_the_final_evaluation(patch)
+        assert main(train(tmp_path / "out")) == 130
+    assert main(train(tmp_path / "out")) == 0
+    history, reference = (json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
+                          for name in ("out", "reference"))
+    assert [e["step"] for e in history if "loss" in e] == [1, 2, 3]
+    assert abs(history[-1]["eval_loss"] - reference[-1]["eval_loss"]) < 1e-4
+    trained = DiffTransformerForCausalLM.from_pretrained(tmp_path / "out")
+    uninterrupted = DiffTransformerForCausalLM.from_pretrained(tmp_path / "reference")
+    for (name, weight), expected in zip(trained.named_parameters(), uninterrupted.parameters()):
+        torch.testing.assert_close(weight, expected, atol=1e-6, rtol=0, msg=name)
 
 
 def test_train_failed_start_leaves_nothing_and_says_so(models_dir, tmp_path, monkeypatch, capsys):
     from transformers import Trainer
 
-    assert_one_line_error(cli(*tiny_train(models_dir / "diff", tmp_path / "nan", 2), "--learning_rate", "nan"),
-                          "learning_rate must be a finite number above 0, got nan")
+    nan = [*tiny_train(models_dir / "diff", tmp_path / "nan", 2), "--learning_rate", "nan"]
+    assert "learning_rate must be a finite number above 0, got nan" in error_line(nan, capsys)
 
     def fail(self, *args, **kwargs):
         raise RuntimeError("the step failed")
@@ -681,19 +711,35 @@ def test_train_refuses_a_dataset_that_is_not_text(models_dir, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_implausible_configs_are_refused_before_any_tensor(models_dir, tmp_path):
+def test_implausible_configs_are_refused_before_any_tensor(models_dir, tmp_path, capsys):
+    import re
     import shutil
 
-    config = json.loads((models_dir / "diff" / "config.json").read_text())
-    for name, change, message in (
-        ("zero_heads", {"num_attention_heads": 0}, "has num_attention_heads=0: it must be a positive integer"),
-        ("huge", {"num_hidden_layers": 10**6}, "about 34.8B parameters (1000000 layers of hidden size 64)"),
-    ):
-        shutil.copytree(models_dir / "diff", tmp_path / name)
-        (tmp_path / name / "config.json").write_text(json.dumps({**config, **change}))
-        result = cli("generate", tmp_path / name, "--prompt", "x")
-        assert_one_line_error(result, message)
-    assert "GiB of weights, but" in result.stderr
+    def with_million_layers(model) -> float:
+        """The parameter count of `model` with 10**6 decoder layers, from the saved 2-layer model's own tensors."""
+        layer = sum(p.numel() for p in model.model.layers[0].parameters())
+        return sum(p.numel() for p in model.parameters()) + (10**6 - model.config.num_hidden_layers) * layer
+
+    for model in ("diff", "llama"):
+        config = json.loads((models_dir / model / "config.json").read_text())
+        for name, change in (("zero_heads", {"num_attention_heads": 0}), ("huge", {"num_hidden_layers": 10**6})):
+            shutil.copytree(models_dir / model, tmp_path / model / name)
+            (tmp_path / model / name / "config.json").write_text(json.dumps({**config, **change}))
+    zero_heads = "config.json has num_attention_heads=0: it must be a positive integer"
+    assert zero_heads in error_line(["generate", tmp_path / "diff" / "zero_heads", "--prompt", "x"], capsys)
+    assert zero_heads in error_line(["convert", tmp_path / "llama" / "zero_heads", tmp_path / "out"], capsys)
+    for command, model in (["generate", "diff"], ["convert", "llama"]):
+        args = [tmp_path / model / "huge", *(["--prompt", "x"] if command == "generate" else [tmp_path / "out"])]
+        error = error_line([command, *args], capsys)
+        assert "B parameters (1000000 layers of hidden size 64" in error, error
+        estimate = float(re.search(r"about ([0-9.]+)B parameters", error).group(1)) * 1e9
+        actual = with_million_layers(AutoModelForCausalLM.from_pretrained(models_dir / model))
+        if model == "llama":  # Llama's layout, norms left out: never above the real count, so never a false refusal
+            assert 0.99 * actual < estimate <= actual, (estimate, actual)
+        else:  # a DiffTransformer V2's o_proj is half as wide as Llama's
+            assert abs(estimate - actual) < 0.1 * actual, (estimate, actual)
+        assert ("GiB of weights, but" if command == "generate" else "the config does not match the weights") in error
+    assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="num_attention_heads=0: a differential head subtracts two softmax maps"):
         DiffTransformerConfig(num_attention_heads=0)
 
@@ -705,8 +751,8 @@ def test_push_dry_run_validates_the_repo_id(models_dir, capsys):
         assert err.startswith(f"error: repo id {repo_id!r} is not valid on the Hub"), err
 
 
-def test_generate_refuses_an_empty_prompt(models_dir):
-    assert_one_line_error(cli("generate", models_dir / "diff", "--prompt", ""), "--prompt is empty")
+def test_generate_refuses_an_empty_prompt(models_dir, capsys):
+    assert "--prompt is empty" in error_line(["generate", models_dir / "diff", "--prompt", ""], capsys)
 
 
 def test_convert_keeps_only_tokenizer_code_it_copies(models_dir, tmp_path):
@@ -721,8 +767,7 @@ def test_convert_keeps_only_tokenizer_code_it_copies(models_dir, tmp_path):
     }
     (source / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     (source / "tokenization_present.py").write_text("# the source's tokenizer code\n")
-    result = cli("convert", source, tmp_path / "out", "--no-verify")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(["convert", str(source), str(tmp_path / "out"), "--no-verify"]) == 0
     converted = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
     assert converted["auto_map"] == {"AutoTokenizer": [None, "tokenization_present.FastTokenizer"]}
     assert (tmp_path / "out" / "tokenization_present.py").read_text() == "# the source's tokenizer code\n"

@@ -4,6 +4,7 @@ Every checkpoint records what its run was trained from (`TrainedFrom`: the model
 weights) in its `trainer_state.json`, through the Trainer's own mechanism for stateful callbacks. `resume_point`
 then resumes only checkpoints of the same model, and skips incomplete ones (a run killed or a disk full during a
 save) with a warning, where transformers' `get_last_checkpoint` would pick the newest folder whatever it holds.
+`NoFinalCheckpoint` keeps a resumed run to the steps an uninterrupted one takes.
 """
 
 import fnmatch
@@ -69,6 +70,25 @@ class TrainedFrom(TrainerCallback, ExportableState):
         state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
         recorded = state.get("stateful_callbacks", {}).get(cls.__name__)
         return cls(**recorded["args"]) if recorded else None
+
+
+class NoFinalCheckpoint(TrainerCallback):
+    """Skips the checkpoint of the last step: the trained model is saved at the end anyway.
+
+    The Trainer resumed from a checkpoint taken at `max_steps` trains one step more before it stops. Without that
+    checkpoint, a run interrupted after its last step (during the final evaluation or save) resumes from the one
+    before and redoes the last step, so it ends where an uninterrupted run ends.
+    """
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._skip_at_the_end(args, state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._skip_at_the_end(args, state, control)
+
+    def _skip_at_the_end(self, args, state, control):
+        if state.global_step >= state.max_steps and not args.load_best_model_at_end:
+            control.should_save = False
 
 
 def checkpoint_problem(checkpoint: Path) -> str | None:

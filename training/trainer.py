@@ -6,7 +6,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 from .arguments import TrainingError
-from .checkpoints import TrainedFrom
+from .checkpoints import NoFinalCheckpoint, TrainedFrom
 from .data import TokenBlocks, check_fits_in_memory
 
 logger = logging.get_logger(__name__)
@@ -64,8 +64,9 @@ def train_model(
     `args.eval_strategy` says, and once more after training when `args.do_eval` (`eval_loss` in the log history).
     With a `teacher`, the loss adds `distill_weight` x KL(teacher || student) (`DistillationTrainer`). With
     `trained_from`, every checkpoint records it (see `checkpoints.resume_point`, which picks `resume_from_checkpoint`
-    among checkpoints of the same model). A model loaded
-    by `load_fsdp_model` trains with FSDP2 (with `save_strategy="no"`): the Trainer sees that transformers sharded it.
+    among checkpoints of the same model). No checkpoint is taken at the last step (`NoFinalCheckpoint`), so that a
+    resumed run takes the steps an uninterrupted one takes. A model loaded by `load_fsdp_model` trains with FSDP2
+    (with `save_strategy="no"`): the Trainer sees that transformers sharded it.
     """
     check_fits_in_memory(
         model.config,
@@ -89,7 +90,7 @@ def train_model(
             )
         logger.warning(f"the held-out text has {eval_data.num_tokens} tokens, fewer than one block: no evaluation")
         eval_data = None
-    callbacks = [trained_from] if trained_from is not None else []
+    callbacks = [NoFinalCheckpoint()] + ([trained_from] if trained_from is not None else [])
     if lambda_warmup_steps > 0:
         if getattr(model.config, "model_type", None) != "diff_transformer":
             raise TrainingError("the λ warm-up needs a DiffTransformer model")
