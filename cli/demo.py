@@ -370,7 +370,7 @@ def run(args) -> int:
         diff_args = fine_tuning_args(args, work / "diff", bf16, plan.max_steps)
         diff.train()
         started = time.perf_counter()
-        diff_trainer = fine_tune(diff, tokenizer, train_texts, diff_args, plan.seq_len)
+        diff_trainer = train_model(diff, tokenizer, train_texts, diff_args, seq_len=plan.seq_len)
         diff_seconds = time.perf_counter() - started
         curves = {"DiffTransformer V2 (converted)": loss_curve(diff_trainer)}
         timer.lap("fine-tune Diff V2")
@@ -394,7 +394,7 @@ def run(args) -> int:
             print("\nthe same fine-tuning for the source Llama, as a baseline:")
             llama.train()
             llama_args = fine_tuning_args(args, work / "llama", bf16, plan.max_steps)
-            llama_trainer = fine_tune(llama, tokenizer, train_texts, llama_args, plan.seq_len)
+            llama_trainer = train_model(llama, tokenizer, train_texts, llama_args, seq_len=plan.seq_len)
             curves["SmolLM2 (Llama)"] = loss_curve(llama_trainer)
             timer.lap("fine-tune Llama baseline")
             llama.eval()
@@ -496,17 +496,6 @@ def fine_tuning_args(args, output_dir: Path, bf16: bool, max_steps: int) -> Diff
         seed=args.seed,
         do_eval=False,  # the demo measures held-out perplexity itself, before and after
     )
-
-
-def fine_tune(model, tokenizer, texts: list[str], training_args: DiffTrainingArguments, seq_len: int):
-    """`train_model`, then the model's own forward back: it computes in float32 again after a bf16 fine-tune.
-
-    With bf16, accelerate wraps the model's forward in bf16 autocast for training and leaves it wrapped; the held-out
-    perplexity after fine-tuning, the chat answer and the saved model are meant to be float32, as before it.
-    """
-    trainer = train_model(model, tokenizer, texts, training_args, seq_len=seq_len)
-    trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # restores model.forward in place
-    return trainer
 
 
 def results_table(ppl: dict, plan: FineTuningPlan, args, precision: str, eval_seq_len: int) -> str:

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers import assert_one_line_error, make_model, tiny_tokenizer
+from helpers import assert_one_line_error, make_model
 from helpers import run_cli as cli
 from modeling_diff_cli.demo import (
     AFTER_TRAINING_SECONDS,
@@ -16,12 +16,10 @@ from modeling_diff_cli.demo import (
     SHORT_SEQ_LEN,
     STEP_MARGIN,
     baseline_still_fits,
-    fine_tune,
     measure_step_seconds,
     plan_fine_tuning,
 )
 from modeling_diff_cli.main import main
-from modeling_diff_eval.corpus import python_docs_texts
 from modeling_diff_training import DiffTrainingArguments
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -168,20 +166,6 @@ def test_a_spent_budget_runs_the_whole_demo_with_the_fewest_steps(tmp_path):
     assert "| SmolLM2-135M-Instruct (Llama) |" in card and "(not fine-tuned)" in card
     assert "No Llama baseline (it did not fit in the time budget)" in card
     assert "λ per layer moved by at most" in card
-
-
-def test_a_bf16_fine_tune_leaves_a_float32_model(tmp_path):
-    """After the Trainer's bf16 autocast, the demo's perplexity and chat run in float32 again, as before training."""
-    model = make_model("v2-gqa", peaked=False, vocab_size=400)
-    args = DiffTrainingArguments(
-        output_dir=str(tmp_path), max_steps=1, bf16=True, save_strategy="no", per_device_train_batch_size=2
-    )
-    fine_tune(model, tiny_tokenizer(), python_docs_texts()[:5], args, seq_len=32)
-    fresh = type(model)(model.config).eval()  # the same weights in a model that never went through the Trainer
-    fresh.load_state_dict(model.state_dict())
-    ids = torch.randint(3, 400, (1, 16), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(model.eval()(ids).logits, fresh(ids).logits)
 
 
 def test_the_breakdown_counts_the_step_s_weight_matmuls():

@@ -8,7 +8,9 @@ import textwrap
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import make_model, tiny_config, tiny_tokenizer
+from modeling_diff_eval.corpus import python_docs_texts
+from modeling_diff_training import DiffTrainingArguments, train_model
 from torch.utils.data import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -164,3 +166,17 @@ def test_library_packages_import_only_the_layers_below(folder):
             for name in names:
                 top = name.split(".")[0]
                 assert top not in PROJECT_PACKAGES or top in allowed, f"{path.name} imports {name}"
+
+
+def test_a_bf16_train_model_leaves_a_float32_model(tmp_path):
+    """After the Trainer's bf16 autocast, the returned model computes in float32 again, as before training."""
+    model = make_model("v2-gqa", peaked=False, vocab_size=400)
+    args = DiffTrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, bf16=True, save_strategy="no", per_device_train_batch_size=2
+    )
+    train_model(model, tiny_tokenizer(), python_docs_texts()[:5], args, seq_len=32)
+    fresh = type(model)(model.config).eval()  # the same weights in a model that never went through the Trainer
+    fresh.load_state_dict(model.state_dict())
+    ids = torch.randint(3, 400, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, fresh(ids).logits)

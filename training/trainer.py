@@ -104,4 +104,7 @@ def train_model(
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     if eval_data is not None and args.do_eval:
         trainer.evaluate()
+    # with bf16/fp16, accelerate wrapped model.forward in autocast for training and leaves it wrapped: the model the
+    # caller gets back computes in its own dtype again
+    trainer.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     return trainer
