@@ -52,6 +52,7 @@ def models_dir(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_help_texts_exist():
     for command in ("demo", "convert", "train", "generate", "eval", "push"):
         result = cli(command, "--help")
@@ -59,6 +60,7 @@ def test_help_texts_exist():
         assert all(line.strip() for line in result.stdout.splitlines()[:1])
 
 
+@pytest.mark.slow
 def test_train_happy_path_and_failures(models_dir, tmp_path):
     from modeling_diff_cli.data import train_eval_texts
     from modeling_diff_training import TokenBlocks
@@ -129,6 +131,7 @@ def test_train_happy_path_and_failures(models_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_train_resumes_from_checkpoints(models_dir, tmp_path):
     from modeling_diff_cli.common import load_model
     from modeling_diff_cli.data import train_eval_texts
@@ -156,6 +159,7 @@ def test_train_resumes_from_checkpoints(models_dir, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").exists() and not checkpoints.exists()
 
 
+@pytest.mark.slow
 def test_train_help_lists_the_trainer_options():
     result = cli("train", "--help")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -218,6 +222,7 @@ def test_training_defaults_and_warmup_scale_with_epochs(tmp_path):
     assert DiffTrainingArguments(output_dir=str(tmp_path), warmup_steps=7).get_warmup_steps(900) == 7
 
 
+@pytest.mark.slow
 def test_train_reads_a_config_file(models_dir, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(
@@ -289,6 +294,7 @@ def test_distillation_loss_and_lambda_warmup(models_dir):
     assert scales == [0.0, 0.5, 1.0, 1.0] and student.config.lambda_scale == 1.0
 
 
+@pytest.mark.slow
 def test_train_with_distillation_cli(models_dir, tmp_path):
     result = cli(
         *tiny_train(models_dir / "diff", tmp_path / "d", 2),
@@ -302,6 +308,7 @@ def test_train_with_distillation_cli(models_dir, tmp_path):
     assert (tmp_path / "d" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_generate_streams_the_greedy_answer(models_dir, tmp_path):
     from modeling_diff_cli.common import load_model
 
@@ -318,6 +325,7 @@ def test_generate_streams_the_greedy_answer(models_dir, tmp_path):
     assert_one_line_error(cli("generate", tmp_path / "noweights", "--prompt", "x"), "has no weights")
 
 
+@pytest.mark.slow
 def test_eval_ppl_json_and_hub_failure(models_dir, tmp_path):
     result = cli("eval", models_dir / "diff", "--seq-len", 32, "--max-batches", 2, "--json", tmp_path / "r.json")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -391,6 +399,7 @@ def test_push_dry_run_and_intercepted_upload(models_dir, monkeypatch, capsys):
     assert "is not a model folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ddp_training_with_two_cpu_processes(models_dir, tmp_path):
     result = subprocess.run(
         [
@@ -437,6 +446,7 @@ BLOCKED_HUB_LOAD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_model_from_offline_hub_cache_with_remote_code_generates(models_dir, tmp_path):
     add_to_hub_cache(tmp_path / "hub", "someone/tiny-diff", models_dir / "diff")
     (tmp_path / "load.py").write_text(BLOCKED_HUB_LOAD)
@@ -500,6 +510,7 @@ def test_demo_end_to_end_with_tiny_settings(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
+@pytest.mark.slow
 def test_demo_fails_at_start_up_without_matplotlib(tmp_path):
     """A package the demo needs only at its end (for training_loss.png) is checked before any work."""
     shadow = tmp_path / "shadow" / "matplotlib"
@@ -511,6 +522,7 @@ def test_demo_fails_at_start_up_without_matplotlib(tmp_path):
     assert not (tmp_path / "demo").exists()
 
 
+@pytest.mark.slow
 def test_demo_fails_cleanly_on_a_bad_dataset(tmp_path):
     result = cli("demo", "--output-dir", tmp_path / "demo", "--dataset", "no-such-dataset-anywhere")
     assert_one_line_error(result, "unknown dataset")
@@ -610,6 +622,7 @@ def test_train_refuses_checkpoints_of_another_model(models_dir, tmp_path, monkey
     assert not checkpoints.exists()
 
 
+@pytest.mark.slow
 def test_train_skips_incomplete_checkpoints_and_resumes_the_newest_complete_one(models_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
     checkpoints = Path(str(out.resolve()) + "-checkpoints")

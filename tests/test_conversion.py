@@ -220,6 +220,7 @@ def test_unsupported_architecture_and_missing_gguf(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_without_traceback(tmp_path):
     (tmp_path / "empty").mkdir()
     result = run_cli("convert", str(tmp_path / "empty"), str(tmp_path / "out"))
@@ -263,6 +264,7 @@ def test_llama3_rope_scaling_converts_exactly(tmp_path):
         torch.testing.assert_close(diff(ids).logits, llama(ids).logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_convert_happy_path(tmp_path):
     save_llama(tmp_path / "llama", 8, 4, False, 64)
     result = run_cli("convert", str(tmp_path / "llama"), str(tmp_path / "out"), "--dtype", "float32")

@@ -119,6 +119,7 @@ def test_the_step_probe_leaves_the_weights_alone(tmp_path, bf16):
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags, message",
     [

@@ -9,6 +9,7 @@ import pytest
 ROOT = Path(__file__).parent.parent
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("mlinter") is None, reason="transformers-mlinter is not installed")
 def test_mlinter_is_clean():
     result = subprocess.run(

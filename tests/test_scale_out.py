@@ -99,6 +99,7 @@ def test_tp_plan_names_each_variants_modules_and_refuses_layouts_that_cannot_spl
         tiny_config(2, heads=8, kv_heads=1).distributed_config = DistributedConfig(tp_size=2)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_over_two_processes_matches_one_process(tmp_path):
     for name, version, kv_heads in (("v1", 1, 4), ("v2", 2, 2), ("v1_one_group", 1, 2)):
         torch.manual_seed(0)
@@ -133,6 +134,7 @@ def test_tensor_parallel_over_two_processes_matches_one_process(tmp_path):
 # ----------------------------------------------------------------------------------------------------------- FSDP
 
 
+@pytest.mark.slow
 def test_fsdp_training_matches_one_process_and_saves_a_plain_model(models, blocks, tmp_path):
     result = torchrun(
         "-m",
@@ -194,6 +196,7 @@ def test_lora_adapter_reloads_with_its_lambda_parameters(models, blocks, tmp_pat
     assert any(".lambda_" in k for k in load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_lora_cli_lowers_the_loss_merges_and_runs_under_torchrun(models, blocks, tmp_path):
     lora = ["--lora", "--lora-r", "8", "--lora-alpha", "16"]
     assert main(train_args(models / "v1", tmp_path / "adapter", *lora, steps=12)) == 0
@@ -249,6 +252,7 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.slow
 def test_scale_out_flags_fail_cleanly(models, tmp_path, capsys):
     for extra, message in (
         (["--merge-lora"], "error: --merge-lora, --lora-r and --lora-alpha need --lora"),

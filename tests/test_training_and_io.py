@@ -114,6 +114,7 @@ BLOCK_AND_LOAD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", [1, 2])
 def test_saved_folder_loads_with_trust_remote_code_without_the_package(tmp_path, version):
     model = DiffTransformerForCausalLM(tiny_config(version)).eval()
