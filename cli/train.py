@@ -45,6 +45,7 @@ DEPRECATED_SPELLINGS = {
     "--gradient-checkpointing": ("activation_checkpointing", None),
     "--force": ("overwrite_output_dir", None),
     "--warmup_ratio": ("warmup_steps", float),  # transformers 4's name; transformers 5 reads a ratio < 1 as a share
+    "--warmup-ratio": ("warmup_steps", float),  # its dashed form, as HfArgumentParser accepts for every option
 }
 
 

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
@@ -98,3 +99,24 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
+
+
+WITHOUT_THE_PACKAGE = """\
+import sys
+sys.modules["modeling_diff"] = None  # this process cannot import the package
+try:
+    import modeling_diff
+    raise SystemExit("modeling_diff was importable")
+except ImportError:
+    pass
+"""
+
+
+def run_without_the_package(script: str, *args, tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh interpreter that cannot import `modeling_diff` (only a model folder's copied code can
+    serve it), offline, with its own HF modules cache under `tmp_path`."""
+    path = tmp_path / "without_the_package.py"
+    path.write_text(WITHOUT_THE_PACKAGE + textwrap.dedent(script))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
+    return subprocess.run([sys.executable, str(path), *map(str, args)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)

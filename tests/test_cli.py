@@ -86,48 +86,14 @@ def test_train_happy_path_and_failures(models_dir, tmp_path):
     assert eval_loss == pytest.approx(expected, rel=1e-4)
     assert f"held-out loss {eval_loss:.4f}" in result.stdout
 
-    assert_one_line_error(
-        cli(
-            "train",
-            models_dir / "diff",
-            "--output_dir",
-            tmp_path / "x",
-            "--dataset",
-            "no-such-dataset-anywhere",
-            "--max_steps",
-            1,
-        ),
-        "unknown dataset",
-    )
     (tmp_path / "empty.txt").write_text("\n\n")
-    assert_one_line_error(
-        cli(
-            "train",
-            models_dir / "diff",
-            "--output_dir",
-            tmp_path / "x",
-            "--dataset",
-            tmp_path / "empty.txt",
-            "--max_steps",
-            1,
-        ),
-        "is empty",
-    )
-    assert_one_line_error(
-        cli(
-            "train",
-            models_dir / "diff",
-            "--output_dir",
-            tmp_path / "x",
-            "--seq_len",
-            10**7,
-            "--per_device_train_batch_size",
-            64,
-            "--max_steps",
-            1,
-        ),
-        "GiB of activations",
-    )
+    for extra, message in [
+        (["--dataset", "no-such-dataset-anywhere"], "unknown dataset"),
+        (["--dataset", tmp_path / "empty.txt"], "is empty"),
+        (["--seq_len", 10**7, "--per_device_train_batch_size", 64], "GiB of activations"),
+    ]:
+        result = cli("train", models_dir / "diff", "--output_dir", tmp_path / "x", *extra, "--max_steps", 1)
+        assert_one_line_error(result, message)
     assert not (tmp_path / "x").exists()
 
 
@@ -207,6 +173,11 @@ def test_train_old_spellings_still_work_with_one_deprecation_line_each(capsys):
     warnings = capsys.readouterr().err.strip().splitlines()
     assert len(warnings) == 7 and all("is deprecated" in w for w in warnings), warnings
     assert "warning: --lr is deprecated and goes away in the next release; use --learning_rate" in warnings
+    # every option also in its dashed form, as HfArgumentParser takes it: the example, dashed
+    dashed = ["--output-dir", "d", "--lr-scheduler-type", "constant", "--warmup-ratio", "0.1", "--save-total-limit", "1"]
+    _, _, training, output, _, _ = parse_arguments(build_parser().parse_args(["train", "m", *dashed]))
+    assert (output, training.lr_scheduler_type.value, training.warmup_steps, training.save_total_limit) == (
+        Path("d"), "constant", 0.1, 1)
 
 
 def test_training_defaults_and_warmup_scale_with_epochs(tmp_path):

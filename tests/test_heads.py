@@ -2,13 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from helpers import tiny_config, tiny_tokenizer
+from helpers import run_without_the_package, tiny_config, tiny_tokenizer
 from pipeline_tasks import TASKS, run_task
 from transformers import (
     AutoModel,
@@ -84,15 +82,9 @@ def test_heads_load_the_body_of_a_saved_causal_lm(tmp_path, version):
         assert torch.isfinite(logits).all()
 
 
-IN_A_PROCESS_WITHOUT_THE_PACKAGE = textwrap.dedent(
+EVERY_HEAD = textwrap.dedent(
     """
-    import json, sys
-    sys.modules["modeling_diff"] = None   # this process cannot import the package
-    try:
-        import modeling_diff
-        raise SystemExit("modeling_diff was importable")
-    except ImportError:
-        pass
+    import json
     import transformers
     from pathlib import Path
     sys.path.insert(0, sys.argv[1])
@@ -116,16 +108,10 @@ IN_A_PROCESS_WITHOUT_THE_PACKAGE = textwrap.dedent(
 
 @pytest.mark.slow
 def test_every_head_loads_with_trust_remote_code_and_runs_its_pipeline_without_the_package(saved, tmp_path):
-    script = tmp_path / "heads.py"
-    script.write_text(IN_A_PROCESS_WITHOUT_THE_PACKAGE)
     out = tmp_path / "results.json"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
     folders = [str(saved["v1"]), str(saved["v2"])]
-    tests_dir = os.path.dirname(__file__)
-    result = subprocess.run(
-        [sys.executable, str(script), tests_dir, str(out), *folders],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )
+    result = run_without_the_package(EVERY_HEAD, os.path.dirname(__file__), out, *folders, tmp_path=tmp_path,
+                                     timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     theirs = json.loads(out.read_text())
     for folder in folders:

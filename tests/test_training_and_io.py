@@ -1,14 +1,11 @@
 """Training (Trainer, gradient accumulation, checkpointing) and I/O (safetensors, trust_remote_code)."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from helpers import make_model, tiny_config, tiny_tokenizer
+from helpers import make_model, run_without_the_package, tiny_config, tiny_tokenizer
 from modeling_diff_eval.corpus import python_docs_texts
 from modeling_diff_training import DiffTrainingArguments, train_model
 from torch.utils.data import Dataset
@@ -95,15 +92,9 @@ def test_safetensors_round_trip(tmp_path, version):
     assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
-BLOCK_AND_LOAD = textwrap.dedent(
+LOAD_AND_RUN = textwrap.dedent(
     """
-    import sys, torch
-    sys.modules["modeling_diff"] = None   # this process cannot import the package
-    try:
-        import modeling_diff
-        raise SystemExit("modeling_diff was importable")
-    except ImportError:
-        pass
+    import torch
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
     ids = torch.load(sys.argv[2])
@@ -124,13 +115,8 @@ def test_saved_folder_loads_with_trust_remote_code_without_the_package(tmp_path,
     assert (folder / "configuration_diff_transformer.py").exists()
     ids = torch.randint(3, 97, (2, 9))
     torch.save(ids, tmp_path / "ids.pt")
-    script = tmp_path / "load.py"
-    script.write_text(BLOCK_AND_LOAD)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
-    result = subprocess.run(
-        [sys.executable, str(script), str(folder), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
+    result = run_without_the_package(LOAD_AND_RUN, folder, tmp_path / "ids.pt", tmp_path / "logits.pt",
+                                     tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "transformers_modules" in result.stdout  # the class came from the copied code files
     with torch.no_grad():
