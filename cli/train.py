@@ -25,7 +25,7 @@ from modeling_diff_training import (
     save_lora_adapter,
     train_model,
 )
-from modeling_diff_training.checkpoints import TrainedFrom, complete_checkpoints, resume_point
+from modeling_diff_training.checkpoints import TrainedFrom, checkpoints_folder, complete_checkpoints, resume_point
 from modeling_diff_training.fsdp import gather_fsdp_weights, load_fsdp_model, save_unsharded
 from transformers import HfArgumentParser, set_seed
 
@@ -167,7 +167,7 @@ def parse_arguments(args):
         raise CLIError("--output_dir is required: the folder the trained model is saved to")
     output = Path(values["output_dir"]).expanduser()
     fsdp, push = values.get("fsdp"), values.get("push_to_hub", False)
-    values.update(output_dir=str(output.resolve()) + "-checkpoints", push_to_hub=False, fsdp=None)
+    values.update(output_dir=str(checkpoints_folder(output)), push_to_hub=False, fsdp=None)
     if fsdp:
         values["save_strategy"] = "no"  # transformers cannot checkpoint the optimizer of a model it sharded
     model_args, data_args, training_args = HfArgumentParser(ARGUMENT_CLASSES).parse_dict(values)

@@ -14,6 +14,7 @@ import torch
 from helpers import add_to_hub_cache, assert_one_line_error, tiny_tokenizer
 from helpers import run_cli as cli
 from modeling_diff_cli.main import main
+from modeling_diff_training.checkpoints import checkpoints_folder
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
@@ -25,6 +26,19 @@ def tiny_train(source, output_dir, steps) -> list[str]:
     """`train SOURCE --output_dir OUT --max_steps N` at the tiny sizes every CLI training test uses."""
     return ["train", str(source), "--output_dir", str(output_dir), "--max_steps", str(steps), "--seq_len", "32",
             "--per_device_train_batch_size", "2"]
+
+
+def train_interrupted_at_the_final_evaluation(argv: list, monkeypatch) -> int:
+    """`diff-transformer ARGV` in-process, where training runs and then the Trainer's evaluation raises
+    KeyboardInterrupt (Ctrl-C), so the checkpoints stay; its exit code."""
+    from transformers import Trainer
+
+    def interrupt(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "evaluate", interrupt)
+        return main(argv)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +86,7 @@ def test_train_happy_path_and_failures(models_dir, tmp_path):
     trained = DiffTransformerForCausalLM.from_pretrained(tmp_path / "trained")
     before = DiffTransformerForCausalLM.from_pretrained(models_dir / "diff")
     assert not torch.equal(trained.lm_head.weight, before.lm_head.weight)
-    assert not Path(str(tmp_path / "trained") + "-checkpoints").exists()
+    assert not checkpoints_folder(tmp_path / "trained").exists()
     # the default schedule: a linear warm-up over a tenth of the steps (1 of 3), then cosine down from the peak 5e-5
     history = json.loads((tmp_path / "trained" / "trainer_state.json").read_text())["log_history"]
     rates = [e["learning_rate"] for e in history if "learning_rate" in e]
@@ -104,7 +118,7 @@ def test_train_resumes_from_checkpoints(models_dir, tmp_path):
     from modeling_diff_training import DiffTrainingArguments, train_model
     from modeling_diff_training.checkpoints import TrainedFrom
 
-    checkpoints = Path(str((tmp_path / "out").resolve()) + "-checkpoints")
+    checkpoints = checkpoints_folder(tmp_path / "out")
     model, tokenizer = load_model(str(models_dir / "diff"))
     args = DiffTrainingArguments(
         output_dir=str(checkpoints), max_steps=3, save_steps=1, logging_steps=1, per_device_train_batch_size=2,
@@ -138,17 +152,12 @@ def test_train_help_lists_the_trainer_options():
 
 def test_train_trainer_options_take_effect(models_dir, tmp_path, monkeypatch):
     """The options of the issue's example; an interruption at the final evaluation keeps the checkpoints to look at."""
-    from transformers import Trainer
-
-    def interrupt(self, *args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "evaluate", interrupt)
     out = tmp_path / "out"
     options = ["--lr_scheduler_type", "constant", "--warmup_ratio", "0.1", "--save_total_limit", "1",
                "--save_steps", "1", "--logging_steps", "1", "--learning_rate", "1e-3"]
-    assert main([*tiny_train(models_dir / "diff", out, 4), *options]) == 130
-    checkpoints = Path(str(out.resolve()) + "-checkpoints")
+    argv = [*tiny_train(models_dir / "diff", out, 4), *options]
+    assert train_interrupted_at_the_final_evaluation(argv, monkeypatch) == 130
+    checkpoints = checkpoints_folder(out)
     # --save_total_limit 1: the newest checkpoint alone (the last step takes none: the model is saved at the end)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-3"]
     state = json.loads((checkpoints / "checkpoint-3" / "trainer_state.json").read_text())
@@ -174,7 +183,8 @@ def test_train_old_spellings_still_work_with_one_deprecation_line_each(capsys):
     assert len(warnings) == 7 and all("is deprecated" in w for w in warnings), warnings
     assert "warning: --lr is deprecated and goes away in the next release; use --learning_rate" in warnings
     # every option also in its dashed form, as HfArgumentParser takes it: the issue's example, dashed
-    dashed = ["--output-dir", "d", "--lr-scheduler-type", "constant", "--warmup-ratio", "0.1", "--save-total-limit", "1"]
+    dashed = ["--output-dir", "d", "--lr-scheduler-type", "constant", "--warmup-ratio", "0.1",
+              "--save-total-limit", "1"]
     _, _, training, output, _, _ = parse_arguments(build_parser().parse_args(["train", "m", *dashed]))
     assert (output, training.lr_scheduler_type.value, training.warmup_steps, training.save_total_limit) == (
         Path("d"), "constant", 0.1, 1)
@@ -540,16 +550,6 @@ def test_convert_force_never_touches_a_source(models_dir, tmp_path, capsys):
     assert tree_hash(tmp_path) == before
 
 
-def interrupt_at_the_final_evaluation(monkeypatch):
-    """Training runs, then the Trainer's evaluation raises KeyboardInterrupt (Ctrl-C): the checkpoints stay."""
-    from transformers import Trainer
-
-    def interrupt(self, *args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Trainer, "evaluate", interrupt)
-
-
 def test_train_refuses_checkpoints_of_another_model(models_dir, tmp_path, monkeypatch, capsys):
     import shutil
 
@@ -561,12 +561,10 @@ def test_train_refuses_checkpoints_of_another_model(models_dir, tmp_path, monkey
     shutil.copy(models_dir / "diff" / "tokenizer.json", tmp_path / "b")
     shutil.copy(models_dir / "diff" / "tokenizer_config.json", tmp_path / "b")
     out = tmp_path / "out"
-    checkpoints = Path(str(out.resolve()) + "-checkpoints")
+    checkpoints = checkpoints_folder(out)
     train = [*tiny_train(tmp_path / "a", out, 3), "--save_steps", "1", "--learning_rate", "1e-2"]
 
-    with monkeypatch.context() as patch:
-        interrupt_at_the_final_evaluation(patch)
-        assert main(train) == 130
+    assert train_interrupted_at_the_final_evaluation(train, monkeypatch) == 130
     err = capsys.readouterr().err
     assert f"interrupted: the checkpoints in {checkpoints} are kept; the same command resumes from checkpoint-2" in err
     kept = tree_hash(checkpoints)
@@ -596,11 +594,9 @@ def test_train_refuses_checkpoints_of_another_model(models_dir, tmp_path, monkey
 @pytest.mark.slow
 def test_train_skips_incomplete_checkpoints_and_resumes_the_newest_complete_one(models_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    checkpoints = Path(str(out.resolve()) + "-checkpoints")
+    checkpoints = checkpoints_folder(out)
     train = [*tiny_train(models_dir / "diff", out, 4), "--save_steps", "1", "--save_total_limit", "3"]
-    with monkeypatch.context() as patch:
-        interrupt_at_the_final_evaluation(patch)
-        assert main(train) == 130
+    assert train_interrupted_at_the_final_evaluation(train, monkeypatch) == 130
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     weights = checkpoints / "checkpoint-3" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a disk that filled up during a save
@@ -625,9 +621,7 @@ def test_train_interrupted_after_its_last_step_ends_where_an_uninterrupted_run_e
                 "--lr_scheduler_type", "constant", "--learning_rate", "1e-2", "--disable_tqdm", "true"]
 
     assert main(train(tmp_path / "reference")) == 0
-    with monkeypatch.context() as patch:
-        interrupt_at_the_final_evaluation(patch)
-        assert main(train(tmp_path / "out")) == 130
+    assert train_interrupted_at_the_final_evaluation(train(tmp_path / "out"), monkeypatch) == 130
     assert main(train(tmp_path / "out")) == 0
     history, reference = (json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
                           for name in ("out", "reference"))
@@ -795,7 +789,7 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(models_dir, tm
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     out = tmp_path / "out"
-    checkpoints = Path(str(out.resolve()) + "-checkpoints")
+    checkpoints = checkpoints_folder(out)
     first, second = sorted(random.Random(0).sample(range(3, 25), 2))
     for step in (first, second):
         result = interrupt_when_saved(train(out), checkpoints / f"checkpoint-{step}")

@@ -38,6 +38,12 @@ TORCH_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth")  #
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
+def checkpoints_folder(output_dir: str | Path) -> Path:
+    """Where a run that saves its model to `output_dir` keeps its resumable checkpoints: OUTPUT_DIR-checkpoints,
+    beside it (the real path), so the model folder itself is written only once, at the end."""
+    return Path(str(Path(output_dir).expanduser().resolve()) + "-checkpoints")
+
+
 def fingerprint(path: str | Path) -> str:
     """sha256 over the files that define a model: a folder's config and weights (`MODEL_FILES`), or one .gguf file."""
     path = Path(path)
