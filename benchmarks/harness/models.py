@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import importlib
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -77,7 +78,11 @@ def modeling_at(revision: str):
                 raise SystemExit(f"error: cannot read modeling_diff/{file} at git revision {revision!r}")
             (folder / file).write_text(shown.stdout)
         (folder / "__init__.py").write_text("")
-        sys.path.insert(0, str(folder.parent))  # the temporary package of that revision, not the repository
+        # registered as a package whose modules are that folder's, so sys.path is left as it is
+        spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
     return importlib.import_module(name + ".modeling_diff_transformer")
 
 
