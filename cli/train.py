@@ -45,7 +45,6 @@ DEPRECATED_SPELLINGS = {
     "--gradient-checkpointing": ("activation_checkpointing", None),
     "--force": ("overwrite_output_dir", None),
     "--warmup_ratio": ("warmup_steps", float),  # transformers 4's name; transformers 5 reads a ratio < 1 as a share
-    "--warmup-ratio": ("warmup_steps", float),  # its dashed form, as HfArgumentParser accepts for every option
 }
 
 
@@ -81,7 +80,7 @@ def add_arguments(parser):
     old = parser.add_argument_group("old spellings (deprecated: they go away in the next release)")
     for flag, (dest, kind) in DEPRECATED_SPELLINGS.items():
         old.add_argument(
-            flag,
+            *dict.fromkeys([flag, "--" + flag[2:].replace("_", "-")]),  # dashed too, as HfArgumentParser's options
             dest=dest,
             action=DeprecatedSpelling,
             nargs=0 if kind is None else None,
