@@ -15,8 +15,24 @@ import torch
 RESULTS = Path(__file__).resolve().parents[1] / "results"  # benchmarks/results/<benchmark>/
 
 
+def git_commit() -> str:
+    """The repository's commit (`git rev-parse HEAD`), with `+changes` when tracked files differ from it; `unknown`
+    outside a git checkout."""
+    import subprocess
+
+    root = RESULTS.parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def machine_info(threads: int | None = None) -> dict:
-    """CPU model, cores, torch threads, GPU, library versions, date and the load average now (the run's start)."""
+    """CPU model, cores, torch threads, GPU, library versions, the commit, date and the load average now (the run's
+    start)."""
     import transformers
 
     cpu = platform.processor() or platform.machine()
@@ -34,6 +50,7 @@ def machine_info(threads: int | None = None) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "platform": platform.platform(),
+        "commit": git_commit(),
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "load_start": list(os.getloadavg()),
     }
@@ -77,7 +94,7 @@ def header(title: str, command_line: str, info: dict, *bullets: str) -> list[str
     return [
         f"# {title}",
         "",
-        f"Produced by `{command_line}` on {info['date_utc']}.",
+        f"Produced by `{command_line}` on {info['date_utc']}, at commit {info.get('commit', 'unknown')}.",
         "",
         f"- Machine: {info['cpu']}, {info['logical_cores']} logical cores, torch threads = {info['torch_threads']}"
         f"{gpu}; load average (1, 5, 15 min) {start} at the start, {end} at the end (the machine may be shared: "
