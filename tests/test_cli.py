@@ -241,7 +241,7 @@ def test_train_push_to_hub_uploads_the_trained_folder(models_dir, tmp_path, monk
     extra = ["--push_to_hub", "--hub_model_id", "me/tiny-trained", "--hub_private_repo", "true", "--do_eval", "false"]
     assert main([*tiny_train(models_dir / "diff", tmp_path / "out", 1), *extra]) == 0
     assert calls["repo"] == ("me/tiny-trained", True)
-    assert calls["files"] == sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert calls["files"] == sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
     assert "model.safetensors" in calls["files"] and "trainer_state.json" in calls["files"]
 
 
