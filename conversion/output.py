@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -220,9 +221,23 @@ def _protected(path: Path) -> str | None:
         return "is the working directory"
     if cwd.is_relative_to(real):
         return "holds the working directory"
-    if os.path.ismount(real):
+    if _is_mount_point(real):
         return "is a mount point"
     return None
+
+
+def _is_mount_point(real: Path) -> bool:
+    """Whether `real` is a mount point, a bind mount of a folder on the same file system included (which
+    os.path.ismount cannot see: it compares devices); Linux lists them all in /proc/self/mountinfo."""
+    if os.path.ismount(real):
+        return True
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return False
+    # the fifth field is the mount point, with spaces and the like escaped as octal (\040)
+    points = {re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4]) for line in lines}
+    return str(real) in points
 
 
 def check_output_dir(path: str | Path, force: bool, flag: str = "--force"):
@@ -267,7 +282,7 @@ def check_output_dir(path: str | Path, force: bool, flag: str = "--force"):
     problem = deletion_problem(final)
     if problem:
         raise ConversionError(
-            f"{path} cannot be replaced: {problem}; fix that, or name a new folder (nothing was changed)"
+            f"{path} cannot be replaced: {problem}; fix that, or name a new folder"
         )
 
 
@@ -443,7 +458,7 @@ def atomic_output_dir(
         except ConversionError as err:
             kept = _free_name(final, ".new")
             tmp.rename(kept)
-            raise ConversionError(f"{err}; the new output is at {kept}")
+            raise ConversionError(f"{err}; it is unchanged, and the new output is at {kept}")
         swap_into_place(tmp, final)
     finally:
         if tmp.exists():
