@@ -32,11 +32,17 @@ def tiny_train(source, output_dir, steps, *extra) -> list[str]:
             "--per_device_train_batch_size", "2", *map(str, extra)]
 
 
-def error_line(argv: list, capsys) -> str:
-    """`diff-transformer ARGV` in this process: exit status 2 and exactly one `error:` line, which is returned."""
+def outcome(argv: list, capsys) -> tuple[int, str]:
+    """`diff-transformer ARGV` in this process: (exit status, stderr)."""
     capsys.readouterr()
     status = main([str(a) for a in argv])
-    err = capsys.readouterr().err
+    return status, capsys.readouterr().err
+
+
+def error_line(argv: list, capsys, ran=None) -> str:
+    """`diff-transformer ARGV` in this process (or the `outcome` it `ran` to): exit status 2 and exactly one `error:`
+    line, which is returned."""
+    status, err = ran or outcome(argv, capsys)
     assert status == 2, err[-2000:]
     lines = [line for line in err.split("\n") if line.startswith("error:")]
     assert len(lines) == 1, err[-2000:]
@@ -162,9 +168,12 @@ def test_2_eval_json_never_overwrites_an_input(models_dir, tmp_path, monkeypatch
     (tmp_path / "mine.json").write_text('{"my": "results"}\n')
     before = tree_hash(tmp_path)
     evaluate = ["eval", model, "--dataset", corpus, "--seq-len", 32, "--max-batches", 1, "--json"]
+    ran = outcome([*evaluate, model / "config.json"], capsys)  # the issue's case: the model no longer loaded
+    assert tree_hash(tmp_path) == before
+    says = f"the --json file {model / 'config.json'} is inside the input {model} (MODEL)"
+    assert says in error_line(None, capsys, ran)
     with model_never_loads(monkeypatch):
         for target, says in (
-            (model / "config.json", f"the --json file {model / 'config.json'} is inside the input {model} (MODEL)"),
             (model / "results.json", "is inside the input"),
             (corpus, f"is the input {corpus} (--dataset)"),
             (tmp_path / "mine.json", "exists and was not written by diff-transformer eval: move it away"),
@@ -228,9 +237,11 @@ def test_4_every_option_is_checked_before_the_model_loads_and_anything_is_delete
     kept = tree_hash(checkpoints)
     assert "checkpoint-2/model.safetensors" in kept
     (tmp_path / "short.txt").write_text("Too short for a block.")
+    ran = outcome([*train, "--overwrite_output_dir", "--seed", "-1"], capsys)  # the issue's case
+    assert tree_hash(checkpoints) == kept and not out.exists()
+    assert "seed must be an integer from 0 to 4294967295, got -1" in error_line(None, capsys, ran)
     with model_never_loads(monkeypatch):
         for extra, says in (
-            (["--seed", "-1"], "seed must be an integer from 0 to 4294967295, got -1"),
             (["--adam_beta1", "5"], "adam_beta1 must be a finite number at least 0 and below 1, got 5.0"),
             (["--adam_beta2", "nan"], "adam_beta2 must be a finite number at least 0 and below 1, got nan"),
             (["--dataset", tmp_path / "short.txt"], "fewer than one block of seq_len 32"),
@@ -286,10 +297,12 @@ def test_6_a_user_made_checkpoints_folder_is_never_deleted(models_dir, tmp_path,
     checkpoints.mkdir()
     (checkpoints / "notes.txt").write_text("mine")
     before = tree_hash(tmp_path)
-    with model_never_loads(monkeypatch):
-        error = error_line(tiny_train(models_dir / "diff", out, 2), capsys)
-    assert f"{checkpoints} exists and was not made by diff-transformer train (it holds notes.txt)" in error
+    ran = outcome(tiny_train(models_dir / "diff", out, 2), capsys)
     assert tree_hash(tmp_path) == before
+    error = error_line(None, capsys, ran)
+    assert f"{checkpoints} exists and was not made by diff-transformer train (it holds notes.txt)" in error
+    with model_never_loads(monkeypatch):  # refused before any work
+        assert "was not made by diff-transformer train" in error_line(tiny_train(models_dir / "diff", out, 2), capsys)
 
     # an empty folder the user made: used, and left where it was
     (checkpoints / "notes.txt").unlink()
@@ -358,9 +371,9 @@ def test_9_inputs_and_outputs_are_compared_by_file_identity(models_dir, tmp_path
     shutil.copytree(models_dir / "llama", source)
     os.link(source / "config.json", tmp_path / "hardlink.json")  # the input's config under another name
     before = tree_hash(source)
-    with model_never_loads(monkeypatch):
-        error = error_line(["eval", source, "--json", tmp_path / "hardlink.json"], capsys)
-    assert f"is {source / 'config.json'}, a file of the input {source} (MODEL)" in error
+    ran = outcome(["eval", source, "--seq-len", 32, "--max-batches", 1, "--json", tmp_path / "hardlink.json"], capsys)
+    assert tree_hash(source) == before
+    assert f"is {source / 'config.json'}, a file of the input {source} (MODEL)" in error_line(None, capsys, ran)
     (tmp_path / "mnt").mkdir()
     with bind_mount(source, tmp_path / "mnt") as mounted:
         if mounted:  # the source itself, under another path
@@ -379,9 +392,9 @@ def test_10_resuming_another_models_checkpoint_is_refused(models_dir, tmp_path, 
     assert interrupted_at_the_final_evaluation(tiny_train(diff, tmp_path / "a", 3, "--save_steps", 1), monkeypatch)
     checkpoint = checkpoints_folder(tmp_path / "a") / "checkpoint-2"
     resume = [*tiny_train(llama, tmp_path / "b", 3), "--resume_from_checkpoint", checkpoint]
+    error = error_line(resume, capsys)  # on the old code: trains the checkpoint's weights under the Llama's name
+    assert f"--resume_from_checkpoint {checkpoint} continues a run trained from {diff}, not from {llama}" in error
     with model_never_loads(monkeypatch):
-        error = error_line(resume, capsys)
-        assert f"--resume_from_checkpoint {checkpoint} continues a run trained from {diff}, not from {llama}" in error
         # a checkpoint that records no model (a plain Trainer's): its config says which model it belongs to
         unrecorded = tmp_path / "unrecorded"
         shutil.copytree(checkpoint, unrecorded)
@@ -413,9 +426,10 @@ def test_10_convert_refuses_shard_paths_that_leave_the_folder(models_dir, tmp_pa
 
 def test_10_generate_refuses_prompts_past_the_context_and_temperatures_that_cannot_sample(models_dir, tmp_path,
                                                                                           monkeypatch, capsys):
+    says = "--temperature is -1.0: give a finite number >= 0"  # the old code decoded greedily instead
+    assert says in error_line(["generate", models_dir / "diff", "--prompt", "hello", "--temperature", "-1"], capsys)
     with model_never_loads(monkeypatch):
         for extra, says in (
-            (["--temperature", "-1"], "--temperature is -1.0: give a finite number >= 0"),
             (["--temperature", "nan"], "--temperature is nan"),
             (["--top-p", "0"], "--top-p is 0.0"),
             (["--max-new-tokens", "0"], "--max-new-tokens is 0"),
@@ -433,9 +447,11 @@ def test_10_generate_refuses_prompts_past_the_context_and_temperatures_that_cann
 
 
 def test_10_eval_refuses_zero_batches(models_dir, monkeypatch, capsys):
+    # the old code loaded the model and divided by zero
+    assert "--max-batches is 0: give a positive number" in error_line(
+        ["eval", models_dir / "diff", "--max-batches", "0"], capsys)
     with model_never_loads(monkeypatch):
-        assert "--max-batches is 0: give a positive number" in error_line(
-            ["eval", models_dir / "diff", "--max-batches", "0"], capsys)
+        assert "--batch-size is 0" in error_line(["eval", models_dir / "diff", "--batch-size", "0"], capsys)
 
 
 def test_10_interruptions_say_what_they_left(models_dir, tmp_path, monkeypatch, capsys):
