@@ -388,12 +388,20 @@ def test_9_inputs_and_outputs_are_compared_by_file_identity(models_dir, tmp_path
 
 
 def test_10_resuming_another_models_checkpoint_is_refused(models_dir, tmp_path, monkeypatch, capsys):
-    diff, llama = models_dir / "diff", models_dir / "llama"
+    from modeling_diff import DiffTransformerForCausalLM
+
+    diff, llama, other = models_dir / "diff", models_dir / "llama", tmp_path / "other"
+    shutil.copytree(diff, other)
+    model = DiffTransformerForCausalLM.from_pretrained(other)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)  # another model: the same architecture and tokenizer, other weights
+    model.save_pretrained(other)
     assert interrupted_at_the_final_evaluation(tiny_train(diff, tmp_path / "a", 3, "--save_steps", 1), monkeypatch)
     checkpoint = checkpoints_folder(tmp_path / "a") / "checkpoint-2"
+    resume = [*tiny_train(other, tmp_path / "b", 3), "--resume_from_checkpoint", checkpoint]
+    error = error_line(resume, capsys)  # on the old code: trains the checkpoint's weights, saved as a fine-tune of B
+    assert f"--resume_from_checkpoint {checkpoint} continues a run trained from {diff}, not from {other}" in error
     resume = [*tiny_train(llama, tmp_path / "b", 3), "--resume_from_checkpoint", checkpoint]
-    error = error_line(resume, capsys)  # on the old code: trains the checkpoint's weights under the Llama's name
-    assert f"--resume_from_checkpoint {checkpoint} continues a run trained from {diff}, not from {llama}" in error
     with model_never_loads(monkeypatch):
         # a checkpoint that records no model (a plain Trainer's): its config says which model it belongs to
         unrecorded = tmp_path / "unrecorded"
