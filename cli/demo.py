@@ -334,9 +334,6 @@ def check_arguments(args):
 
 
 def run(args) -> int:
-    from modeling_diff_conversion import convert
-    from modeling_diff_conversion.model_card import render_model_card
-
     timer = StageTimer()
     check_arguments(args)
     check_packages()
@@ -355,6 +352,9 @@ def run(args) -> int:
 
 def run_demo(args, timer: StageTimer, gguf: Path) -> int:
     """The five stages, once the output is checked and locked."""
+    from modeling_diff_conversion import convert
+    from modeling_diff_conversion.model_card import render_model_card
+
     train_texts, held_out = train_eval_texts(args.dataset, seed=args.seed)  # fails early on a bad --dataset
     bf16 = native_bf16() if args.bf16 is None else args.bf16
     torch.set_num_threads(args.threads or idle_cores_threads())

@@ -208,16 +208,16 @@ def run(args) -> int:
         )
         if resume and fsdp:
             raise CLIError(f"an --fsdp run cannot resume, and {resume} is a checkpoint: pass --overwrite_output_dir")
-        train_texts, eval_texts = train_eval_texts(data_args.dataset, data_args.eval_fraction, training_args.seed)
-        tokenizer = load_tokenizer(folder, gguf_file, name=model_args.model_name_or_path)
-        train_data, eval_data = token_blocks(
-            train_texts, eval_texts, tokenizer, data_args.seq_len, training_args.eval_strategy
-        )
         check_fits_in_memory(
             config,
             data_args.seq_len,
             training_args.per_device_train_batch_size,
             gradient_checkpointing=training_args.activation_checkpointing,
+        )
+        train_texts, eval_texts = train_eval_texts(data_args.dataset, data_args.eval_fraction, training_args.seed)
+        tokenizer = load_tokenizer(folder, gguf_file, name=model_args.model_name_or_path)
+        train_data, eval_data = token_blocks(
+            train_texts, eval_texts, tokenizer, data_args.seq_len, training_args.eval_strategy
         )
         model, teacher = load_models(model_args, fsdp, tokenizer, training_args.seed)
         trainer = build_trainer(

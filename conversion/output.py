@@ -24,6 +24,7 @@ import secrets
 import shutil
 import signal
 import stat
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -100,7 +101,7 @@ def check_apart(output: str | Path, inputs: dict[str, str | Path | None], what: 
         elif out_id is not None and src.is_dir():
             for entry in _entries(src):
                 if out.is_dir() and entry.is_symlink() and out_id in _real_chain(entry):
-                    relation = f"contains {os.path.realpath(entry)}, which {entry} of"
+                    relation = f"holds {os.path.realpath(entry)} (what {entry} links to), a file of"
                     break
                 if not out.is_dir() and _identity(entry) == out_id:
                     relation = f"is {entry}, a file of"
@@ -110,10 +111,6 @@ def check_apart(output: str | Path, inputs: dict[str, str | Path | None], what: 
                 f"the {what} {output} {relation} the input {source} ({name}): writing it could delete or change the "
                 f"input; choose an {what} apart from the inputs"
             )
-
-
-# check_not_a_source was this module's name for check_apart, when paths were compared instead of files
-check_not_a_source = check_apart
 
 
 # ---------------------------------------------------------------------------------------- what may be replaced
@@ -132,7 +129,7 @@ def _undeletable_flags(path: Path) -> bool:
         return False
     try:
         flags = fcntl.ioctl(fd, FS_IOC_GETFLAGS, b"\0" * 8)
-        return bool(int.from_bytes(flags[:4], "little") & (FS_IMMUTABLE_FL | FS_APPEND_FL))
+        return bool(int.from_bytes(flags[:4], sys.byteorder) & (FS_IMMUTABLE_FL | FS_APPEND_FL))
     except OSError:  # a file system without such flags
         return False
     finally:
@@ -281,9 +278,7 @@ def check_output_dir(path: str | Path, force: bool, flag: str = "--force"):
         )
     problem = deletion_problem(final)
     if problem:
-        raise ConversionError(
-            f"{path} cannot be replaced: {problem}; fix that, or name a new folder"
-        )
+        raise ConversionError(f"{path} cannot be replaced: {problem}; fix that, or name a new folder")
 
 
 # --------------------------------------------------------------------------------------------------- one run each
@@ -477,6 +472,8 @@ def check_text_output(path: str | Path, written_by: str, is_mine) -> None:
         return
     if final.is_dir():
         raise ConversionError(f"{path} is a folder: name a file to write")
+    if not final.is_file():
+        raise ConversionError(f"{path} is not a regular file (a device, a pipe, ...): name a file to write")
     try:
         mine = is_mine(final.read_text())
     except (OSError, UnicodeDecodeError, ValueError):

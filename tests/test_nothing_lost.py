@@ -27,9 +27,20 @@ def models_dir(tmp_path_factory):
     return save_tiny_models(tmp_path_factory.mktemp("models"))
 
 
-def tiny_train(source, output_dir, steps, *extra) -> list[str]:
-    return ["train", str(source), "--output_dir", str(output_dir), "--max_steps", str(steps), "--seq_len", "32",
-            "--per_device_train_batch_size", "2", *map(str, extra)]
+@pytest.fixture(scope="module")
+def tiny_train(models_dir):
+    """`tiny_train(SOURCE, OUTPUT_DIR, STEPS, *EXTRA)`: the argv of a tiny `train` run, on a small text (a few of
+    Python's reference docs), so that its held-out evaluation is quick."""
+    from modeling_diff_eval.corpus import python_docs_texts
+
+    corpus = models_dir / "corpus.txt"
+    corpus.write_text("\n\n".join(python_docs_texts()[:12]))
+
+    def argv(source, output_dir, steps, *extra) -> list[str]:
+        return ["train", str(source), "--output_dir", str(output_dir), "--max_steps", str(steps), "--seq_len", "32",
+                "--per_device_train_batch_size", "2", "--dataset", str(corpus), *map(str, extra)]
+
+    return argv
 
 
 def outcome(argv: list, capsys) -> tuple[int, str]:
@@ -102,7 +113,7 @@ def intercept_uploads(monkeypatch) -> dict:
 # ------------------------------------------------------------------------------------------------------------ 1
 
 
-def test_1_force_replaces_only_an_output_this_tool_wrote(models_dir, tmp_path, monkeypatch, capsys):
+def test_1_force_replaces_only_an_output_this_tool_wrote(models_dir, tiny_train, tmp_path, monkeypatch, capsys):
     llama = models_dir / "llama"
     home, docs, work = tmp_path / "home", tmp_path / "docs", tmp_path / "work"
     (home / ".ssh").mkdir(parents=True)
@@ -145,7 +156,7 @@ def test_1_force_replaces_only_an_output_this_tool_wrote(models_dir, tmp_path, m
     (earlier / "README.md").write_bytes(card)
     assert main(["convert", str(llama), str(earlier), "--force", "--no-verify"]) == 0  # the tool's own: replaced
     assert json.loads((earlier / ".diff-transformer.json").read_text())["written_by"] == "diff-transformer convert"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["docs", "earlier", "file.txt", "home", "link", "work"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs", "earlier", "file.txt", "home", "link", "work"]
 
     # a mount point, even an empty one
     (tmp_path / "empty").mkdir()
@@ -193,7 +204,7 @@ def test_2_eval_json_never_overwrites_an_input(models_dir, tmp_path, monkeypatch
 # ------------------------------------------------------------------------------------------------------------ 3
 
 
-def test_3_the_hub_token_never_reaches_a_file_nor_the_hub(models_dir, tmp_path, monkeypatch, capsys):
+def test_3_the_hub_token_never_reaches_a_file_nor_the_hub(models_dir, tiny_train, tmp_path, monkeypatch, capsys):
     from transformers import TrainingArguments
 
     token = "hf_" + "Ab1" * 12
@@ -228,8 +239,8 @@ def test_3_the_hub_token_never_reaches_a_file_nor_the_hub(models_dir, tmp_path, 
 # ------------------------------------------------------------------------------------------------------------ 4
 
 
-def test_4_every_option_is_checked_before_the_model_loads_and_anything_is_deleted(models_dir, tmp_path, monkeypatch,
-                                                                                   capsys):
+def test_4_every_option_is_checked_before_the_model_loads_and_anything_is_deleted(models_dir, tiny_train, tmp_path,
+                                                                                   monkeypatch, capsys):
     out = tmp_path / "run"
     checkpoints = checkpoints_folder(out)
     train = tiny_train(models_dir / "diff", out, 3, "--save_steps", 1)
@@ -253,7 +264,7 @@ def test_4_every_option_is_checked_before_the_model_loads_and_anything_is_delete
 # ------------------------------------------------------------------------------------------------------------ 5
 
 
-def test_5_replacing_an_output_is_atomic(models_dir, tmp_path, monkeypatch, capsys):
+def test_5_replacing_an_output_is_atomic(models_dir, tiny_train, tmp_path, monkeypatch, capsys):
     from modeling_diff_conversion import ConversionError
     from modeling_diff_conversion.output import atomic_output_dir
 
@@ -270,7 +281,8 @@ def test_5_replacing_an_output_is_atomic(models_dir, tmp_path, monkeypatch, caps
 
     # the old output turns undeletable while the new one is written: nothing is swapped, the new one is kept beside
     with contextlib.ExitStack() as stack:
-        with pytest.raises(ConversionError, match=f"{earlier} cannot be replaced: .*; it is unchanged, and the new output is at"):
+        replaced = f"{earlier} cannot be replaced: .*; it is unchanged, and the new output is at"
+        with pytest.raises(ConversionError, match=replaced):
             with atomic_output_dir(earlier, force=True) as tmp:
                 (tmp / "new.txt").write_text("the new output")
                 stack.enter_context(undeletable(earlier / "config.json"))
@@ -291,7 +303,7 @@ def test_5_replacing_an_output_is_atomic(models_dir, tmp_path, monkeypatch, caps
 # ------------------------------------------------------------------------------------------------------------ 6
 
 
-def test_6_a_user_made_checkpoints_folder_is_never_deleted(models_dir, tmp_path, monkeypatch, capsys):
+def test_6_a_user_made_checkpoints_folder_is_never_deleted(models_dir, tiny_train, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     checkpoints = checkpoints_folder(out)
     checkpoints.mkdir()
@@ -345,7 +357,7 @@ def test_7_push_never_follows_a_symlink_out_of_the_folder(models_dir, tmp_path, 
 # ------------------------------------------------------------------------------------------------------------ 8
 
 
-def test_8_one_run_per_output_folder(models_dir, tmp_path, monkeypatch, capsys):
+def test_8_one_run_per_output_folder(models_dir, tiny_train, tmp_path, monkeypatch, capsys):
     from modeling_diff_conversion.output import lock_path, output_lock
 
     out = tmp_path / "run"
@@ -377,7 +389,7 @@ def test_9_inputs_and_outputs_are_compared_by_file_identity(models_dir, tmp_path
     (tmp_path / "mnt").mkdir()
     with bind_mount(source, tmp_path / "mnt") as mounted:
         if mounted:  # the source itself, under another path
-            for output, says in ((tmp_path / "mnt", "is the input"), (tmp_path / "mnt" / "out", "is inside the input")):
+            for output, says in ((tmp_path / "mnt", "is the input"), (tmp_path / "mnt" / "o", "is inside the input")):
                 assert says in error_line(["convert", source, output, "--force", "--no-verify"], capsys)
     assert tree_hash(source) == before
     if not mounted:
@@ -387,7 +399,7 @@ def test_9_inputs_and_outputs_are_compared_by_file_identity(models_dir, tmp_path
 # ----------------------------------------------------------------------------------------------------------- 10
 
 
-def test_10_resuming_another_models_checkpoint_is_refused(models_dir, tmp_path, monkeypatch, capsys):
+def test_10_resuming_another_models_checkpoint_is_refused(models_dir, tiny_train, tmp_path, monkeypatch, capsys):
     from modeling_diff import DiffTransformerForCausalLM
 
     diff, llama, other = models_dir / "diff", models_dir / "llama", tmp_path / "other"
@@ -462,7 +474,7 @@ def test_10_eval_refuses_zero_batches(models_dir, monkeypatch, capsys):
         assert "--batch-size is 0" in error_line(["eval", models_dir / "diff", "--batch-size", "0"], capsys)
 
 
-def test_10_interruptions_say_what_they_left(models_dir, tmp_path, monkeypatch, capsys):
+def test_10_interruptions_say_what_they_left(models_dir, tiny_train, tmp_path, monkeypatch, capsys):
     from modeling_diff_conversion.convert import ShardWriter
 
     def interrupt(self, *args, **kwargs):
