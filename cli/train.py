@@ -208,6 +208,13 @@ def run(args) -> int:
         )
         if resume and fsdp:
             raise CLIError(f"an --fsdp run cannot resume, and {resume} is a checkpoint: pass --overwrite_output_dir")
+        if model_args.distill_from:  # the teacher must share the tokenizer: its config says so before any load
+            teacher_config = check_config(*resolve_model_path(model_args.distill_from), model_args.distill_from)
+            if teacher_config.vocab_size != config.vocab_size:
+                raise CLIError(
+                    f"--distill_from has vocabulary {teacher_config.vocab_size}, the model {config.vocab_size}: "
+                    "teacher and student must share a tokenizer"
+                )
         check_fits_in_memory(
             config,
             data_args.seq_len,
@@ -220,18 +227,22 @@ def run(args) -> int:
             train_texts, eval_texts, tokenizer, data_args.seq_len, training_args.eval_strategy
         )
         model, teacher = load_models(model_args, fsdp, tokenizer, training_args.seed)
-        trainer = build_trainer(
-            model,
-            tokenizer,
-            train_data,
-            training_args,
-            eval_texts=eval_data,
-            seq_len=data_args.seq_len,
-            lambda_warmup_steps=model_args.lambda_warmup_steps,
-            teacher=teacher,
-            distill_weight=model_args.distill_weight,
-            trained_from=source,
-        )
+        try:
+            trainer = build_trainer(
+                model,
+                tokenizer,
+                train_data,
+                training_args,
+                eval_texts=eval_data,
+                seq_len=data_args.seq_len,
+                lambda_warmup_steps=model_args.lambda_warmup_steps,
+                teacher=teacher,
+                distill_weight=model_args.distill_weight,
+                trained_from=source,
+            )
+        except BaseException:
+            after_failure(checkpoints, main_process)  # the Trainer made the checkpoints folder: it goes again
+            raise
         # everything is checked: only now may the earlier run's checkpoints go
         if main_process:
             checkpoints.prepare()
@@ -282,14 +293,7 @@ def load_models(model_args, fsdp, tokenizer, seed):
             model.name_or_path = str(Path(name).expanduser().resolve())
         set_seed(seed)  # the LoRA A matrices are drawn at random: same seed, same run
         model = add_lora_adapters(model, model_args.lora_r or 16, model_args.lora_alpha or 32)
-    teacher = None
-    if model_args.distill_from:
-        teacher, _ = load_model(model_args.distill_from)
-        if teacher.config.vocab_size != model.config.vocab_size:
-            raise CLIError(
-                f"--distill-from has vocabulary {teacher.config.vocab_size}, the model "
-                f"{model.config.vocab_size}: teacher and student must share a tokenizer"
-            )
+    teacher = load_model(model_args.distill_from)[0] if model_args.distill_from else None
     return model, teacher
 
 

@@ -140,7 +140,7 @@ def test_train_trainer_options_take_effect(models_dir, tmp_path, monkeypatch):
     assert train_interrupted_at_the_final_evaluation(argv, monkeypatch) == 130
     checkpoints = checkpoints_folder(out)
     # --save_total_limit 1: the newest checkpoint alone (the last step takes none: the model is saved at the end)
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-3"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".diff-transformer.json", "checkpoint-3"]  # train's own
     state = json.loads((checkpoints / "checkpoint-3" / "trainer_state.json").read_text())
     rates = [e["learning_rate"] for e in state["log_history"] if "learning_rate" in e]
     assert rates == [1e-3] * 3  # constant: no warm-up ramp, no decay
@@ -567,7 +567,7 @@ def test_train_skips_incomplete_checkpoints_and_resumes_the_newest_complete_one(
     checkpoints = checkpoints_folder(out)
     train = [*tiny_train(models_dir / "diff", out, 4), "--save_steps", "1", "--save_total_limit", "3"]
     assert train_interrupted_at_the_final_evaluation(train, monkeypatch) == 130
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     weights = checkpoints / "checkpoint-3" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a disk that filled up during a save
     (checkpoints / "checkpoint-2" / "trainer_state.json").unlink()  # a kill during a save: the state comes last
