@@ -17,7 +17,14 @@ from pathlib import Path
 
 import yaml
 from modeling_diff_conversion.hub import check_repo_id, upload_folder
-from modeling_diff_conversion.output import InterruptedAfterWriting, check_apart, check_output_dir, output_lock
+from modeling_diff_conversion.output import (
+    InterruptedAfterWriting,
+    atomic_output_dir,
+    check_apart,
+    check_output_dir,
+    deletion_problem,
+    output_lock,
+)
 from modeling_diff_training import (
     DataArguments,
     DiffTrainingArguments,
@@ -26,6 +33,7 @@ from modeling_diff_training import (
     build_trainer,
     check_fits_in_memory,
     run_training,
+    save_lora_adapter,
     token_blocks,
 )
 from modeling_diff_training.checkpoints import (
@@ -35,8 +43,7 @@ from modeling_diff_training.checkpoints import (
     complete_checkpoints,
     resume_point,
 )
-from modeling_diff_training.fsdp import gather_fsdp_weights, load_fsdp_model
-from modeling_diff_training.trainer import save_trained
+from modeling_diff_training.fsdp import gather_fsdp_weights, load_fsdp_model, save_unsharded
 from transformers import HfArgumentParser, set_seed
 
 from .common import CLIError, check_config, load_model, load_tokenizer, resolve_model_path, say
@@ -196,7 +203,11 @@ def run(args) -> int:
     # one run per output folder: the lock also proves, before any work, that the output's folder is writable
     with output_lock(output) if main_process else contextlib.nullcontext():
         check_output_dir(output, overwrite, flag="--overwrite_output_dir")
-        checkpoints.check(overwrite)
+        checkpoints.check()
+        for checkpoint in checkpoints.checkpoints() if overwrite else []:
+            problem = deletion_problem(checkpoint)
+            if problem:
+                raise CLIError(f"--overwrite_output_dir cannot delete the earlier checkpoint {checkpoint}: {problem}")
         folder, gguf_file = resolve_model_path(model_args.model_name_or_path)
         if gguf_file is None:  # a Hub id: where it resolved to, in the HF cache
             check_apart(output, {"MODEL": folder})
@@ -254,15 +265,7 @@ def run(args) -> int:
             state_dict = gather_fsdp_weights(trainer) if fsdp else None  # every rank takes part
             if not trainer.is_world_process_zero():
                 return 0  # under torchrun / accelerate launch, rank 0 alone writes the result
-            save_trained(
-                trainer,
-                tokenizer,
-                output,
-                overwrite=overwrite,
-                lora=model_args.lora,
-                merge_lora=model_args.merge_lora,
-                state_dict=state_dict,
-            )
+            save_trained(trainer, tokenizer, model_args, output, overwrite, state_dict)
         except InterruptedAfterWriting:
             raise  # the output is complete: its message says so
         except KeyboardInterrupt:
@@ -314,6 +317,23 @@ def model_name(model: str) -> str:
     """How checkpoint records name a model: a local path made absolute, a Hub id as it is."""
     path = Path(model).expanduser()
     return str(path.resolve()) if path.exists() else model
+
+
+def save_trained(trainer, tokenizer, model_args, output: Path, overwrite: bool, state_dict) -> None:
+    """Write the trained model (or LoRA adapter), its tokenizer and the run's log history to `output`, atomically: it
+    replaces an earlier output of this tool only with --overwrite_output_dir, and only once it is complete."""
+    flag, written_by = "--overwrite_output_dir", "diff-transformer train"
+    with atomic_output_dir(output, force=overwrite, flag=flag, written_by=written_by) as tmp:
+        if state_dict is not None:
+            save_unsharded(trainer.model.config, state_dict, tmp)
+        elif model_args.lora and model_args.merge_lora:
+            trainer.model.merge_and_unload().save_pretrained(tmp)
+        elif model_args.lora:
+            save_lora_adapter(trainer.model, tmp)
+        else:
+            trainer.save_model(str(tmp))
+        tokenizer.save_pretrained(tmp)
+        trainer.state.save_to_json(str(tmp / "trainer_state.json"))  # the run's log history
 
 
 def after_failure(checkpoints: CheckpointsFolder, main_process: bool) -> str:

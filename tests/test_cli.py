@@ -140,7 +140,7 @@ def test_train_trainer_options_take_effect(models_dir, tmp_path, monkeypatch):
     assert train_interrupted_at_the_final_evaluation(argv, monkeypatch) == 130
     checkpoints = checkpoints_folder(out)
     # --save_total_limit 1: the newest checkpoint alone (the last step takes none: the model is saved at the end)
-    assert sorted(p.name for p in checkpoints.iterdir()) == [".diff-transformer.json", "checkpoint-3"]  # train's own
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".diff-transformer-checkpoints.json", "checkpoint-3"]
     state = json.loads((checkpoints / "checkpoint-3" / "trainer_state.json").read_text())
     rates = [e["learning_rate"] for e in state["log_history"] if "learning_rate" in e]
     assert rates == [1e-3] * 3  # constant: no warm-up ramp, no decay

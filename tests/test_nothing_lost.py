@@ -259,6 +259,10 @@ def test_4_every_option_is_checked_before_the_model_loads_and_anything_is_delete
         ):
             assert says in error_line([*train, "--overwrite_output_dir", *extra], capsys)
             assert tree_hash(checkpoints) == kept and not out.exists()
+        with undeletable(checkpoints / "checkpoint-2" / "model.safetensors"):  # would be deleted half-way
+            error = error_line([*train, "--overwrite_output_dir"], capsys)
+            assert f"cannot delete the earlier checkpoint {checkpoints / 'checkpoint-2'}: " in error
+    assert tree_hash(checkpoints) == kept and not out.exists()
 
 
 # ------------------------------------------------------------------------------------------------------------ 5
@@ -329,7 +333,7 @@ def test_6_a_user_made_checkpoints_folder_is_never_deleted(models_dir, tiny_trai
     (checkpoints / "notes.txt").write_text("mine")
     capsys.readouterr()
     assert main(train) == 0
-    assert sorted(p.name for p in checkpoints.iterdir()) == [".diff-transformer.json", "notes.txt"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".diff-transformer-checkpoints.json", "notes.txt"]
     assert f"note: kept {checkpoints}: it holds notes.txt, which this run did not write" in capsys.readouterr().err
 
 

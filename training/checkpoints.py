@@ -38,6 +38,7 @@ WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "pytorch_model
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 TORCH_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth")  # torch.save's zip archives
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+MARKER = ".diff-transformer-checkpoints.json"  # in a checkpoints folder that `train` made
 
 
 def checkpoints_folder(output_dir: str | Path) -> Path:
@@ -256,7 +257,7 @@ def check_resumes_the_model(
 class CheckpointsFolder:
     """OUTPUT_DIR-checkpoints, where `train` keeps its resumable checkpoints: what it may write and delete there.
 
-    A folder this tool made carries `MARKER` (kind "checkpoints"). A folder without it is used only when it is empty
+    A folder this tool made carries `MARKER`. A folder without it is used only when it is empty
     or holds nothing but checkpoints recorded by `TrainedFrom` (a run of an earlier version, which gets the marker);
     anything else is the user's and refused before any work. Only `checkpoint-N` folders are ever deleted: all of
     them to start afresh (`clear`), this run's lineage at the end (`finish`); the folder itself only when it is
@@ -269,8 +270,6 @@ class CheckpointsFolder:
         self.cleared: list[str] = []  # earlier checkpoints deleted to start afresh
 
     def marked(self) -> bool:
-        from modeling_diff_conversion.output import MARKER
-
         marker = self.path / MARKER
         try:
             return json.loads(marker.read_text()).get("kind") == "checkpoints" and not marker.is_symlink()
@@ -284,10 +283,8 @@ class CheckpointsFolder:
         found = [(int(m.group(1)), p) for p in self.path.iterdir() if (m := _CHECKPOINT.match(p.name))]
         return [p for _, p in sorted(found) if p.is_dir() and not p.is_symlink()]
 
-    def check(self, overwrite: bool = False, flag: str = "--overwrite_output_dir") -> None:
-        """Refuse, before any work, a folder this run must not write into (or, with `overwrite`, must not clear)."""
-        from modeling_diff_conversion.output import deletion_problem
-
+    def check(self) -> None:
+        """Refuse, before any work, a folder this run must not write into."""
         path = self.path
         self.created = not path.exists() and not path.is_symlink()  # the Trainer makes it when it is built
         if path.is_symlink():
@@ -307,16 +304,9 @@ class CheckpointsFolder:
                     f"{path} exists and was not made by diff-transformer train (it holds {shown}): train keeps its "
                     "resumable checkpoints there; move that folder away, or choose another --output_dir"
                 )
-        if overwrite:
-            for checkpoint in self.checkpoints():
-                problem = deletion_problem(checkpoint)
-                if problem:
-                    raise TrainingError(f"{flag} cannot delete the earlier checkpoint {checkpoint}: {problem}")
 
     def prepare(self) -> None:
         """Make the folder with its marker (or mark the folder of an earlier version's run); after `check`."""
-        from modeling_diff_conversion.output import MARKER
-
         self.path.mkdir(parents=True, exist_ok=True)
         if self.created or (not self.marked() and self.checkpoints()):
             record = {"written_by": "diff-transformer train", "kind": "checkpoints"}
@@ -331,8 +321,6 @@ class CheckpointsFolder:
     def finish(self, source: TrainedFrom) -> str | None:
         """After a successful run: delete its checkpoints (recorded as trained from `source`, or cut short), then the
         folder when it is marked and holds nothing else. Returns a note when something is kept, else None."""
-        from modeling_diff_conversion.output import MARKER
-
         for checkpoint in self.checkpoints():
             recorded = _recorded(checkpoint)
             if recorded is None or recorded.fingerprint == source.fingerprint:
@@ -350,8 +338,6 @@ class CheckpointsFolder:
     def after_failure(self) -> str:
         """What a failed or interrupted run leaves: complete checkpoints stay for the same command to resume; a folder
         this run made without one is removed. Returns that, as a sentence."""
-        from modeling_diff_conversion.output import MARKER
-
         complete = complete_checkpoints(self.path) if self.path.is_dir() else []
         if complete:
             return f"the checkpoints in {self.path} are kept; the same command resumes from {complete[-1].name}"

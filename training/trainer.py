@@ -158,28 +158,3 @@ def train_model(
         trained_from=trained_from,
     )
     return run_training(trainer, resume_from_checkpoint)
-
-
-def save_trained(trainer, tokenizer, output, *, overwrite=False, lora=False, merge_lora=False, state_dict=None):
-    """Write the trained model (or LoRA adapter; merged into the weights with `merge_lora`), its tokenizer and the
-    run's log history to `output`, atomically: the folder replaces an earlier output of this tool only with
-    `overwrite`, and only once it is complete (`atomic_output_dir`). `state_dict`: the gathered weights of an FSDP
-    run (`gather_fsdp_weights`)."""
-    from modeling_diff_conversion.output import atomic_output_dir
-
-    from .fsdp import save_unsharded
-    from .lora import save_lora_adapter
-
-    with atomic_output_dir(
-        output, force=overwrite, flag="--overwrite_output_dir", written_by="diff-transformer train"
-    ) as tmp:
-        if state_dict is not None:
-            save_unsharded(trainer.model.config, state_dict, tmp)
-        elif lora and merge_lora:
-            trainer.model.merge_and_unload().save_pretrained(tmp)
-        elif lora:
-            save_lora_adapter(trainer.model, tmp)
-        else:
-            trainer.save_model(str(tmp))
-        tokenizer.save_pretrained(tmp)
-        trainer.state.save_to_json(str(tmp / "trainer_state.json"))  # the run's log history
