@@ -120,11 +120,6 @@ def run(args) -> int:
             print(format_table(args.task, result))
     except ValueError as err:
         raise CLIError(str(err).splitlines()[0])
-    except ZeroDivisionError:
-        raise CLIError(
-            f"the text has fewer tokens than one window of --seq-len {args.seq_len}: give more text, or a shorter "
-            "--seq-len"
-        )
     result["model"] = args.model
     if args.json:
         write_text_output(

@@ -470,12 +470,15 @@ def test_10_generate_refuses_prompts_past_the_context_and_temperatures_that_cann
     assert "and --max-new-tokens 40 run past the model's context of 16 tokens: generating" in warning
 
 
-def test_10_eval_refuses_zero_batches(models_dir, monkeypatch, capsys):
+def test_10_eval_refuses_zero_batches(models_dir, tmp_path, monkeypatch, capsys):
     # the old code loaded the model and divided by zero
     assert "--max-batches is 0: give a positive number" in error_line(
         ["eval", models_dir / "diff", "--max-batches", "0"], capsys)
     with model_never_loads(monkeypatch):
         assert "--batch-size is 0" in error_line(["eval", models_dir / "diff", "--batch-size", "0"], capsys)
+    (tmp_path / "short.txt").write_text("Five words and no more.")
+    assert "error: the texts hold 3 tokens, fewer than one window of 64" == error_line(
+        ["eval", models_dir / "diff", "--dataset", tmp_path / "short.txt", "--seq-len", "64"], capsys)
 
 
 def test_10_interruptions_say_what_they_left(models_dir, tiny_train, tmp_path, monkeypatch, capsys):
