@@ -109,7 +109,7 @@ def check_apart(output: str | Path, inputs: dict[str, str | Path | None], what: 
         if relation:
             raise ConversionError(
                 f"the {what} {output} {relation} the input {source} ({name}): writing it could delete or change the "
-                f"input; choose an {what} apart from the inputs"
+                f"input; choose another {what}, apart from the inputs"
             )
 
 
