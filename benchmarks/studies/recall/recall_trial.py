@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import asdict, replace
 
-from benchmarks.studies.harness import MODELS
+from benchmarks.harness.study import MODELS
 from benchmarks.studies.recall.config import Settings
 from benchmarks.studies.recall.recall_study import run_job
 from benchmarks.studies.recall.task import cell_name
