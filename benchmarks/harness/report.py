@@ -90,15 +90,21 @@ def command(module: str, argv: list[str]) -> str:
 
 
 def header(title: str, command_line: str, info: dict, *bullets: str) -> list[str]:
-    """The first lines of every results file: title, command, date, machine, load at the start and at the end (now,
-    or `info["load_end"]`), versions."""
+    """The first lines of every results file: title, command, date, commit, machine, load at the start and at the
+    end (now, or `info["load_end"]`), versions. A run from before `machine_info` recorded the commit says so, and
+    names the commit that added its results (`info["committed_in"]`) when known."""
     start = ", ".join(f"{x:.2f}" for x in info["load_start"])
     end = ", ".join(f"{x:.2f}" for x in info.get("load_end") or os.getloadavg())  # saved: a re-rendered run
     gpu = f"; GPU: {info['gpu']}" if info.get("gpu") else ""
+    if info.get("commit"):
+        commit = f"at commit {info['commit']}"
+    else:
+        commit = "at a commit it did not record" + (f" (committed in {info['committed_in']})"
+                                                    if info.get("committed_in") else "")
     return [
         f"# {title}",
         "",
-        f"Produced by `{command_line}` on {info['date_utc']}, at commit {info.get('commit', 'unknown')}.",
+        f"Produced by `{command_line}` on {info['date_utc']}, {commit}.",
         "",
         f"- Machine: {info['cpu']}, {info['logical_cores']} logical cores, torch threads = {info['torch_threads']}"
         f"{gpu}; load average (1, 5, 15 min) {start} at the start, {end} at the end (the machine may be shared: "
