@@ -306,7 +306,6 @@ def study_header(title: str, state: dict, produced: str, *bullets: str | None) -
 
 
 def write_study(out: Path, name: str, text: str, state: dict) -> dict:
-    """A study's report: OUT/NAME.md and OUT/NAME.json (`state`, its private start time left out); returns `state`."""
-    state = {key: value for key, value in state.items() if key != "started"}
+    """A study's report: OUT/NAME.md and OUT/NAME.json (`state`); returns `state`."""
     write_results(out / f"{name}.md", text, state)
     return state
