@@ -19,9 +19,9 @@ it is, without `trust_remote_code`:
     python -m vllm.entrypoints.openai.api_server --model FOLDER
     LLM(model=FOLDER)
 
-`register()` teaches transformers the `diff_transformer` config (the very file `modeling_diff` ships,
-`configuration_diff_transformer.py`, linked into this package) and vLLM the `DiffTransformerForCausalLM`
-architecture (`modeling_diff_vllm.diff_transformer`). vLLM calls it in every process it starts.
+`register()` teaches transformers the `diff_transformer` config (`configuration.py`: the very file `modeling_diff`
+ships, `configuration_diff_transformer.py`, linked into this package, so the two cannot drift) and vLLM the
+`DiffTransformerForCausalLM` architecture (`modeling_diff_vllm.diff_transformer`). vLLM calls it in every process it starts.
 """
 
 ARCHITECTURE = "DiffTransformerForCausalLM"
@@ -32,7 +32,7 @@ def register() -> None:
     from transformers import AutoConfig
     from vllm import ModelRegistry
 
-    from .configuration_diff_transformer import DiffTransformerConfig
+    from .configuration import DiffTransformerConfig
 
     AutoConfig.register(DiffTransformerConfig.model_type, DiffTransformerConfig, exist_ok=True)
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():

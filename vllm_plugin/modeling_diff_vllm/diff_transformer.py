@@ -249,15 +249,20 @@ class DiffTransformerV2Attention(nn.Module):
         )
         check_head_size(self.attn, d, f"DiffTransformer V2 (head_dim {d})")
 
+    def lambda_gate(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """σ(W_λ x) per token and differential head on this rank, × lambda_scale: (T, hidden) -> (T, heads)."""
+        lambda_gate, _ = self.lambda_proj(hidden_states)
+        lambda_gate = torch.sigmoid(lambda_gate)
+        if self.config.lambda_scale != 1.0:
+            lambda_gate = lambda_gate * self.config.lambda_scale
+        return lambda_gate
+
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.rotary_emb(positions, q, k)
         attn_output = self.attn(q, k, v).view(-1, self.num_heads, 2, self.head_dim)  # (T, heads, map, d)
-        lambda_gate, _ = self.lambda_proj(hidden_states)
-        lambda_gate = torch.sigmoid(lambda_gate)  # (T, heads)
-        if self.config.lambda_scale != 1.0:
-            lambda_gate = lambda_gate * self.config.lambda_scale
+        lambda_gate = self.lambda_gate(hidden_states)  # (T, heads)
         attn_output = torch.addcmul(attn_output[:, :, 0], lambda_gate.unsqueeze(-1), attn_output[:, :, 1], value=-1)
         output, _ = self.o_proj(attn_output.reshape(-1, self.num_heads * self.head_dim))
         return output

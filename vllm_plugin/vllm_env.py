@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Build (or reuse) the virtual environment that runs vLLM CPU with this plugin, apart from the main package's.
+"""The virtual environment that runs vLLM CPU with this plugin, apart from the main package's: build it, start its
+OpenAI server.
 
 Released vLLM pins transformers below the main package's floor, so vLLM and `modeling_diff` never share an
 environment: the tests and the benchmark compute `generate()`'s side in the main environment and run vLLM in this
@@ -19,9 +20,12 @@ The folder is `~/.cache/modeling-diff/vllm-venv`, or `$MODELING_DIFF_VLLM_VENV`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,6 +63,58 @@ def ensure_venv(log=print) -> tuple[Path, float | None]:
         log(f"built the vLLM venv in {built:.0f} s")
     pip(venv, "install", "--no-deps", "--no-build-isolation", "--force-reinstall", str(PLUGIN))
     return python_of(venv), built
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def start_server(python: Path, model: Path, *flags: str, timeout: float = 600, kv_cache_gib: int = 1, env=None):
+    """`python -m vllm.entrypoints.openai.api_server --model MODEL FLAGS` on 127.0.0.1 and a free port, with a
+    `kv_cache_gib` GiB CPU KV cache; yields its base URL once /health answers, and stops it on exit. Raises
+    RuntimeError with the end of its output when it exits first or does not answer within `timeout` seconds."""
+    import httpx2 as httpx
+
+    port = free_port()
+    output = tempfile.TemporaryFile("w+")
+    process = subprocess.Popen(
+        [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
+         "--port", str(port), *flags],
+        stdout=output, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), **(env or {})},
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def tail() -> str:
+        output.seek(0)
+        return output.read()[-6000:]
+
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the vLLM server exited with {process.returncode}:\n{tail()}")
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the vLLM server did not answer within {timeout:.0f} s:\n{tail()}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, 15)  # the server and the engine process it started
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)
+                process.wait()
+        output.close()
 
 
 def main(argv=None) -> None:
