@@ -1,6 +1,7 @@
 """The vLLM plugin (`vllm_plugin/`, package `modeling_diff_vllm`) against `generate()`, on vLLM CPU.
 
-vLLM pins transformers below this package's floor, so vLLM runs in its own venv (built on first use by
+Run with `MODELING_DIFF_VLLM_TESTS=1 python -m pytest tests/test_vllm_plugin.py` (skipped otherwise). vLLM pins
+transformers below this package's floor, so vLLM runs in its own venv (built on first use by
 `vllm_plugin/vllm_env.py`, about 2 minutes, then reused; `MODELING_DIFF_VLLM_VENV` moves it). This process builds the
 models and computes the references with `generate()`; one worker process in the vLLM venv (`tests/vllm_worker.py`)
 runs every `LLM` job; one OpenAI server answers the server tests.
@@ -26,7 +27,13 @@ from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
 
 from vllm_plugin.vllm_env import ensure_venv, start_server
 
-pytestmark = pytest.mark.slow
+# The vLLM venv is 3.5 GB and these tests take minutes: they run when asked for (docs/vllm.md, "Tests and their cost")
+# The vLLM venv is 3.5 GB and these tests take minutes: they run when asked for (docs/vllm.md, "Tests and their cost")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.environ.get("MODELING_DIFF_VLLM_TESTS") != "1",
+                       reason="vLLM plugin tests: run with MODELING_DIFF_VLLM_TESTS=1 (builds or reuses the vLLM venv)"),
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "vllm_worker.py"
@@ -44,6 +51,9 @@ TINY = {
     "v2-mha": (2, 4, 2, 128, {"lambda_scale": 0.5}),  # one KV head per differential head
     "v2-gqa": (2, 8, 2, 512, {"tie_word_embeddings": True, "rope_parameters": LLAMA3_ROPE}),
 }
+# vLLM's default path on CPU compiles the model (torch.compile, inductor: 10 s for a tiny model, a minute for SmolLM2);
+# one model of each variant takes it (V1 here, V2 in the server), the others run eagerly
+COMPILED = ["v1-mha"]
 TENSOR_PARALLEL = ["v1-mha", "v2-gqa"]  # 2 KV groups / 2 KV heads: TP=2 splits them
 SABOTAGE = {"v1-no-lambda": "v1-mha", "v1-no-head-norm": "v1-mha", "v2-no-lambda": "v2-mha"}
 
@@ -96,6 +106,7 @@ def smollm2_pair(folder: Path) -> dict[str, Path]:
     llama = folder / "smollm2-llama"
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None  # transformers dequantises GGUF weights on load: plain float32 tensors, saved as such
+    del model.config.quantization_config  # (vLLM would look for a GGUF file)
     model.save_pretrained(llama)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(llama)
     convert(str(llama), str(folder / "smollm2-v2"), variant="v2", progress=False)
@@ -164,7 +175,8 @@ def runs(venv_python, tmp_path_factory):
         ids = prompts(128) if name in TINY else [tokenizer(text).input_ids for text in texts]
         for kind, folder in pair.items():
             refs[f"{name}-{kind}"] = reference(folder, ids)
-            jobs.append({"name": f"{name}-{kind}", "model": str(folder), "prompts": ids, "max_tokens": MAX_TOKENS})
+            jobs.append({"name": f"{name}-{kind}", "model": str(folder), "prompts": ids, "max_tokens": MAX_TOKENS,
+                         "enforce_eager": name not in COMPILED})
     jobs += [{**job, "name": f"{sabotage}", "sabotage": sabotage, "enforce_eager": True}
              for sabotage, name in SABOTAGE.items() for job in jobs if job["name"] == f"{name}-diff"]
     refused = DiffTransformerForCausalLM(DiffTransformerConfig(

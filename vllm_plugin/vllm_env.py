@@ -90,7 +90,7 @@ def start_server(python: Path, model: Path, *flags: str, timeout: float = 600, k
 
     def tail() -> str:
         output.seek(0)
-        return output.read()[-6000:]
+        return output.read()[-20000:]  # a refusal's sentence comes before the engine's own traceback
 
     try:
         deadline = time.monotonic() + timeout

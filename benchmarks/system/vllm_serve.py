@@ -71,6 +71,7 @@ def prepare_models(work: Path) -> dict[str, Path]:
     llama = work / "smollm2"
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     model.hf_quantizer = None  # dequantised on load: plain float32 tensors, saved as such
+    del model.config.quantization_config  # (vLLM would look for a GGUF file)
     model.save_pretrained(llama)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer.save_pretrained(llama)
@@ -96,9 +97,11 @@ def diff_transformer_serve(folder: Path, timeout: float = 300):
     """`diff-transformer serve FOLDER` (its defaults) on 127.0.0.1 and a free port; yields the base URL."""
     port = free_port()
     output = tempfile.TemporaryFile("w+")
-    process = subprocess.Popen([sys.executable, "-m", "modeling_diff_cli.main", "serve", str(folder), "--port", str(port)],
-                               stdout=output, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "modeling_diff_cli.main", "serve", str(folder), "--port", str(port)],
+        stdout=output, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -218,7 +221,8 @@ def main(argv=None) -> dict:
         folders = prepare_models(Path(work))
         vllm_flags = ("--dtype", "float32", "--max-model-len", "1024")
         endpoints = {  # name: (base URL, model name, is vLLM); started one after another, then idle
-            LLAMA: (servers.enter_context(start_server(python, folders["llama"], *vllm_flags)), folders["llama"], True),
+            LLAMA: (
+                servers.enter_context(start_server(python, folders["llama"], *vllm_flags)), folders["llama"], True),
             "Diff V2 (converted), vLLM": (
                 servers.enter_context(start_server(python, folders["v2"], *vllm_flags)), folders["v2"], True),
             "Diff V1 (SmolLM2's shapes), vLLM": (

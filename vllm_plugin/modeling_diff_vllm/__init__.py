@@ -21,7 +21,8 @@ it is, without `trust_remote_code`:
 
 `register()` teaches transformers the `diff_transformer` config (`configuration.py`: the very file `modeling_diff`
 ships, `configuration_diff_transformer.py`, linked into this package, so the two cannot drift) and vLLM the
-`DiffTransformerForCausalLM` architecture (`modeling_diff_vllm.diff_transformer`). vLLM calls it in every process it starts.
+`DiffTransformerForCausalLM` architecture (`modeling_diff_vllm.diff_transformer`). vLLM calls it in every process
+it starts.
 """
 
 ARCHITECTURE = "DiffTransformerForCausalLM"
