@@ -54,6 +54,8 @@ TINY = {
 # vLLM's default path on CPU compiles the model (torch.compile, inductor: 10 s for a tiny model, a minute for SmolLM2);
 # one model of each variant takes it (V1 here, V2 in the server), the others run eagerly
 COMPILED = ["v1-mha"]
+BFLOAT16 = ["v1-mha", "v2-mha"]  # also served in bfloat16 (the same weights cast; references from bf16 `generate()`)
+BFLOAT16_FLOOR = 0.1  # bf16 keeps 8 bits of mantissa: log-probs of the Llama control move by ~5e-2
 TENSOR_PARALLEL = ["v1-mha", "v2-gqa"]  # 2 KV groups / 2 KV heads: TP=2 splits them
 SABOTAGE = {"v1-no-lambda": "v1-mha", "v1-no-head-norm": "v1-mha", "v2-no-lambda": "v2-mha"}
 
@@ -177,6 +179,11 @@ def runs(venv_python, tmp_path_factory):
             refs[f"{name}-{kind}"] = reference(folder, ids)
             jobs.append({"name": f"{name}-{kind}", "model": str(folder), "prompts": ids, "max_tokens": MAX_TOKENS,
                          "enforce_eager": name not in COMPILED})
+    for name in BFLOAT16:
+        for kind, folder in folders[name].items():
+            refs[f"{name}-{kind}-bf16"] = reference(folder, prompts(128), dtype=torch.bfloat16)
+            jobs.append({"name": f"{name}-{kind}-bf16", "model": str(folder), "prompts": prompts(128),
+                         "max_tokens": MAX_TOKENS, "dtype": "bfloat16", "enforce_eager": True})
     jobs += [{**job, "name": f"{sabotage}", "sabotage": sabotage, "enforce_eager": True}
              for sabotage, name in SABOTAGE.items() for job in jobs if job["name"] == f"{name}-diff"]
     refused = DiffTransformerForCausalLM(DiffTransformerConfig(
@@ -205,6 +212,18 @@ def test_vllm_greedy_equals_generate_as_closely_as_llama(runs, name):
     assert diff["cached_tokens"][-1] > 0 and diff["tokens"][-1] == refs[f"{name}-diff"]["tokens"][0]
     # KV-cache bytes per token are Llama's: the same cache space holds as many tokens
     assert diff["kv_cache_tokens"] == llama["kv_cache_tokens"] > 0
+
+
+@pytest.mark.parametrize("name", BFLOAT16)
+def test_vllm_bfloat16_greedy_equals_generate(runs, name):
+    """In bfloat16: vLLM's greedy tokens equal bf16 `generate()`'s, log-probs within max(2 × the Llama control's
+    error, 0.1) (the control's own tokens may part from `generate()`'s late in a sequence: bf16 near-ties)."""
+    refs, results = runs["refs"], runs["results"]
+    diff, llama = results[f"{name}-diff-bf16"], results[f"{name}-llama-bf16"]
+    assert diff["tokens"][:3] == refs[f"{name}-diff-bf16"]["tokens"]
+    error, control = logprob_error(refs[f"{name}-diff-bf16"], diff), logprob_error(refs[f"{name}-llama-bf16"], llama)
+    print(f"{name} bf16: max |Δ log-prob| {error:.2e}, Llama control {control:.2e}")
+    assert error <= max(2 * control, BFLOAT16_FLOOR)
 
 
 @pytest.mark.parametrize("sabotage", SABOTAGE)
