@@ -117,8 +117,7 @@ class DiffTransformerV1Attention(nn.Module):
         attn_type: str = AttentionType.DECODER,
     ) -> None:
         super().__init__()
-        tp_size = get_tensor_model_parallel_world_size()
-        check_servable(config, tp_size)
+        tp_size = get_tensor_model_parallel_world_size()  # divides the KV units: `check_servable`
         self.config = config
         self.head_dim = d = config.head_dim
         self.num_maps = num_heads // tp_size  # query heads on this rank: q1 and q2 of each differential head
@@ -205,8 +204,7 @@ class DiffTransformerV2Attention(nn.Module):
         attn_type: str = AttentionType.DECODER,
     ) -> None:
         super().__init__()
-        tp_size = get_tensor_model_parallel_world_size()
-        check_servable(config, tp_size)
+        tp_size = get_tensor_model_parallel_world_size()  # divides the KV units: `check_servable`
         self.config = config
         self.head_dim = d = config.head_dim
         self.num_maps = num_heads // tp_size  # query heads on this rank, two per differential head
