@@ -121,11 +121,13 @@ V1_CHECKPOINT_NAMES = [
 def register_checkpoint_names(config: DiffTransformerConfig) -> None:
     """Register the renaming of `config`'s variant with transformers: V1's names, and none for V2.
 
-    transformers looks a model's renaming up by its model type when it builds the model in `from_pretrained` and
-    when it saves, and V1 and V2 share one model type: the models register their variant's renaming when built and
-    again before saving, so the one in place is always the variant's own. A renaming left by the other variant loads
-    and saves the same files (V1's names occur in no V2 checkpoint).
+    transformers looks a model's renaming up by its model type after it builds the model in `from_pretrained` and
+    when it saves, and V1 and V2 share one model type: the models register their variant's renaming when built (in
+    `post_init`) and again before saving, so the one in place is always the variant's own. A renaming left by the
+    other variant loads and saves the same files (V1's names occur in no V2 checkpoint).
     """
+    # CODEPATH: diff_version=1 checkpoints (the paper, DiffLlama conversions) carry the paper's names; diff_version=2
+    # checkpoints have nothing to rename.
     renaming = list(V1_CHECKPOINT_NAMES) if config.diff_version == 1 else []
     register_checkpoint_conversion_mapping(config.model_type, renaming, overwrite=True)
 
@@ -594,9 +596,9 @@ class DiffTransformerPreTrainedModel(PreTrainedModel):
         "attentions": [DiffTransformerV1Attention, DiffTransformerV2Attention],
     }
 
-    def __init__(self, config: DiffTransformerConfig, *inputs, **kwargs):
-        super().__init__(config, *inputs, **kwargs)
-        register_checkpoint_names(config)
+    def post_init(self):
+        super().post_init()
+        register_checkpoint_names(self.config)
 
     def _init_weights(self, module):
         super()._init_weights(module)
