@@ -291,7 +291,7 @@ def differential(pairs: torch.Tensor, lambda_: torch.Tensor, lambda_scale: float
     if lambda_scale != 1.0:
         lambda_ = lambda_ * lambda_scale
     a1, a2 = pairs.unflatten(dim, (-1, 2)).unbind(dim + 1)
-    # one addcmul: no intermediate for λ·a2, and one rounding in half precision
+    # one addcmul: no intermediate tensor for λ·a2
     return torch.addcmul(a1, lambda_, a2, value=-1)
 
 
