@@ -11,7 +11,7 @@ unimportable: transformers decides what is missing with `importlib.import_module
 meta-path blocker, `sys.modules[name] = None`) would test our blocker as much as transformers' check, and could hide
 a package that a clean install really lacks or really has. The venv is built once and reused: under
 `~/.cache/modeling-diff/clean-venv-torch<torch>-transformers<transformers>`, or the folder `MODELING_DIFF_CLEAN_VENV`
-names (CI can point it at a cached path). Building it takes about 40 s with pip's wheel cache warm (2 cores); later
+names (CI can point it at a cached path). Building it took 47 s here (pip's wheel cache warm, 2 cores); later
 runs reuse it. The first test checks that peft, accelerate, trl and this package are absent there.
 
 The tests in the suite's own process check the shipped files with transformers' own import scan (fast, every
