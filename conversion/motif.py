@@ -1,4 +1,4 @@
-"""Motif-2.6B checkpoints -> DiffTransformer V1 folders, exactly (`convert` and `diff-transformer convert` dispatch here).
+"""Motif-2.6B checkpoints -> DiffTransformer V1 folders, exactly (`convert` dispatches Motif checkpoints here).
 
 Motif-2.6B (Motif Technologies) is the paper's V1 differential attention in this project's own layout: adjacent
 query heads 2i, 2i+1 are q1, q2 of differential head i, adjacent key heads 2j, 2j+1 are k1, k2 of KV group j whose
@@ -6,7 +6,7 @@ value is cat(v_2j, v_2j+1), the per-head norm has a gain, and its tensors carry 
 checkpoints use (`self_attn.lambda_q1`, `self_attn.subln.weight`). What differs is configuration: a learned PolyNorm
 MLP activation (`mlp.act_fn.weight`, `mlp.act_fn.bias`), λ_init shifted by one layer, a per-head norm epsilon of its
 own (`attn_rms_norm_eps`) and, with `use_bias`, biases. So every tensor maps to itself, streamed one at a time; the
-config is translated; and the result is checked against `modeling_diff_eval.motif_reference`, Motif's forward
+config is translated; and the result is checked against `modeling_diff_conversion.motif_reference`, Motif's forward
 written from its public ports, never by running Motif's own code.
 """
 
@@ -30,6 +30,7 @@ from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
 
 from .convert import AUTO_MAP, CODE_FILES, DTYPES, ConversionReport, ShardWriter, keep_tokenizer_code
 from .model_card import render_model_card
+from .motif_reference import ROPE_TYPES, causal_lm_logits
 from .output import atomic_output_dir, check_not_a_source
 from .source import (
     SKIPPED_SUFFIXES,
@@ -126,7 +127,8 @@ def check_motif_config(raw: dict, where: str) -> None:
     output_bias = bool(raw.get("attention_bias") or raw.get("use_bias"))
     if bool(raw.get("qkv_bias", output_bias)) != output_bias:
         raise ConversionError(
-            f"{where} has biases on q/k/v but not on o_proj (or the reverse); this model family biases all four or none"
+            f"{where} has biases on q/k/v but not on o_proj (or the reverse); this model family biases all four or "
+            "none"
         )
 
 
@@ -291,7 +293,7 @@ class MotifSource:
         if not any((self.folder / f).exists() for f in TOKENIZER_FILES):
             return None
         try:
-            return AutoTokenizer.from_pretrained(self.folder, trust_remote_code=False)
+            return AutoTokenizer.from_pretrained(self.folder, config=self.config, trust_remote_code=False)
         except Exception:  # a tokenizer that needs its own code: its files are copied, it is not run here
             return None
 
@@ -376,8 +378,6 @@ def convert_motif(
         raise ConversionError("Motif-2.6B converts to --variant v1 only (it already is the paper's V1 attention)")
     if dtype != "auto" and dtype not in DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
-    from modeling_diff_eval.motif_reference import ROPE_TYPES
-
     rope_type = src.config.rope_parameters["rope_type"]
     if verify_output and rope_type not in ROPE_TYPES:
         raise ConversionError(
@@ -404,7 +404,7 @@ def convert_motif(
             n_params = sum(math.prod(shape) for shape in motif_expected_shapes(src.config).values())
             report.verification = verify_motif(src, tmp, out_dtype, n_params)
             report.notes.append(
-                "verified against modeling_diff_eval.motif_reference (Motif-2.6B's forward as its public ports "
+                "verified against modeling_diff_conversion.motif_reference (Motif-2.6B's forward as its public ports "
                 "compute it), not against Motif's own modeling code"
             )
         write_motif_model_card(tmp / "README.md", report, src)
@@ -506,7 +506,7 @@ def write_motif_model_card(path: Path, report: ConversionReport, src: MotifSourc
         ]
         results = (
             "Checked right after the import against an independent plain-torch reference of Motif-2.6B's forward "
-            "(`modeling_diff_eval.motif_reference`, written from what its public ports compute), reading the "
+            "(`modeling_diff_conversion.motif_reference`, written from what its public ports compute), reading the "
             "source's own tensors:\n\n" + "\n".join(rows)
         )
     else:
@@ -529,8 +529,6 @@ def write_motif_model_card(path: Path, report: ConversionReport, src: MotifSourc
 
 def reference_run(src: MotifSource, weights: Callable, seqs, ppl_ids, prompt, eos_ids: set, max_new_tokens=16):
     """What `verify.py` measures on the source, from the reference: logits, perplexity, greedy continuation."""
-    from modeling_diff_eval.motif_reference import causal_lm_logits
-
     def logits_of(ids):
         return causal_lm_logits(src.raw, weights, ids)
 
@@ -612,11 +610,11 @@ def imported_folder(folder: str | Path) -> str:
     stamp = [str(folder.resolve())] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
     target = import_cache() / hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:16]
     if not (target / "config.json").is_file():
+        src = open_motif(str(folder))  # refuses what is not Motif-2.6B, before anything is written
         print(
             f"note: {folder} is a Motif-2.6B checkpoint; importing it as a DiffTransformer V1 model into {target} "
             "(once; `diff-transformer convert` imports and verifies it where you choose)",
             file=sys.stderr,
         )
-        src = open_motif(str(folder))
         convert_motif(src, str(target), verify_output=False, force=True, progress=False)
     return str(target)

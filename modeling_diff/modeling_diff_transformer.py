@@ -198,7 +198,7 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
 
 class DiffTransformerPolyNorm(nn.Module):
     def __init__(self, eps: float = 1e-6) -> None:
-        """PolyNorm (Zhuo et al., arXiv 2411.03884), the learned MLP activation of Motif-2.6B (`hidden_act="poly_norm"`):
+        """PolyNorm (Zhuo et al., arXiv 2411.03884), Motif-2.6B's learned MLP activation (`hidden_act="poly_norm"`):
 
             PolyNorm(x) = w0·norm(x³) + w1·norm(x²) + w2·norm(x) + b,   norm(u) = u / sqrt(mean(u²) + eps)
 

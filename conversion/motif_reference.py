@@ -1,4 +1,4 @@
-"""An independent reference for Motif-2.6B's forward, written from its ports (`modeling_diff_eval.motif_reference`).
+"""An independent reference of Motif-2.6B's forward, from its ports (`modeling_diff_conversion.motif_reference`).
 
 Plain torch in float64, one differential head at a time with materialised softmax maps. It reads a Motif checkpoint's
 tensors by Motif's own names and Motif's `config.json` keys, and never touches `modeling_diff`, so that a layout,
@@ -150,7 +150,8 @@ def causal_lm_logits(config: dict, weights: Callable, input_ids: torch.Tensor, v
     x = weights("model.embed_tokens.weight", rows=input_ids)  # (T, hidden)
     for layer in range(config["num_hidden_layers"]):
         p = f"model.layers.{layer}."
-        x = x + attention(config, weights, p + "self_attn.", layer, rms_norm(x, weights(p + "input_layernorm.weight"), eps))
+        h = rms_norm(x, weights(p + "input_layernorm.weight"), eps)
+        x = x + attention(config, weights, p + "self_attn.", layer, h)
         x = x + mlp(config, weights, p + "mlp.", rms_norm(x, weights(p + "post_attention_layernorm.weight"), eps))
     x = rms_norm(x, weights("model.norm.weight"), eps)
     head = "model.embed_tokens.weight" if config.get("tie_word_embeddings") else "lm_head.weight"
