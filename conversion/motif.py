@@ -218,8 +218,9 @@ def motif_expected_shapes(config: DiffTransformerConfig) -> dict[str, tuple]:
 
 
 class TensorReader:
-    """Reads one tensor of a checkpoint by name, as float64 after rounding it to `dtype` (the import's weight dtype):
-    the reference's view of the source. Safetensors are read lazily; a .bin shard is memory-mapped once."""
+    """Reads one tensor of a checkpoint by name, as float64 after rounding it to `dtype` when given (as an import to
+    that dtype rounds it): the reference's view of the source. Safetensors are read lazily; a .bin shard is
+    memory-mapped once."""
 
     def __init__(self, shards: list[Path], dtype: torch.dtype | None):
         self.dtype = dtype
@@ -402,7 +403,7 @@ def convert_motif(
         write_metadata(src, tmp, out_dtype)
         if verify_output:
             n_params = sum(math.prod(shape) for shape in motif_expected_shapes(src.config).values())
-            report.verification = verify_motif(src, tmp, out_dtype, n_params)
+            report.verification = verify_motif(src, tmp, n_params, round_to=DTYPES.get(dtype))
             report.notes.append(
                 "verified against modeling_diff_conversion.motif_reference (Motif-2.6B's forward as its public ports "
                 "compute it), not against Motif's own modeling code"
@@ -546,9 +547,9 @@ def reference_run(src: MotifSource, weights: Callable, seqs, ppl_ids, prompt, eo
 
 
 @torch.no_grad()
-def verify_motif(src: MotifSource, converted_dir: Path, weight_dtype: torch.dtype, n_params: int):
-    """Compare the imported model with the reference on the source's tensors (rounded to the output's dtype):
-    logits, greedy tokens and perplexity, like `verify.verify` does for a Llama."""
+def verify_motif(src: MotifSource, converted_dir: Path, n_params: int, round_to: torch.dtype | None = None):
+    """Compare the imported model with the reference on the source's tensors (rounded to `round_to` as the import
+    rounded them, or as they are): logits, greedy tokens and perplexity, like `verify.verify` does for a Llama."""
     from transformers import GenerationConfig
 
     tokenizer = src.tokenizer
@@ -559,7 +560,7 @@ def verify_motif(src: MotifSource, converted_dir: Path, weight_dtype: torch.dtyp
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     pad = pad if pad is not None else (min(eos_ids) if eos_ids else 0)
 
-    weights = TensorReader(src.shards, weight_dtype)
+    weights = TensorReader(src.shards, round_to)
     ref_logits, ref_ppl, ref_tokens = reference_run(src, weights, seqs, ppl_ids, prompt, eos_ids)
 
     model = DiffTransformerForCausalLM.from_pretrained(converted_dir, dtype=dtype).eval()

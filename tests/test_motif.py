@@ -39,10 +39,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def save_motif(folder: Path, heads=8, kv=4, tied=False, vocab=120, seed=0, tokenizer=None, **keys) -> dict:
+def save_motif(folder: Path, heads=8, kv=4, tied=False, vocab=120, seed=0, tokenizer=None, dtype=torch.float32,
+               bin_file=False, **keys) -> dict:
     """A random checkpoint in Motif-2.6B's format: its tensor names, its config.json keys (MotifForCausalLM, counting
-    head_dim-wide sub-heads), float32 λ vectors. q and k are scaled so that the maps are peaked and a pairing
-    mistake shows; λ, the head-norm gains and PolyNorm's weights are far from their initial values."""
+    head_dim-wide sub-heads), float32 λ vectors whatever `dtype` the rest has. q and k are scaled so that the maps
+    are peaked and a pairing mistake shows; λ, the head-norm gains and PolyNorm's weights are far from their initial
+    values."""
     g = torch.Generator().manual_seed(seed)
     hidden, inter, layers = 64, 96, 2
     d = keys.get("head_dim") or hidden // heads
@@ -76,8 +78,12 @@ def save_motif(folder: Path, heads=8, kv=4, tied=False, vocab=120, seed=0, token
                 tensors[p + f"self_attn.{name}.bias"] = rand(size)
             for name, size in (("gate_proj", inter), ("up_proj", inter), ("down_proj", hidden)):
                 tensors[p + f"mlp.{name}.bias"] = rand(size)
+    tensors = {name: t if "lambda_" in name else t.to(dtype) for name, t in tensors.items()}
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if bin_file:
+        torch.save(tensors, folder / "pytorch_model.bin")
+    else:
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = {
         "architectures": ["MotifForCausalLM"],
         "model_type": "Motif",
@@ -98,7 +104,7 @@ def save_motif(folder: Path, heads=8, kv=4, tied=False, vocab=120, seed=0, token
         "tie_word_embeddings": tied,
         "bos_token_id": 1,
         "eos_token_id": 2,
-        "torch_dtype": "float32",
+        "torch_dtype": str(dtype).removeprefix("torch."),
         **keys,
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -208,6 +214,19 @@ def test_import_is_exact(tmp_path, layout):
     paper = DiffTransformerForCausalLM.from_pretrained(tmp_path / "out", lambda_init_layer_offset=0).eval()
     with torch.no_grad():
         assert (paper(ids[None]).logits[0].double() - expected).abs().max() > 1e-2
+
+
+def test_bfloat16_checkpoint_with_float32_lambdas_imports_exactly(tmp_path):
+    """A bf16 checkpoint whose λ vectors are float32 (how the ports keep them), read from a .bin file: `auto` keeps
+    every tensor's dtype, `float32` widens all, `bfloat16` rounds the λ too; each import is checked as it rounded."""
+    save_motif(tmp_path / "motif", 8, 4, dtype=torch.bfloat16, bin_file=True)
+    for dtype, lambda_dtype in (("auto", torch.float32), ("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        report = convert(str(tmp_path / "motif"), str(tmp_path / dtype), dtype=dtype, progress=False)
+        assert report.verification.passed and report.verification.dtype == "float32", dtype
+        saved = load_file(tmp_path / dtype / "model.safetensors")
+        assert saved["model.layers.1.self_attn.lambda_q1"].dtype == lambda_dtype, dtype
+        config = json.loads((tmp_path / dtype / "config.json").read_text())
+        assert config["dtype"] == ("float32" if dtype == "float32" else "bfloat16"), dtype
 
 
 def test_imported_model_saves_reloads_without_the_package_and_fine_tunes(tmp_path):
