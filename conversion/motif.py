@@ -243,7 +243,8 @@ class TensorReader:
             self.bins[shard] = torch.load(shard, map_location="cpu", mmap=True, weights_only=True)
         return self.bins[shard]
 
-    def __call__(self, name: str, missing_ok: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+    def __call__(self, name: str, missing_ok: bool = False, rows: slice | torch.Tensor | None = None):
+        """Tensor `name` (or its `rows`: a slice is read alone, as the vocabulary chunks of an LM head are)."""
         shard = self.shard_of.get(name)
         if shard is None:
             if missing_ok:
@@ -255,8 +256,8 @@ class TensorReader:
             from safetensors import safe_open
 
             with safe_open(str(shard), framework="pt") as f:
-                tensor = f.get_tensor(name)
-        if rows is not None:
+                tensor = f.get_slice(name)[rows] if isinstance(rows, slice) else f.get_tensor(name)
+        if rows is not None and not (isinstance(rows, slice) and shard.suffix != ".bin"):
             tensor = tensor[rows]
         if self.dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(self.dtype)

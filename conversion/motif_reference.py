@@ -142,9 +142,10 @@ def mlp(config: dict, weights: Callable, prefix: str, x: torch.Tensor) -> torch.
 def causal_lm_logits(config: dict, weights: Callable, input_ids: torch.Tensor, vocab_chunk: int = 8192):
     """Logits (T, vocab), float64, of Motif's forward over one sequence of token ids (T,).
 
-    `config` is the checkpoint's config.json as a dict; `weights(name, missing_ok=False)` returns the checkpoint
-    tensor `name` (Motif's names) as float64, or None for a missing one when `missing_ok`. The model is read one
-    tensor at a time, so a large checkpoint needs one layer's float64 weights in memory, not the whole model.
+    `config` is the checkpoint's config.json as a dict; `weights(name, missing_ok=False, rows=None)` returns the
+    checkpoint tensor `name` (Motif's names), or its `rows` (token ids, or a slice of the vocabulary), as float64,
+    or None for a missing one when `missing_ok`. The model is read one tensor at a time, so a large checkpoint needs
+    one layer's float64 weights in memory, not the whole model.
     """
     eps = config["rms_norm_eps"]
     x = weights("model.embed_tokens.weight", rows=input_ids)  # (T, hidden)
@@ -157,6 +158,5 @@ def causal_lm_logits(config: dict, weights: Callable, input_ids: torch.Tensor, v
     head = "model.embed_tokens.weight" if config.get("tie_word_embeddings") else "lm_head.weight"
     chunks = []
     for start in range(0, config["vocab_size"], vocab_chunk):
-        rows = torch.arange(start, min(start + vocab_chunk, config["vocab_size"]))
-        chunks.append(x @ weights(head, rows=rows).T)
+        chunks.append(x @ weights(head, rows=slice(start, start + vocab_chunk)).T)
     return torch.cat(chunks, dim=-1)

@@ -115,7 +115,8 @@ def save_motif(folder: Path, heads=8, kv=4, tied=False, vocab=120, seed=0, token
 
 def reference_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
     config = json.loads((folder / "config.json").read_text())
-    return causal_lm_logits(config, TensorReader([folder / "model.safetensors"], torch.float32), ids)
+    # vocabulary chunks of 48 rows: the LM head is read in slices, the last one short
+    return causal_lm_logits(config, TensorReader([folder / "model.safetensors"], torch.float32), ids, vocab_chunk=48)
 
 
 def leftovers(parent: Path) -> list[str]:
