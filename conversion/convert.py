@@ -246,6 +246,7 @@ def convert(
 
     motif = open_motif(source, gguf_file)  # Motif-2.6B imports exactly by its own path (conversion/motif.py)
     if motif is not None:
+        check_not_a_source(output_dir, {"SOURCE": motif.folder})
         return convert_motif(motif, output_dir, variant, dtype, verify_output, force, max_shard_bytes, progress)
     src = open_source(source, gguf_file)
     # where a Hub id or a .gguf file resolved to (the HF cache, the GGUF's folder)

@@ -31,7 +31,7 @@ from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
 from .convert import AUTO_MAP, CODE_FILES, DTYPES, ConversionReport, ShardWriter, keep_tokenizer_code
 from .model_card import render_model_card
 from .motif_reference import ROPE_TYPES, causal_lm_logits
-from .output import atomic_output_dir, check_not_a_source
+from .output import atomic_output_dir
 from .source import (
     SKIPPED_SUFFIXES,
     TOKENIZER_FILES,
@@ -374,7 +374,8 @@ def convert_motif(
     max_shard_bytes: int | None = None,
     progress: bool = True,
 ) -> ConversionReport:
-    """Import an opened Motif-2.6B checkpoint as a DiffTransformer V1 folder at OUTPUT_DIR (see `convert`)."""
+    """Import an opened Motif-2.6B checkpoint as a DiffTransformer V1 folder at OUTPUT_DIR (see `convert`, which checks
+    OUTPUT_DIR against the inputs first)."""
     started = time.perf_counter()
     if variant not in (None, "v1"):
         raise ConversionError("Motif-2.6B converts to --variant v1 only (it already is the paper's V1 attention)")
@@ -387,7 +388,6 @@ def convert_motif(
             f"Motif import does not implement ({', '.join(ROPE_TYPES)}); pass --no-verify to import it unchecked"
         )
     output = Path(output_dir).expanduser().resolve()
-    check_not_a_source(output_dir, {"SOURCE": src.folder})
     report = ConversionReport(
         source=src.name,
         output_dir=str(output),

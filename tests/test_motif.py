@@ -297,6 +297,8 @@ def test_refusals_say_why_and_leave_nothing_behind(tmp_path):
     (tmp_path / "nokey" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConversionError, match="lacks attn_rms_norm_eps, which every Motif-2.6B config.json has"):
         convert(str(tmp_path / "nokey"), str(tmp_path / "out"), progress=False)
+    with pytest.raises(ConversionError, match="is inside the input"):
+        convert(str(tmp_path / "motif"), str(tmp_path / "motif" / "out"), progress=False)
     with pytest.raises(ConversionError, match="--variant v1 only"):
         convert(str(tmp_path / "motif"), str(tmp_path / "out"), variant="v2", progress=False)
     tensors = load_file(tmp_path / "motif" / "model.safetensors")
