@@ -1,4 +1,4 @@
-"""Convert a Llama or DiffLlama checkpoint into a DiffTransformer folder, tensor by tensor.
+"""Convert a Llama, DiffLlama or Motif-2.6B checkpoint into a DiffTransformer folder, tensor by tensor.
 
     from modeling_diff_conversion import convert
     report = convert("path/or/hub-id", "out-dir", variant="v2")
@@ -242,6 +242,12 @@ def convert(
     check_not_a_source(output_dir, {"SOURCE": source})
     check_output_dir(output_dir, force)  # before the (slow) source is opened
 
+    from .motif import convert_motif, open_motif
+
+    motif = open_motif(source, gguf_file)  # Motif-2.6B imports exactly by its own path (conversion/motif.py)
+    if motif is not None:
+        check_not_a_source(output_dir, {"SOURCE": motif.folder})
+        return convert_motif(motif, output_dir, variant, dtype, verify_output, force, max_shard_bytes, progress)
     src = open_source(source, gguf_file)
     # where a Hub id or a .gguf file resolved to (the HF cache, the GGUF's folder)
     check_not_a_source(output_dir, {"SOURCE": src.folder / (src.gguf_file or "") if src.folder else None})

@@ -213,7 +213,33 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     return q_embed, k_embed
 
 
-# Copied from transformers.models.llama.modeling_llama.LlamaMLP with Llama->DiffTransformer
+class DiffTransformerPolyNorm(nn.Module):
+    def __init__(self, eps: float = 1e-6) -> None:
+        """PolyNorm (Zhuo et al., arXiv 2411.03884), Motif-2.6B's learned MLP activation (`hidden_act="poly_norm"`):
+
+            PolyNorm(x) = w0·norm(x³) + w1·norm(x²) + w2·norm(x) + b,   norm(u) = u / sqrt(mean(u²) + eps)
+
+        with the mean over the last dimension, computed in float32.
+        """
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((3,), 1 / 3))
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.variance_epsilon = eps
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        x = hidden_states.to(torch.float32)
+        weight, bias = self.weight.float(), self.bias.float()
+        output = weight[0] * self.norm(x**3) + weight[1] * self.norm(x**2) + weight[2] * self.norm(x) + bias
+        return output.to(input_dtype)
+
+    def extra_repr(self):
+        return f"eps={self.variance_epsilon}"
+
+
 class DiffTransformerMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -223,8 +249,11 @@ class DiffTransformerMLP(nn.Module):
         self.gate_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.mlp_bias)
-        self.act_fn = ACT2FN[config.hidden_act]
+        # CODEPATH: "poly_norm" is Motif-2.6B's learned activation (imported checkpoints); every other name is one of
+        # transformers' activations, as in Llama.
+        self.act_fn = DiffTransformerPolyNorm() if config.hidden_act == "poly_norm" else ACT2FN[config.hidden_act]
 
+    # Copied from transformers.models.llama.modeling_llama.LlamaMLP.forward
     def forward(self, x):
         down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
         return down_proj
@@ -339,7 +368,8 @@ class DiffTransformerV1Attention(nn.Module):
         self.o_proj = nn.Linear(
             config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias
         )
-        self.head_norm = DiffTransformerHeadNorm(self.head_dim, self.lambda_init, eps=config.rms_norm_eps)
+        head_norm_eps = config.rms_norm_eps if config.head_norm_eps is None else config.head_norm_eps
+        self.head_norm = DiffTransformerHeadNorm(self.head_dim, self.lambda_init, eps=head_norm_eps)
 
     def lambda_full(self) -> torch.Tensor:
         """The layer's scalar λ, in float32."""
@@ -608,6 +638,9 @@ class DiffTransformerPreTrainedModel(PreTrainedModel):
             init.normal_(module.lambda_q2, 0, self.config.lambda_std_dev)
             init.normal_(module.lambda_k2, 0, self.config.lambda_std_dev)
             init.ones_(module.weight)
+        elif isinstance(module, DiffTransformerPolyNorm):
+            init.constant_(module.weight, 1 / 3)
+            init.zeros_(module.bias)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, with every head's Auto class in the config's `auto_map`.
