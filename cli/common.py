@@ -58,7 +58,12 @@ def embedded_smollm2() -> Path:
 
 
 def resolve_model_path(model: str) -> tuple[str, str | None]:
-    """(folder or Hub id, gguf file name or None). Checks a local folder for a config and weights."""
+    """(folder or Hub id, gguf file name or None). Checks a local folder for a config and weights.
+
+    A Motif-2.6B checkpoint resolves to its DiffTransformer import, made on first use (conversion/motif.py).
+    """
+    from modeling_diff_conversion.motif import imported_folder
+
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -69,10 +74,10 @@ def resolve_model_path(model: str) -> tuple[str, str | None]:
             raise CLIError(f"{model} has no config.json: is it a Transformers model folder?")
         if not any((path / f).is_file() for f in WEIGHT_FILES):
             raise CLIError(f"{model} has no weights (expected model.safetensors or a sharded index)")
-        return str(path), None
+        return imported_folder(path), None
     if path.exists():
         raise CLIError(f"{model} is a file; give a model folder, a Hub id or a .gguf file")
-    return str(download_snapshot(model)), None
+    return imported_folder(download_snapshot(model)), None
 
 
 def check_config(folder: str, gguf_file: str | None, name: str, bytes_per_parameter: int = 4):

@@ -1,4 +1,4 @@
-"""`diff-transformer convert`: Llama / DiffLlama checkpoint -> DiffTransformer folder (see conversion/)."""
+"""`diff-transformer convert`: Llama, DiffLlama or Motif-2.6B checkpoint -> DiffTransformer folder (conversion/)."""
 
 from modeling_diff_conversion import convert
 from modeling_diff_conversion.output import InterruptedAfterWriting
@@ -18,8 +18,8 @@ def add_arguments(parser):
         choices=["v2", "v1"],
         default=None,
         help="v2 (default for Llama): DIFF V2, computes the source's function exactly; v1: the "
-        "paper's layout (does not preserve a Llama's function; the only choice for DiffLlama, "
-        "which converts exactly)",
+        "paper's layout (does not preserve a Llama's function; the only choice for DiffLlama and "
+        "Motif-2.6B, which convert exactly)",
     )
     parser.add_argument(
         "--dtype",

@@ -15,7 +15,7 @@ from .common import LineTracker, say
 
 COMMANDS = {
     "demo": (demo, "the whole workflow on SmolLM2-135M (embedded, offline): convert, fine-tune, evaluate, chat, save"),
-    "convert": (convert_cmd, "convert a Llama or DiffLlama checkpoint into a DiffTransformer folder"),
+    "convert": (convert_cmd, "convert a Llama, DiffLlama or Motif-2.6B checkpoint into a DiffTransformer folder"),
     "train": (
         train,
         "fine-tune or distil a model with the HF Trainer (resumable; DDP or --fsdp under torchrun; --lora adapters)",

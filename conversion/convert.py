@@ -1,4 +1,4 @@
-"""Convert a Llama or DiffLlama checkpoint into a DiffTransformer folder, tensor by tensor.
+"""Convert a Llama, DiffLlama or Motif-2.6B checkpoint into a DiffTransformer folder, tensor by tensor.
 
     from modeling_diff_conversion import convert
     report = convert("path/or/hub-id", "out-dir", variant="v2")
@@ -248,8 +248,14 @@ def convert(
 
 def _convert(source, output_dir, variant, dtype, gguf_file, verify_output, force, max_shard_bytes, progress):
     """`convert` once its output is checked and locked."""
+    from .motif import convert_motif, open_motif
+
     started = time.perf_counter()
     output = Path(os.path.abspath(Path(output_dir).expanduser()))
+    motif = open_motif(source, gguf_file)  # Motif-2.6B imports exactly by its own path (conversion/motif.py)
+    if motif is not None:
+        check_apart(output_dir, {"SOURCE": motif.folder})
+        return convert_motif(motif, output_dir, variant, dtype, verify_output, force, max_shard_bytes, progress)
     src = open_source(source, gguf_file)
     # where a Hub id or a .gguf file resolved to (the HF cache, the GGUF's folder)
     check_apart(output_dir, {"SOURCE": src.folder / (src.gguf_file or "") if src.folder else None})
