@@ -10,12 +10,9 @@ config is translated; and the result is checked against `modeling_diff_conversio
 written from its public ports, never by running Motif's own code.
 """
 
-import hashlib
 import json
 import math
-import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,10 +22,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-import modeling_diff
 from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
 
-from .convert import AUTO_MAP, CODE_FILES, DTYPES, ConversionReport, ShardWriter, keep_tokenizer_code
 from .model_card import render_model_card
 from .motif_reference import ROPE_TYPES, causal_lm_logits
 from .output import atomic_output_dir
@@ -42,6 +37,7 @@ from .source import (
     download_snapshot,
 )
 from .verify import VerificationResult, _inputs, verification_dtype
+from .writing import DTYPES, ConversionReport, ShardWriter, keep_tokenizer_code, write_model_files
 
 MOTIF_ARCHITECTURES = ("MotifForCausalLM",)
 # what vLLM's port reads without a default: a Motif-2.6B config.json has every one
@@ -460,13 +456,7 @@ def write_metadata(src: MotifSource, folder: Path, out_dtype: torch.dtype) -> No
     from transformers import GenerationConfig
 
     config = DiffTransformerConfig.from_dict(src.config.to_dict())
-    config.dtype = out_dtype
-    config.architectures = ["DiffTransformerForCausalLM"]
-    config.auto_map = dict(AUTO_MAP)
-    config.save_pretrained(folder)
-    code_dir = Path(modeling_diff.__file__).parent
-    for name in CODE_FILES:
-        shutil.copy(code_dir / name, folder / name)
+    write_model_files(config, folder, out_dtype)
     if (src.folder / "generation_config.json").is_file():
         shutil.copy(src.folder / "generation_config.json", folder / "generation_config.json")
     else:
@@ -591,32 +581,3 @@ def verify_motif(src: MotifSource, converted_dir: Path, n_params: int, round_to:
         source_answer=decode(ref_tokens),
         converted_answer=decode(tokens),
     )
-
-
-def import_cache() -> Path:
-    """Where the CLI keeps Motif folders it imported on first use: $MODELING_DIFF_CACHE, else under HF_HOME."""
-    from huggingface_hub import constants
-
-    return Path(os.environ.get("MODELING_DIFF_CACHE") or Path(constants.HF_HOME) / "modeling_diff") / "motif-imports"
-
-
-def imported_folder(folder: str | Path) -> str:
-    """For the CLI: a Motif-2.6B folder's DiffTransformer import (made on first use, then reused), or `folder`
-    unchanged when it is not a Motif checkpoint. The import streams the tensors like `convert --no-verify`; the
-    cache key covers the folder's path, config and weight files, so a changed checkpoint is imported again."""
-    folder = Path(folder)
-    raw = read_motif_config(folder)
-    if raw is None:
-        return str(folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"))
-    stamp = [str(folder.resolve())] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
-    target = import_cache() / hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:16]
-    if not (target / "config.json").is_file():
-        src = open_motif(str(folder))  # refuses what is not Motif-2.6B, before anything is written
-        print(
-            f"note: {folder} is a Motif-2.6B checkpoint; importing it as a DiffTransformer V1 model into {target} "
-            "(once; `diff-transformer convert` imports and verifies it where you choose)",
-            file=sys.stderr,
-        )
-        convert_motif(src, str(target), verify_output=False, force=True, progress=False)
-    return str(target)

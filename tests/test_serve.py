@@ -21,7 +21,7 @@ import psutil
 import pytest
 import torch
 from helpers import assert_one_line_error, make_model, run_cli, tiny_tokenizer
-from modeling_diff_cli.common import load_model
+from modeling_diff_conversion import load_model
 from modeling_diff_cli.generate import prompt_ids
 from modeling_diff_cli.serve import free_port, read_output, start_server
 from modeling_diff_conversion import convert
