@@ -73,6 +73,11 @@ def parse(args) -> tuple[ModelArguments, DataArguments, DiffTrainingArguments, s
             raise CLIError(f"{path}: {str(err).splitlines()[0]} (the options are the names `train --help` lists)")
     if args.model and args.model_name_or_path not in (None, args.model):
         raise CLIError("give the model once: as MODEL or as --model_name_or_path")
+    if args.fsdp not in (None, True):  # TrainingArguments would read "full_shard" as accelerate's FSDP
+        raise CLIError(
+            f"--fsdp {args.fsdp!r}: this command shards with FSDP2 at load time, one decoder layer per unit; pass "
+            "--fsdp alone"
+        )
     values = {name: getattr(args, name) for name in names if name != "debug"}  # --debug: the command's tracebacks
     values["model_name_or_path"] = args.model or values["model_name_or_path"]
     # what HfArgumentParser.parse_args_into_dataclasses does with the namespace it parsed

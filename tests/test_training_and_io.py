@@ -156,6 +156,34 @@ def test_library_packages_import_only_the_layers_below(folder):
         assert project_imports(path) <= LAYERS[folder], f"{path.name} imports {project_imports(path) - LAYERS[folder]}"
 
 
+PACKAGE_OF = {"conversion": "modeling_diff_conversion", "evaluation": "modeling_diff_eval",
+              "training": "modeling_diff_training", "cli": "modeling_diff_cli"}
+
+
+@pytest.mark.parametrize("folder", sorted(PACKAGE_OF))
+def test_modules_import_without_a_cycle(folder):
+    """Inside a package, a module never imports one that imports it back (in functions too): a call leaves a module
+    and does not return to it, the flow docs/design.md draws."""
+    modules = {path.stem: path for path in (ROOT / folder).glob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        graph[name] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                graph[name] |= {node.module} if node.module else {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PACKAGE_OF[folder] + "."):
+                graph[name].add(node.module.split(".")[1])
+        graph[name] &= set(modules) - {"__init__"}
+
+    def visit(name, path):
+        assert name not in path, f"import cycle: {' -> '.join([*path, name])}"
+        for other in graph[name]:
+            visit(other, [*path, name])
+
+    for name in graph:
+        visit(name, [])
+
+
 def test_no_benchmark_imports_the_cli():
     """Benchmarks and studies call the libraries; the CLI only parses and calls them (a benchmark may still run the
     `diff-transformer` command in a subprocess, to measure the command itself)."""

@@ -228,11 +228,6 @@ def check_options(model_args: ModelArguments, fsdp) -> None:
         model_args.lora
     ):
         raise TrainingError("--merge-lora, --lora-r and --lora-alpha need --lora")
-    if fsdp not in (None, True, ""):
-        raise TrainingError(
-            f"--fsdp {fsdp!r}: this command shards with FSDP2 at load time, one decoder layer per unit; pass --fsdp "
-            "alone"
-        )
     if model_args.lora and fsdp:
         raise TrainingError(
             "--lora with --fsdp is not supported: LoRA trains few parameters, run it with plain torchrun (DDP)"
