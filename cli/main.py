@@ -79,7 +79,9 @@ def error_text(err: Exception) -> str:
 
 def main(argv=None) -> int:
     """Entry point of `diff-transformer`; returns the process exit status."""
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     args = build_parser().parse_args(argv)
+    args.argv = argv  # as typed: what a command names back to the user
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     stderr, sys.stderr = sys.stderr, LineTracker(sys.stderr)
     try:

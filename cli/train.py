@@ -58,7 +58,7 @@ def parse(args) -> tuple[ModelArguments, DataArguments, DiffTrainingArguments, s
     HfArgumentParser itself), and the config file or None."""
     parser, names = args.parser, [f.name for cls in ARGUMENT_CLASSES for f in fields(cls) if f.init]
     if args.model and Path(args.model).suffix in CONFIG_SUFFIXES:
-        also = [f"--{name}" for name in names if name != "debug" and getattr(args, name) != parser.get_default(name)]
+        also = [arg.split("=")[0] for arg in args.argv if arg.startswith("-") and arg != "--debug"]
         if also:
             raise CLIError(f"a config file is the only argument: put {', '.join(also)} in {args.model}")
         path = Path(args.model)
