@@ -3,6 +3,7 @@ time, an exit status for a supervisor; and `start_server`, the server in a subpr
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import subprocess
@@ -40,8 +41,14 @@ def serve(engine: Engine, name: str, arguments: ServeArguments, sock: socket.soc
     """Serve `engine` until SIGTERM or Ctrl-C (status 0; Ctrl-C raises KeyboardInterrupt), or until its batch dies
     (status 3, for a supervisor to restart the server). `name` is what clients call the model."""
     import uvicorn
+    from transformers.utils import logging as transformers_logging
 
     sock = sock or bind(arguments.host, arguments.port)
+    # transformers' own messages only at --log-level info or debug: a dying batch would print its traceback beside
+    # the one `error:` line (continuous batching logs to a logger of its own)
+    level = {"debug": logging.DEBUG, "info": logging.INFO}.get(arguments.log_level, logging.CRITICAL)
+    transformers_logging.set_verbosity(level)
+    logging.getLogger("ContinuousBatchingLogger").setLevel(level)
     app = build_app(engine, name, arguments.api_key, arguments.max_request_bytes, arguments.request_timeout)
     deadlines = Deadlines(app, arguments.request_timeout)
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import httpx2 as httpx
 import psutil
 import torch
-from modeling_diff_cli.serve import start_server
+from modeling_diff_serving.server import start_server
 from modeling_diff_eval.corpus import python_docs_texts
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
