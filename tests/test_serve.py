@@ -729,10 +729,10 @@ def test_answer_text_adds_up_and_holds_back_what_may_begin_a_stop_string():
 @pytest.mark.slow
 def test_load_test_smoke(tmp_path):
     """benchmarks/system/serve_load.py --smoke: a few seconds of good and hostile clients at once."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "system" / "serve_load.py"
     result = subprocess.run(
-        [sys.executable, str(script), "--smoke", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600
-    )
+        [sys.executable, "-m", "benchmarks.system.serve_load", "--smoke", "--out", str(tmp_path)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((tmp_path / "serve_load.json").read_text())
     assert results["passed"] and results["good_matched"] == results["good_sent"] > 0
