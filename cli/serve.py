@@ -8,7 +8,6 @@ before the model loads; if the model's batch dies, the server exits with status 
 
 import importlib.util
 import sys
-import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -16,20 +15,16 @@ from modeling_diff_serving import ServeArguments, ServingError
 
 from .common import CLIError, resolve_model_path
 
-# main.py builds an option per field (--port, --max-model-len, --no-continuous-batching, ...)
-ARGUMENT_CLASSES = (ServeArguments,)
-SERVING_PACKAGES = ("fastapi", "uvicorn", "pydantic")
+ARGUMENT_CLASSES = (ServeArguments,)  # main.py makes a flag of each field (--port, --no-continuous-batching, ...)
 
 
 def add_arguments(parser):
     parser.add_argument("model", help="model to serve: a folder, a Hub id or a .gguf file")
-    parser.add_argument(
-        "--enable-admin-endpoints", action="store_true", help="deprecated and ignored: /reset and /load_model are gone"
-    )
+    parser.add_argument("--enable-admin-endpoints", action="store_true", help="ignored: /reset and /load_model are gone")
 
 
 def run(args) -> int:
-    if missing := [name for name in SERVING_PACKAGES if importlib.util.find_spec(name) is None]:
+    if missing := [name for name in ("fastapi", "uvicorn", "pydantic") if importlib.util.find_spec(name) is None]:
         raise CLIError(f"serving needs {', '.join(missing)}: pip install 'modeling-diff[serve]'")
     from modeling_diff_serving.engine import Engine
     from modeling_diff_serving.server import GRACEFUL_SHUTDOWN_S, bind, serve
@@ -38,27 +33,11 @@ def run(args) -> int:
         print("warning: --enable-admin-endpoints is ignored: the server has no /reset or /load_model", file=sys.stderr)
     try:
         arguments = ServeArguments(**{option.name: getattr(args, option.name) for option in fields(ServeArguments)})
-        sock = bind(arguments.host, arguments.port)  # a taken port fails before the model loads
-    except ServingError as err:
-        raise CLIError(str(err))
-    with sock:
-        folder, gguf_file = resolve_model_path(args.model)
-        started = time.perf_counter()
-        try:
-            engine = Engine.load(str(Path(folder) / gguf_file) if gguf_file else folder, arguments)
-        except ServingError as err:
-            raise CLIError(str(err))
-        except Exception as err:
-            if args.debug:
-                raise
-            raise CLIError(f"cannot load {args.model}: {str(err).strip().splitlines()[0] if str(err).strip() else err!r}")
-        batching = "continuous batching" if arguments.continuous_batching else "one request at a time"
-        print(
-            f"serving {args.model} at http://{arguments.host}:{arguments.port}/v1 ({batching}; loaded in "
-            f"{time.perf_counter() - started:.1f} s). Ctrl-C stops it.",
-            flush=True,
-        )
-        try:
+        with bind(arguments.host, arguments.port) as sock:  # a taken port fails before the model loads
+            folder, gguf_file = resolve_model_path(args.model)
+            engine = Engine.load(str(Path(folder) / gguf_file) if gguf_file else folder, arguments, name=args.model)
             return serve(engine, args.model, arguments, sock)
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(f"the server stopped; requests still running had {GRACEFUL_SHUTDOWN_S} s to end")
+    except ServingError as err:
+        raise CLIError(str(err)) from err
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"the server stopped; requests still running had {GRACEFUL_SHUTDOWN_S} s to end")

@@ -1,8 +1,7 @@
-"""The OpenAI-compatible app: FastAPI routes over an `Engine`, and the ASGI middlewares that guard them (`ApiKey`,
-`BodyLimits`). Every refusal is a 4xx with one sentence in `detail` (and OpenAI's `error.message`)."""
+"""The OpenAI-compatible FastAPI app over an `Engine`. Every refusal is a 4xx with one sentence in `detail` (and in
+OpenAI's `error.message`)."""
 
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -12,12 +11,11 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
-from starlette.datastructures import Headers
 
 from .engine import Answer, Engine, ModelStopped
 from .schemas import ChatRequest, CompletionRequest, ResponseRequest, problem
 
-DEFAULT_MAX_TOKENS = 1024  # without max_tokens, capped to what the context leaves (transformers serve's default)
+DEFAULT_MAX_TOKENS = 1024  # without max_tokens (transformers serve's default), within what the context leaves
 logger = logging.getLogger("modeling_diff_serving")
 
 
@@ -34,43 +32,45 @@ def error(status: int, detail: str, headers: dict | None = None) -> JSONResponse
 
 
 def first_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def build_app(engine: Engine, name: str, api_key: str | None = None, max_request_bytes: int = 2**20,
-              request_timeout: float = 30.0) -> FastAPI:  # fmt: skip
-    """The app serving `engine`'s model as `name` (the model as the user named it: a folder, a Hub id, a .gguf)."""
+def build_app(engine: Engine, name: str) -> FastAPI:
+    """The app serving `engine`'s model as `name` (the model as the server was given it: a folder, a Hub id, a
+    .gguf); a request may name it so, without a trailing slash, or by any path to the same folder or file."""
     app = FastAPI(title="diff-transformer serve", docs_url=None, redoc_url=None, openapi_url=None)
-    created = int(time.time())
-    names = {name, name.rstrip("/")}
+    created, served = int(time.time()), name.rstrip("/")
     path = os.path.realpath(name) if os.path.exists(name) else None
 
     def serves(model: str | None) -> bool:
-        """The model a request names: the name the server was given, with or without a trailing slash, or any path to
-        the same folder or file."""
-        if model is None or model in names:
+        if model is None or model in (name, served):
             return True
+        if path is None or "\0" in model or len(model) > 4096:  # PATH_MAX
+            return False
         try:
-            return path is not None and "\0" not in model and os.path.realpath(os.path.expanduser(model)) == path
+            return os.path.realpath(os.path.expanduser(model)) == path
         except (OSError, ValueError):
             return False
 
-    async def respond(request: Request, endpoint: "Endpoint"):
+    def prepared(endpoint: type["ChatReply"], raw: bytes):
+        """The request checked, and its prompt's token ids (in a thread: a body of a megabyte takes a while)."""
         try:
-            try:
-                body = endpoint.schema.model_validate_json(
-                    await request.body(), context={"vocab_size": engine.vocab_size}
-                )
-            except ValidationError as invalid:
-                raise Refused(422, problem(invalid))
-            if not serves(body.model):
-                raise Refused(400, f"This server serves {name.rstrip('/')!r}, not {body.model[:200]!r}.")
-            prompt = await asyncio.to_thread(endpoint.prompt, engine.tokenizer, body)
-            answer = engine.answer(prompt, body.settings(), fit(engine, prompt, body.max_tokens_asked), body.stop)
-            reply = endpoint(name.rstrip("/"), created, len(prompt), answer)
+            body = endpoint.schema.model_validate_json(raw, context={"vocab_size": engine.vocab_size})
+        except ValidationError as invalid:
+            raise Refused(422, problem(invalid))
+        if not serves(body.model):
+            raise Refused(400, f"This server serves {served!r}, not {body.model[:200]!r}.")
+        return body, endpoint.prompt(engine.tokenizer, body)
+
+    async def respond(request: Request, endpoint: type["ChatReply"]):
+        try:
+            body, prompt = await asyncio.to_thread(prepared, endpoint, await request.body())
+            answer = engine.answer(prompt, body.settings(), fit(engine, prompt, body.max_tokens_asked()), body.stop)
+            reply = endpoint(served, created, len(prompt), answer)
             if body.stream:
-                usage = body.stream_options is not None and body.stream_options.include_usage
-                return StreamingResponse(reply.stream(usage), media_type="text/event-stream")
+                usage = (body.stream_options or {}).get("include_usage", False)
+                return StreamingResponse(reply.events(usage), media_type="text/event-stream")
             text = await unless_the_client_leaves(request, reply.text())
             return Response(status_code=499) if text is None else reply.whole(text)
         except Refused as refused:
@@ -78,8 +78,7 @@ def build_app(engine: Engine, name: str, api_key: str | None = None, max_request
         except ModelStopped as stopped:
             return error(503, f"The model stopped serving ({stopped}); the server is exiting.")
         except Exception as failure:  # a fault of the server or the model, not of the request
-            logger.error("%s %s failed: %s", request.method, request.url.path, first_line(failure))
-            logger.debug("traceback", exc_info=True)
+            logger.error("%s failed: %s", request.url.path, first_line(failure), exc_info=logger.isEnabledFor(10))
             return error(500, f"The model failed on this request ({first_line(failure)}).")
 
     @app.api_route("/health", methods=["GET", "HEAD"])
@@ -90,26 +89,20 @@ def build_app(engine: Engine, name: str, api_key: str | None = None, max_request
 
     @app.get("/v1/models")
     async def models():
-        return {
-            "object": "list",
-            "data": [{"id": name.rstrip("/"), "object": "model", "created": created, "owned_by": "diff-transformer"}],
-        }
+        return {"object": "list", "data": [{"id": served, "object": "model", "created": created, "owned_by": "user"}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await respond(request, ChatCompletion)
+        return await respond(request, ChatReply)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await respond(request, Completion)
+        return await respond(request, CompletionReply)
 
     @app.post("/v1/responses")
     async def responses(request: Request):
-        return await respond(request, ModelResponse)
+        return await respond(request, ResponsesReply)
 
-    app.add_middleware(BodyLimits, max_bytes=max_request_bytes, timeout=request_timeout)
-    if api_key is not None:  # outside BodyLimits: a request without the key is refused before its body is read
-        app.add_middleware(ApiKey, api_key=api_key)
     return app
 
 
@@ -117,22 +110,17 @@ def fit(engine: Engine, prompt: list[int], asked: int | None) -> int:
     """The request's max_new_tokens: what it asked for, else DEFAULT_MAX_TOKENS, within what the context leaves."""
     if not prompt:
         raise Refused(422, "The prompt is empty: give at least one token of text.")
-    room = engine.context_length - len(prompt)
+    room, context = engine.context_length - len(prompt), engine.context_length
     if room < 1:
-        raise Refused(
-            400, f"The prompt has {len(prompt)} tokens, but the model's context holds {engine.context_length}."
-        )
+        raise Refused(400, f"The prompt has {len(prompt)} tokens, but the model's context holds {context}.")
     if asked is not None and asked > room:
-        raise Refused(
-            400,
-            f"The request asks for {asked} new tokens, but its prompt of {len(prompt)} tokens leaves room for {room} "
-            f"in the model's context of {engine.context_length}.",
-        )
+        raise Refused(400, f"The request asks for {asked} new tokens, but its prompt of {len(prompt)} tokens leaves "
+                      f"room for {room} in the model's context of {context}.")
     return asked or min(DEFAULT_MAX_TOKENS, room)
 
 
 async def unless_the_client_leaves(request: Request, work):
-    """`await work`, or None once the client has left (which cancels the work and so its generation)."""
+    """`await work`, or None once the client has left (which cancels the work, and so its generation)."""
 
     async def client_left():
         while (await request.receive())["type"] != "http.disconnect":
@@ -148,96 +136,73 @@ async def unless_the_client_leaves(request: Request, work):
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The endpoints: how each renders its prompt, and writes its answer whole or as server-sent events.
+class ChatReply:
+    """One answer as its endpoint writes it: `whole()`, or `events()` for a stream (server-sent events)."""
 
-
-def chat_prompt(tokenizer, body) -> list[int]:
-    if tokenizer.chat_template is None:
-        raise Refused(400, "This model has no chat template: send plain text to /v1/completions.")
-    try:  # the template is the model's, the variables the request's: what fails is the request's
-        encoded = tokenizer.apply_chat_template(
-            body.conversation(),
-            tools=body.tool_schemas(),
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            **(getattr(body, "chat_template_kwargs", None) or {}),
-        )
-    except Exception as failure:
-        raise Refused(422, f"The chat template cannot render these messages ({first_line(failure)}).")
-    return list(encoded["input_ids"])
-
-
-class Endpoint:
-    """One answer of an endpoint: `whole()` its JSON, `stream()` its events."""
-
-    schema: type
-    done_event = "data: [DONE]\n\n"
+    schema = ChatRequest
+    id_prefix = "chatcmpl-"
+    done = "data: [DONE]\n\n"  # what ends a stream
 
     def __init__(self, model: str, created: int, prompt_tokens: int, answer: Answer):
         self.model, self.created, self.prompt_tokens, self.answer = model, created, prompt_tokens, answer
-        self.id = uuid.uuid4().hex
+        self.id = self.id_prefix + uuid.uuid4().hex
 
     @staticmethod
     def prompt(tokenizer, body) -> list[int]:
-        return chat_prompt(tokenizer, body)
+        if tokenizer.chat_template is None:
+            raise Refused(400, "This model has no chat template: send plain text to /v1/completions.")
+        try:  # the template is the model's, its variables the request's: what fails is the request's
+            return list(tokenizer.apply_chat_template(
+                body.conversation(), tools=body.tool_schemas(), add_generation_prompt=True, tokenize=True,
+                return_dict=True, **(getattr(body, "chat_template_kwargs", None) or {}),
+            )["input_ids"])
+        except Exception as failure:
+            raise Refused(422, f"The chat template cannot render these messages ({first_line(failure)}).")
 
     async def text(self) -> str:
         return "".join([piece async for piece in self.answer])
 
     def usage(self) -> dict:
-        completion = self.answer.completion_tokens
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}  # fmt: skip
-
-    async def stream(self, usage: bool):
-        try:
-            for event in self.first_events():
-                yield event
-            async for piece in self.answer:
-                yield self.event(self.delta(piece))
-            for event in self.last_events(usage):
-                yield event
-        except Exception as failure:
-            status = 503 if isinstance(failure, ModelStopped) else 500
-            yield self.event({"error": {"message": first_line(failure), "type": "server_error", "code": status}})
-        yield self.done_event
-
-    @staticmethod
-    def event(data: dict) -> str:
-        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-class ChatCompletion(Endpoint):
-    schema = ChatRequest
+        done = self.answer.completion_tokens
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done, "total_tokens": self.prompt_tokens + done}
 
     def chunk(self, delta: dict, finish_reason=None) -> dict:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-        return {"id": f"chatcmpl-{self.id}", "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model, "choices": [choice]}  # fmt: skip
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [choice]}
 
     def whole(self, text: str) -> dict:
-        message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "finish_reason": self.answer.finish_reason, "logprobs": None}
-        return {"id": f"chatcmpl-{self.id}", "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [choice], "usage": self.usage()}  # fmt: skip
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "finish_reason": self.answer.finish_reason, "logprobs": None}
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [choice], "usage": self.usage()}
 
-    def first_events(self):
-        return [self.event(self.chunk({"role": "assistant", "content": ""}))]
-
-    def delta(self, piece: str) -> dict:
-        return self.chunk({"content": piece})
-
-    def last_events(self, usage: bool):
-        events = [self.event(self.chunk({}, self.answer.finish_reason))]
+    async def stream(self, usage: bool):
+        yield self.chunk({"role": "assistant", "content": ""})
+        async for piece in self.answer:
+            yield self.chunk({"content": piece})
+        yield self.chunk({}, self.answer.finish_reason)
         if usage:
-            events.append(self.event({**self.chunk({}), "choices": [], "usage": self.usage()}))
-        return events
+            yield {**self.chunk({}), "choices": [], "usage": self.usage()}
+
+    def event(self, data: dict) -> str:
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    async def events(self, usage: bool):
+        try:
+            async for event in self.stream(usage):
+                yield self.event(event)
+        except Exception as failure:
+            status = 503 if isinstance(failure, ModelStopped) else 500
+            error = {"message": first_line(failure), "type": "server_error", "code": status}
+            yield self.event({"type": "error", "error": error})
+        if self.done:
+            yield self.done
 
 
-class Completion(ChatCompletion):
+class CompletionReply(ChatReply):
     schema = CompletionRequest
+    id_prefix = "cmpl-"
 
     @staticmethod
     def prompt(tokenizer, body) -> list[int]:
@@ -245,134 +210,62 @@ class Completion(ChatCompletion):
 
     def chunk(self, delta: dict, finish_reason=None) -> dict:
         choice = {"index": 0, "text": delta.get("content", ""), "finish_reason": finish_reason, "logprobs": None}
-        return {"id": f"cmpl-{self.id}", "object": "text_completion", "created": self.created, "model": self.model,
-                "choices": [choice]}  # fmt: skip
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [choice]}
 
     def whole(self, text: str) -> dict:
         return {**self.chunk({"content": text}, self.answer.finish_reason), "usage": self.usage()}
 
-    def first_events(self):
-        return []
+    async def stream(self, usage: bool):
+        async for piece in self.answer:
+            yield self.chunk({"content": piece})
+        yield self.chunk({}, self.answer.finish_reason)
+        if usage:
+            yield {**self.chunk({}), "choices": [], "usage": self.usage()}
 
 
-class ModelResponse(Endpoint):
-    """The Responses API: its events carry their type, and its stream ends with `response.completed`, no [DONE]."""
+class ResponsesReply(ChatReply):
+    """The Responses API: typed events, the last `response.completed` (no [DONE], as OpenAI's)."""
 
     schema = ResponseRequest
-    done_event = ""
+    id_prefix = "resp_"
+    done = ""
 
     def response(self, text: str | None) -> dict:
-        """The response object: in progress (text None), or done."""
-        response = {"id": f"resp_{self.id}", "object": "response", "created_at": self.created, "model": self.model,
-                    "status": "in_progress", "output": [], "incomplete_details": None}  # fmt: skip
+        """The response, in progress (text None) or done: complete, or cut at its max_output_tokens."""
+        response = {"id": self.id, "object": "response", "created_at": self.created, "model": self.model,
+                    "status": "in_progress", "output": [], "incomplete_details": None}
         if text is not None:
-            limited = self.answer.finish_reason == "length"
-            usage = self.usage()
-            response.update(
-                status="incomplete" if limited else "completed",
-                incomplete_details={"reason": "max_output_tokens"} if limited else None,
-                output=[self.item(text)],
-                output_text=text,
-                usage={"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
-                       "total_tokens": usage["total_tokens"]},
-            )  # fmt: skip
+            cut, usage = self.answer.finish_reason == "length", self.usage()
+            response.update(status="incomplete" if cut else "completed", output=[self.item(text)], output_text=text,
+                            incomplete_details={"reason": "max_output_tokens"} if cut else None,
+                            usage={"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
+                                   "total_tokens": usage["total_tokens"]})
         return response
 
     def item(self, text: str | None) -> dict:
-        content = [] if text is None else [{"type": "output_text", "text": text, "annotations": []}]
-        return {"type": "message", "id": f"msg_{self.id}", "role": "assistant", "content": content,
-                "status": "in_progress" if text is None else "completed"}  # fmt: skip
+        return {"type": "message", "id": "msg_" + self.id, "role": "assistant",
+                "content": [] if text is None else [{"type": "output_text", "text": text, "annotations": []}],
+                "status": "in_progress" if text is None else "completed"}
 
     def whole(self, text: str) -> dict:
         return self.response(text)
 
+    async def stream(self, usage: bool):
+        where, pieces = {"item_id": "msg_" + self.id, "output_index": 0, "content_index": 0}, []
+        yield {"type": "response.created", "response": self.response(None)}
+        yield {"type": "response.output_item.added", "output_index": 0, "item": self.item(None)}
+        yield {"type": "response.content_part.added", **where, "part": {"type": "output_text", "text": ""}}
+        async for piece in self.answer:
+            pieces.append(piece)
+            yield {"type": "response.output_text.delta", **where, "delta": piece}
+        text = "".join(pieces)
+        yield {"type": "response.output_text.done", **where, "text": text}
+        yield {"type": "response.content_part.done", **where, "part": self.item(text)["content"][0]}
+        yield {"type": "response.output_item.done", "output_index": 0, "item": self.item(text)}
+        yield {"type": "response.completed", "response": self.response(text)}
+
     def event(self, data: dict) -> str:
         self.sequence = getattr(self, "sequence", -1) + 1
         data = {**data, "sequence_number": self.sequence}
-        return f"event: {data.get('type', 'error')}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-    def first_events(self):
-        self.pieces = []
-        part = {"type": "output_text", "text": "", "annotations": []}
-        where = {"item_id": f"msg_{self.id}", "output_index": 0, "content_index": 0}
-        return [
-            self.event({"type": "response.created", "response": self.response(None)}),
-            self.event({"type": "response.output_item.added", "output_index": 0, "item": self.item(None)}),
-            self.event({"type": "response.content_part.added", **where, "part": part}),
-        ]
-
-    def delta(self, piece: str) -> dict:
-        self.pieces.append(piece)
-        return {"type": "response.output_text.delta", "item_id": f"msg_{self.id}", "output_index": 0,
-                "content_index": 0, "delta": piece}  # fmt: skip
-
-    def last_events(self, usage: bool):
-        text = "".join(self.pieces)
-        part = {"type": "output_text", "text": text, "annotations": []}
-        where = {"item_id": f"msg_{self.id}", "output_index": 0, "content_index": 0}
-        return [
-            self.event({"type": "response.output_text.done", **where, "text": text}),
-            self.event({"type": "response.content_part.done", **where, "part": part}),
-            self.event({"type": "response.output_item.done", "output_index": 0, "item": self.item(text)}),
-            self.event({"type": "response.completed", "response": self.response(text)}),
-        ]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# ASGI middlewares
-
-
-class ApiKey:
-    """HTTP 401, before anything else runs, for a request without `Authorization: Bearer KEY` (the scheme's case
-    does not matter; the key is compared in constant time), on every route but /health."""
-
-    def __init__(self, app, api_key: str):
-        self.app, self.key = app, api_key.encode()
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"] != "/health":
-            scheme, _, given = Headers(scope=scope).get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("latin-1"), self.key):
-                detail = "Missing or wrong API key: send the header `Authorization: Bearer KEY`."
-                return await error(401, detail, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
-class BodyLimits:
-    """Reads each request's body before the app does: HTTP 413 for one over `max_bytes` (at once when its
-    Content-Length says so), 408 for one that has not arrived `timeout` seconds after its head."""
-
-    def __init__(self, app, max_bytes: int, timeout: float):
-        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        too_large = error(413, f"The request body is larger than this server's limit of {self.max_bytes} bytes.")
-        length = Headers(scope=scope).get("content-length", "")
-        if length.isdigit() and int(length) > self.max_bytes:
-            return await too_large(scope, receive, send)
-        chunks, size, more = [], 0, True
-        deadline = asyncio.get_running_loop().time() + self.timeout
-        while more:
-            try:
-                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
-            except asyncio.TimeoutError:
-                detail = f"The request body did not arrive within {self.timeout:g} s."
-                return await error(408, detail)(scope, receive, send)
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size, more = size + len(chunks[-1]), message.get("more_body", False)
-            if size > self.max_bytes:
-                return await too_large(scope, receive, send)
-        replayed = False
-
-        async def replay_then_receive():
-            nonlocal replayed
-            if replayed:
-                return await receive()  # the client leaving
-            replayed = True
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-
-        await self.app(scope, replay_then_receive, send)
+        return f"event: {data['type']}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"

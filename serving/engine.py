@@ -1,4 +1,4 @@
-"""The model behind the server: loaded once, answering each request where its settings are honoured exactly.
+"""The model behind the server, answering each request where its settings are honoured exactly.
 
 With continuous batching (transformers' `init_continuous_batching`: a paged KV cache, a thread of its own), the batch
 decodes greedily with no logits processor, so that a greedy request in it answers exactly what `generate()` answers.
@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import itertools
 import threading
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -28,8 +27,8 @@ BATCH_NEUTRAL_SETTINGS = {
     "bos_token_id", "eos_token_id", "pad_token_id", "max_length", "max_new_tokens", "do_sample", "temperature",
     "top_k", "top_p", "min_p", "typical_p", "use_cache", "output_attentions", "output_hidden_states",
     "return_dict_in_generate", "transformers_version", "_from_model_config",
-}  # fmt: skip
-SAMPLING_SETTINGS = {"temperature", "top_k", "top_p", "min_p", "typical_p", "seed"}  # what a greedy request ignores
+}
+SAMPLING_SETTINGS = {"temperature", "top_k", "top_p", "min_p", "typical_p", "seed"}  # what greedy decoding ignores
 
 
 class ModelStopped(RuntimeError):
@@ -37,13 +36,13 @@ class ModelStopped(RuntimeError):
 
 
 class Engine:
-    """The model and its tokenizer; `answer()` streams a request's answer from the batch or from `generate()`."""
+    """The model and its tokenizer; `answer()` streams an answer from the batch or from `generate()`."""
 
     def __init__(self, model, tokenizer, context_length: int, batching=None):
         self.model, self.tokenizer, self.context_length = model, tokenizer, context_length
         self.vocab_size = model.config.get_text_config().vocab_size
         eos = model.generation_config.eos_token_id
-        self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.alone = ThreadPoolExecutor(1, thread_name_prefix="generate")
         self.request_ids = itertools.count()
         self.batch_matches_generate = set(model.generation_config.to_diff_dict()) <= BATCH_NEUTRAL_SETTINGS
@@ -52,21 +51,22 @@ class Engine:
         self.failure = None  # why the batch died, once it has
 
     @classmethod
-    def load(cls, model: str, arguments: ServeArguments) -> "Engine":
-        """`model`: a folder, a Hub id or a .gguf file."""
+    def load(cls, model: str, arguments: ServeArguments, name: str | None = None) -> "Engine":
+        """`model`: a folder, a Hub id or a .gguf file (`name`: as errors call it)."""
         folder, _, gguf_file = model.rpartition("/") if model.endswith(".gguf") else (model, "", None)
-        extra = {"gguf_file": gguf_file} if gguf_file else {}
-        dtype = arguments.dtype if arguments.dtype == "auto" else getattr(torch, arguments.dtype, None)
-        if not isinstance(dtype, (str, torch.dtype)):
-            raise ServingError(f"--dtype must be auto, float32, bfloat16 or float16, not {arguments.dtype!r}")
-        loaded = AutoModelForCausalLM.from_pretrained(
-            folder or ".", dtype=dtype, device_map=arguments.device, attn_implementation=arguments.attn_implementation,
-            **extra,
-        )  # fmt: skip
-        tokenizer = AutoTokenizer.from_pretrained(folder or ".", **extra)
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(
+                folder or ".", dtype=arguments.dtype, device_map=arguments.device,
+                attn_implementation=arguments.attn_implementation, **kwargs,
+            )
+        except Exception as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ServingError(f"cannot load {name or model}: {reason}") from error
         context = loaded.config.get_text_config().max_position_embeddings
         if arguments.max_model_len is not None and context is not None and arguments.max_model_len > context:
             raise ServingError(f"--max-model-len {arguments.max_model_len} is longer than the model's context, {context}")
+        tokenizer = AutoTokenizer.from_pretrained(folder or ".", **kwargs)
         return cls(loaded.eval(), tokenizer, arguments.max_model_len or context, arguments.batching_config())
 
     @property
@@ -80,8 +80,7 @@ class Engine:
 
     def answer(self, prompt: list[int], settings: dict, max_new_tokens: int, stop=()) -> "Answer":
         """The answer to `prompt`, with generate()'s `settings` on top of the model's generation config."""
-        do_sample = settings.get("do_sample", self.model.generation_config.do_sample)
-        if not do_sample:  # greedy: the sampling settings do not matter
+        if not settings.get("do_sample", self.model.generation_config.do_sample):  # greedy
             settings = {name: value for name, value in settings.items() if name not in SAMPLING_SETTINGS}
             settings["do_sample"] = False
         if self.manager is not None and self.batch_matches_generate and set(settings) == {"do_sample"}:
@@ -90,7 +89,7 @@ class Engine:
             tokens = self.generated_alone(prompt, {**settings, "max_new_tokens": max_new_tokens})
         return Answer(tokens, self.tokenizer, self.eos, stop)
 
-    async def batched(self, prompt: list[int], max_new_tokens: int) -> AsyncIterator[list[int]]:
+    async def batched(self, prompt: list[int], max_new_tokens: int):
         outputs = asyncio.Queue()
         request_id = f"request-{next(self.request_ids)}"
         self.manager.register_result_handler(request_id, outputs.put_nowait)
@@ -101,7 +100,11 @@ class Engine:
             while not finished:
                 output = await outputs.get()
                 if output.error is not None:
-                    raise await self.failed(output.error)
+                    await asyncio.sleep(0.2)  # a batch that dies fails its requests, then stops
+                    if self.manager.is_running():
+                        raise RuntimeError(output.error)
+                    self.failure = self.failure or output.error
+                    raise ModelStopped(self.failure)
                 finished = output.is_finished()
                 yield output.generated_tokens[sent:]
                 sent = len(output.generated_tokens)
@@ -109,21 +112,12 @@ class Engine:
             if not finished:  # the client left, or the answer reached a stop string
                 self.manager.cancel_request(request_id)
 
-    async def failed(self, error: str) -> Exception:
-        """The error a failed batched request raises: ModelStopped if the batch died of it (it stops meanwhile)."""
-        for _ in range(20):
-            if not self.manager.is_running():
-                self.failure = self.failure or error
-                return ModelStopped(self.failure)
-            await asyncio.sleep(0.05)
-        return RuntimeError(error)
-
-    async def generated_alone(self, prompt: list[int], settings: dict) -> AsyncIterator[list[int]]:
+    async def generated_alone(self, prompt: list[int], settings: dict):
         loop = asyncio.get_running_loop()
         outputs, stopped = asyncio.Queue(), threading.Event()
         streamer = TokenStreamer(lambda tokens: loop.call_soon_threadsafe(outputs.put_nowait, tokens))
         job = loop.run_in_executor(self.alone, self.generate, prompt, settings, streamer, stopped)
-        job.add_done_callback(lambda job: job.cancelled() or job.exception())  # read here if nobody awaits it
+        job.add_done_callback(lambda job: job.cancelled() or job.exception())  # read, when nobody awaits it
         try:
             while (tokens := await outputs.get()) is not None:
                 yield tokens
@@ -131,9 +125,9 @@ class Engine:
         finally:
             stopped.set()
 
-    def generate(self, prompt: list[int], settings: dict, streamer: "TokenStreamer", stopped: threading.Event):
-        """generate() on the thread for requests answered alone. A seed is reproducible: it is the only user of the
-        random numbers while it runs (the batch draws none)."""
+    def generate(self, prompt: list[int], settings: dict, streamer: BaseStreamer, stopped: threading.Event) -> None:
+        """generate() on the thread for requests answered alone. A seed is reproducible: the only user of the random
+        numbers while it runs (the batch draws none)."""
         try:
             if stopped.is_set():  # its client left while it waited
                 return
@@ -142,57 +136,41 @@ class Engine:
                 torch.manual_seed(seed)
             input_ids = torch.tensor([prompt], device=self.model.device)  # [1, prompt]
             with self.turns.taken() if self.turns is not None else contextlib.nullcontext():
-                self.model.generate(
-                    input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([Stopped(stopped)]),
-                    **settings,
-                )
+                self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                                    stopping_criteria=StoppingCriteriaList([Stopped(stopped)]), **settings)
         finally:
             streamer.end()
 
 
 def start_greedy_batching(model, batching, context_length: int):
-    """transformers' continuous-batching manager for `model`, started, greedy (no sampling, no logits processor), its
-    paged cache created now: ServingError, saying what to change, when it cannot fit or hold one request of the whole
-    context."""
-    greedy = GenerationConfig(
-        do_sample=False,
-        eos_token_id=model.generation_config.eos_token_id,
-        pad_token_id=model.generation_config.pad_token_id,
-        bos_token_id=model.generation_config.bos_token_id,
-    )
+    """transformers' continuous-batching manager for `model`: greedy (no sampling, no logits processor), its paged
+    cache created, started. ServingError, saying what to change, when the cache cannot fit or hold a request of the
+    whole context."""
+    config = model.generation_config
+    greedy = GenerationConfig(do_sample=False, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+                              bos_token_id=config.bos_token_id)
     try:
-        manager = model.init_continuous_batching(
-            generation_config=greedy,
-            continuous_batching_config=batching,
-            workload_hints=WorkloadHints(max_prompt_length=context_length),
-        )
+        manager = model.init_continuous_batching(generation_config=greedy, continuous_batching_config=batching,
+                                                 workload_hints=WorkloadHints(max_prompt_length=context_length))
         manager.warmup()  # creates the paged cache
     except (ValueError, MemoryError, RuntimeError) as error:
-        raise ServingError(
-            f"the paged KV cache does not fit ({str(error).splitlines()[0]}): raise --max-memory-percent or "
-            "--num-blocks, or lower --max-batch-tokens"
-        ) from error
-    sized = manager.continuous_batching_config
-    if sized.num_blocks * sized.page_size < context_length:
-        raise ServingError(
-            f"the paged KV cache holds {sized.num_blocks * sized.page_size} tokens, less than one request of the "
-            f"whole context ({context_length}): raise --max-memory-percent or --num-blocks, or lower --max-model-len"
-        )
+        raise ServingError(f"the paged KV cache does not fit ({str(error).splitlines()[0]}): raise "
+                           "--max-memory-percent or --num-blocks, or lower --max-batch-tokens") from error
+    tokens = manager.continuous_batching_config.num_blocks * manager.continuous_batching_config.page_size
+    if tokens < context_length:
+        raise ServingError(f"the paged KV cache holds {tokens} tokens, less than one request of the whole context "
+                           f"({context_length}): raise --max-memory-percent or --num-blocks, or lower --max-model-len")
     manager.start()
     return manager
 
 
 class BatchTurns:
-    """Forward hooks on the model that pause the batch (transformers' `manager.pause()`) for each forward of a request
-    answered alone, so that the two take turns, step by step. They must not run at once: a forward sets
-    `config.is_causal` for its duration (transformers' `merge_with_config_defaults`), the batch's to False."""
+    """Forward hooks that pause the batch (transformers' `manager.pause()`) for each forward of a request answered
+    alone, so that the two take turns. They must not run at once: a forward sets `config.is_causal` for its duration
+    (transformers' `merge_with_config_defaults`), the batch's to False."""
 
     def __init__(self, model, manager):
-        self.manager = manager
-        self.local = threading.local()  # the pauses of the thread answering alone, while it does
+        self.manager, self.local = manager, threading.local()  # the pauses of the thread answering alone
         model.register_forward_pre_hook(self.pause)
         model.register_forward_hook(self.resume, always_call=True)
 
@@ -215,15 +193,15 @@ class BatchTurns:
 
 
 class TokenStreamer(BaseStreamer):
-    """generate()'s streamer, handing each step's new token ids to `send` (None at the end)."""
+    """generate()'s streamer, handing each step's new token ids to `send`, then None."""
 
     def __init__(self, send):
         self.send, self.prompt_seen, self.ended = send, False, False
 
     def put(self, value: torch.Tensor) -> None:
-        if self.prompt_seen:
+        if self.prompt_seen:  # generate() puts the prompt first
             self.send(value.reshape(-1).tolist())
-        self.prompt_seen = True  # generate() puts the prompt first
+        self.prompt_seen = True
 
     def end(self) -> None:
         if not self.ended:
@@ -232,7 +210,7 @@ class TokenStreamer(BaseStreamer):
 
 
 class Stopped(StoppingCriteria):
-    """Ends generate() once `event` is set (the request's client left, or its answer reached a stop string)."""
+    """Ends generate() once `event` is set (its client left, or its answer reached a stop string)."""
 
     def __init__(self, event: threading.Event):
         self.event = event
@@ -242,19 +220,17 @@ class Stopped(StoppingCriteria):
 
 
 class Answer:
-    """A request's answer as text pieces (`async for piece in answer`), ending before the first of its `stop` strings;
-    then `completion_tokens` and `finish_reason` (stop: the end of the answer or a stop string; length: its limit).
+    """A request's answer as text pieces (`async for piece in answer`), ending before its first `stop` string; then
+    `completion_tokens` and `finish_reason` (stop: the model's end or a stop string; length: the token limit).
 
-    Text is decoded in windows of tokens, a piece sent once it ends on a whole character; at the end, the rest is
-    flushed, so that the pieces always add up to the text the whole answer decodes to.
+    Tokens are decoded in a window, a piece sent once it ends on a whole character and the rest flushed at the end,
+    so that the pieces add up to the text of the whole answer, even one that ends inside a character.
     """
 
-    def __init__(self, tokens: AsyncIterator[list[int]], tokenizer, eos: set[int], stop=()):
+    def __init__(self, tokens, tokenizer, eos: set[int], stop=()):
         self.tokens, self.tokenizer, self.eos, self.stop = tokens, tokenizer, eos, tuple(stop or ())
-        self.ids: list[int] = []
-        self.start = self.read = 0  # the window decoded: ids[start:], of which ids[start:read] was sent
-        self.held = ""  # text sent to no one yet: it may begin a stop string
-        self.stopped = False  # at a stop string
+        self.ids, self.start, self.read = [], 0, 0  # decoded: ids[start:], of which ids[start:read] was sent
+        self.held, self.stopped = "", False  # text that may begin a stop string; a stop string was found
         self.completion_tokens, self.finish_reason = 0, "length"
 
     async def __aiter__(self):
@@ -272,7 +248,6 @@ class Answer:
             yield text
 
     def decoded(self, flush: bool = False) -> str:
-        """The text of the new tokens, once it ends on a whole character (always with `flush`)."""
         sent = self.tokenizer.decode(self.ids[self.start : self.read], skip_special_tokens=True)
         text = self.tokenizer.decode(self.ids[self.start :], skip_special_tokens=True)
         if len(text) > len(sent) and (flush or not text.endswith("\ufffd")):
@@ -287,6 +262,6 @@ class Answer:
         if found:
             self.held, self.stopped, self.finish_reason = "", True, "stop"
             return text[: min(found)]
-        keep = 0 if final else min(max((len(stop) for stop in self.stop), default=1) - 1, len(text))
+        keep = 0 if final else min(max(map(len, self.stop), default=1) - 1, len(text))
         self.held = text[len(text) - keep :]
         return text[: len(text) - keep]

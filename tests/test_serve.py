@@ -26,12 +26,12 @@ from modeling_diff_conversion import convert
 from modeling_diff_serving import ServeArguments, ServingError
 from modeling_diff_serving.engine import Answer
 from modeling_diff_serving.schemas import ChatRequest, CompletionRequest, ResponseRequest, problem
-from modeling_diff_serving.server import free_port, read_output, start_server
 from openai import OpenAI
 from pydantic import ValidationError
 from tokenizers import decoders
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from benchmarks.system.servers import free_port, read_output, start_server
 from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
 
 CHAT_TEMPLATE = (
@@ -357,7 +357,7 @@ def test_hostile_requests_are_refused_and_it_keeps_serving(batched, references):
         assert reply.status_code == 422 and "JSON" in reply.json()["detail"], (body, reply.text)
     # NaN is not JSON, but Python's json reads it
     reply = batched.post("/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "hi"}], '
-                         b'"temperature": NaN}', headers=headers)  # fmt: skip
+                         b'"temperature": NaN}', headers=headers)
     assert reply.status_code == 422, reply.text
     # a chat prompt of ~240 KB: longer than the context
     reply = batched.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x " * 120_000}]})
@@ -560,7 +560,7 @@ def test_the_server_exits_when_its_model_dies(served_models, tmp_path):
     process = subprocess.Popen(
         [sys.executable, str(tmp_path / "faulty.py"), trigger, served_models / "converted-v2", "--port", str(port),
          *FLAGS], stdout=output, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    )
     try:
         server = Server(f"http://127.0.0.1:{port}", served_models / "converted-v2", process)
         for _ in range(600):
@@ -685,7 +685,7 @@ def test_request_models():
     assert "finite" in refusal(ChatRequest, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}')
     assert "JSON" in refusal(CompletionRequest, b'{"prompt": "\\ud800"}')
     settings = ChatRequest.model_validate_json(json.dumps({**ok, "generation_config": '{"repetition_penalty": 1}',
-                                                           "temperature": 1, "seed": 3})).settings()  # fmt: skip
+                                                           "temperature": 1, "seed": 3})).settings()
     assert settings == {"repetition_penalty": 1.0, "temperature": 1.0, "do_sample": True, "seed": 3}
     assert type(settings["repetition_penalty"]) is float and type(settings["temperature"]) is float
     assert CompletionRequest.model_validate_json('{"prompt": "def", "suffix": "x"}').prompt == "def"  # ignored
@@ -696,7 +696,7 @@ def test_request_models():
                   {"role": "user", "content": "hi"},
                   {"type": "function_call", "call_id": "1", "name": "f", "arguments": '{"a": 1}'},
                   {"type": "function_call_output", "call_id": "1", "output": "2"}],
-    })).conversation()  # fmt: skip
+    })).conversation()
     assert [message["role"] for message in conversation] == ["system", "user", "assistant", "tool"]
     assert ResponseRequest.model_validate_json('{"input": [{"type": "input_text", "text": "hi"}]}').conversation() == [
         {"role": "user", "content": "hi"}
@@ -732,7 +732,7 @@ def test_load_test_smoke(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.system.serve_load", "--smoke", "--out", str(tmp_path)],
         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((tmp_path / "serve_load.json").read_text())
     assert results["passed"] and results["good_matched"] == results["good_sent"] > 0

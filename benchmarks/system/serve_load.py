@@ -48,11 +48,11 @@ import httpx2 as httpx
 import psutil
 import torch
 from modeling_diff_eval.corpus import python_docs_texts
-from modeling_diff_serving.server import start_server
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from benchmarks.harness import report
+from benchmarks.system.servers import start_server
 from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
 
 KEY = "load-test-key"
@@ -113,7 +113,7 @@ def cut_inside_a_character(folder: str) -> tuple[str, int] | None:
     for question in QUESTIONS:
         messages = [{"role": "user", "content": question}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)["input_ids"]  # fmt: skip
+                                            return_dict=True)["input_ids"]
         tokens = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False)[0, ids.shape[1] :].tolist()
         for n in range(2, len(tokens) + 1):
             if tokenizer.decode(tokens[:n], skip_special_tokens=True).endswith("\ufffd"):
@@ -143,7 +143,7 @@ def good_requests(model: str, cut: tuple[str, int] | None) -> list[tuple[str, st
         body = chat_body(cut[0], temperature=0, max_tokens=cut[1])
         jobs += [("cut in a character", "chat", body, {}), ("cut in a character, streamed", "stream", body, {})]
     for label, name in (("slash", f"{model}/"), ("./relative", f"./{os.path.relpath(model)}"),
-                        ("absolute", os.path.abspath(model))):  # fmt: skip
+                        ("absolute", os.path.abspath(model))):
         jobs.append((f"model {label}", "chat", chat_body(QUESTIONS[0], temperature=0, model=name), {}))
     jobs.append(("bearer lower case", "chat", chat_body(QUESTIONS[3], temperature=0), {"Authorization": f"bearer {KEY}"}))
     integers = json.dumps({"repetition_penalty": 1, "top_k": 40})
@@ -275,7 +275,7 @@ def hostile_requests(port: int) -> dict[str, tuple]:
         "sends nothing": (lambda client, base: held_connection(port, lambda sock: None), "dropped"),
         "one byte a second": (lambda client, base: held_connection(port, trickle), "dropped"),
         "Content-Length 10^12": (lambda client, base: held_connection(port, lambda s: s.sendall(huge.encode())),
-                                 "413 dropped"),  # fmt: skip
+                                 "413 dropped"),
     }
 
 
@@ -308,7 +308,7 @@ def run_load(base: str, server: psutil.Process, model: str, clients: int, durati
 
     with client_of() as client:  # the references: each request alone, not streamed
         references = {name: send_good(client, "chat" if kind == "stream" else kind, body, extra)
-                      for name, kind, body, extra in good}  # fmt: skip
+                      for name, kind, body, extra in good}
 
     tallies = defaultdict(Counter)  # request name -> outcome -> count
     mismatches, errors = [], []
@@ -356,9 +356,9 @@ def run_load(base: str, server: psutil.Process, model: str, clients: int, durati
     threads = [threading.Thread(target=sample_rss)]
     # each client starts at its own place in the cycle, spread over it
     threads += [threading.Thread(target=hostile_client, args=(i * len(hostile) // max(hostile_count, 1),))
-                for i in range(hostile_count)]  # fmt: skip
+                for i in range(hostile_count)]
     threads += [threading.Thread(target=good_client, args=(i * len(good) // (clients - hostile_count),))
-                for i in range(clients - hostile_count)]  # fmt: skip
+                for i in range(clients - hostile_count)]
     for thread in threads:
         thread.start()
     for thread in threads:
