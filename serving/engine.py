@@ -111,6 +111,8 @@ class Engine:
         finally:
             if not finished:  # the client left, or the answer reached a stop string
                 self.manager.cancel_request(request_id)
+                # transformers keeps the handler of a request cancelled before its end: it now holds nothing
+                self.manager.register_result_handler(request_id, lambda output: None)
 
     async def generated_alone(self, prompt: list[int], settings: dict):
         loop = asyncio.get_running_loop()
