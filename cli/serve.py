@@ -20,7 +20,7 @@ ARGUMENT_CLASSES = (ServeArguments,)  # main.py makes a flag of each field (--po
 
 def add_arguments(parser):
     parser.add_argument("model", help="model to serve: a folder, a Hub id or a .gguf file")
-    parser.add_argument("--enable-admin-endpoints", action="store_true", help="ignored: /reset and /load_model are gone")
+    parser.add_argument("--enable-admin-endpoints", action="store_true", help="ignored: /reset, /load_model are gone")
 
 
 def run(args) -> int:

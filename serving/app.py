@@ -78,7 +78,8 @@ def build_app(engine: Engine, name: str) -> FastAPI:
         except ModelStopped as stopped:
             return error(503, f"The model stopped serving ({stopped}); the server is exiting.")
         except Exception as failure:  # a fault of the server or the model, not of the request
-            logger.error("%s failed: %s", request.url.path, first_line(failure), exc_info=logger.isEnabledFor(10))
+            debug = logger.isEnabledFor(logging.DEBUG)
+            logger.error("%s failed: %s", request.url.path, first_line(failure), exc_info=debug)
             return error(500, f"The model failed on this request ({first_line(failure)}).")
 
     @app.api_route("/health", methods=["GET", "HEAD"])
@@ -163,8 +164,8 @@ class ChatReply:
         return "".join([piece async for piece in self.answer])
 
     def usage(self) -> dict:
-        done = self.answer.completion_tokens
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done, "total_tokens": self.prompt_tokens + done}
+        prompt, done = self.prompt_tokens, self.answer.completion_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
     def chunk(self, delta: dict, finish_reason=None) -> dict:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
@@ -194,8 +195,8 @@ class ChatReply:
                 yield self.event(event)
         except Exception as failure:
             status = 503 if isinstance(failure, ModelStopped) else 500
-            error = {"message": first_line(failure), "type": "server_error", "code": status}
-            yield self.event({"type": "error", "error": error})
+            detail = {"message": first_line(failure), "type": "server_error", "code": status}
+            yield self.event({"type": "error", "error": detail})
         if self.done:
             yield self.done
 

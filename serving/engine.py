@@ -65,7 +65,7 @@ class Engine:
             raise ServingError(f"cannot load {name or model}: {reason}") from error
         context = loaded.config.get_text_config().max_position_embeddings
         if arguments.max_model_len is not None and context is not None and arguments.max_model_len > context:
-            raise ServingError(f"--max-model-len {arguments.max_model_len} is longer than the model's context, {context}")
+            raise ServingError(f"--max-model-len {arguments.max_model_len} is above the model's context ({context})")
         tokenizer = AutoTokenizer.from_pretrained(folder or ".", **kwargs)
         return cls(loaded.eval(), tokenizer, arguments.max_model_len or context, arguments.batching_config())
 
@@ -93,7 +93,8 @@ class Engine:
         outputs = asyncio.Queue()
         request_id = f"request-{next(self.request_ids)}"
         self.manager.register_result_handler(request_id, outputs.put_nowait)
-        if self.manager.add_request(prompt, request_id=request_id, max_new_tokens=max_new_tokens, streaming=True) is None:
+        added = self.manager.add_request(prompt, request_id=request_id, max_new_tokens=max_new_tokens, streaming=True)
+        if added is None:
             raise ModelStopped(self.failure or "the batch is stopping")
         finished, sent = False, 0
         try:

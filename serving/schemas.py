@@ -6,8 +6,18 @@ server does not implement are accepted and ignored (`IGNORED`)."""
 import inspect
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Json, ValidationError
-from pydantic import ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Json,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
@@ -38,7 +48,7 @@ class TextPart(Checked):
 
 
 # a message's content: a string, or a list of text parts
-Content = Annotated[list[TextPart], BeforeValidator(lambda v: [{"type": "text", "text": v}] if isinstance(v, str) else v)]
+Content = Annotated[list[TextPart], BeforeValidator(lambda v: [{"type": "text", "text": v}] if type(v) is str else v)]
 
 
 def text_of(content: list[TextPart] | None) -> str:

@@ -8,7 +8,6 @@ import socket
 import sys
 
 import uvicorn
-
 from starlette.datastructures import Headers
 from uvicorn.protocols.http.h11_impl import H11Protocol
 

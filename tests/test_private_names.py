@@ -114,7 +114,8 @@ def test_no_private_transformers_imports():
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "transformers":
                 names = node.module.split(".") + [alias.name for alias in node.names]
             elif isinstance(node, ast.Import):
-                names = [part for alias in node.names if alias.name.startswith("transformers") for part in alias.name.split(".")]
+                modules = [alias.name for alias in node.names if alias.name.split(".")[0] == "transformers"]
+                names = [part for module in modules for part in module.split(".")]
             else:
                 continue
             found += [f"{where(path, node)} imports {name}" for name in names if private(name)]

@@ -149,7 +149,8 @@ def references(served_models):
             ids = chat_ids(tokenizer, question)
             greedy = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False)[0, ids.shape[1] :]
             torch.manual_seed(7)
-            sampled = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=True, temperature=1.0)[0, ids.shape[1] :]
+            sampled = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=True, temperature=1.0)
+            sampled = sampled[0, ids.shape[1] :]
             decode = lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True)  # noqa: E731
             answers[name, question] = (decode(greedy), decode(sampled), greedy.tolist(), tokenizer)
     return answers
@@ -287,7 +288,9 @@ HOSTILE_BODIES = {  # endpoint, body, expected status, a word of the detail
     "empty prompt": ("/v1/completions", {"prompt": ""}, 422, "prompt"),
     "max_tokens 1e9": ("/v1/completions", {"prompt": "def", "max_tokens": 1e9}, 422, "max_tokens"),
     "max_tokens past the context": ("/v1/completions", {"prompt": "def", "max_tokens": 10**9}, 400, "context"),
-    "a bare string part": ("/v1/chat/completions", {"messages": [{"role": "user", "content": ["Hi"]}]}, 422, "content"),
+    "a bare string part": (
+        "/v1/chat/completions", {"messages": [{"role": "user", "content": ["Hi"]}]}, 422, "content"
+    ),
     "a part without type": (
         "/v1/chat/completions", {"messages": [{"role": "user", "content": [{"text": "Hi"}]}]}, 422, "type"
     ),
@@ -332,7 +335,8 @@ BIG_NUMBERS = [
         for field in ("temperature", "top_k", "repetition_penalty", "max_new_tokens")
     ],
     *[("/v1/completions", {"prompt": "def", "max_tokens": 2, field: BIG}, 422) for field in ("max_tokens", "seed")],
-    *[("/v1/responses", {"input": "hi", "max_output_tokens": 2, field: BIG}, 422) for field in ("max_output_tokens", "top_p")],
+    *[("/v1/responses", {"input": "hi", "max_output_tokens": 2, field: BIG}, 422)
+      for field in ("max_output_tokens", "top_p")],
 ]
 # a lone surrogate (JSON's "\ud800") where text goes
 SURROGATES = [
@@ -445,7 +449,8 @@ def test_connections_that_hold_the_server_are_dropped(batched):
 
     def huge():  # a Content-Length of 10^12: refused at once, then dropped
         with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {10**12}\r\n\r\n".encode())
+            head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {10**12}\r\n\r\n"
+            sock.sendall(head.encode())
             return closes_within(sock, TIMEOUT + 3)
 
     def slow_body():  # 10 bytes of a body of 100, then nothing: 408, then dropped
@@ -666,7 +671,9 @@ def test_request_models():
         "role": {"messages": [{"role": "robot", "content": "hi"}]},
         "content": {"messages": [{"role": "user"}]},
         "type": {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-        "arguments": {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}]},
+        "arguments": {
+            "messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]}]
+        },
         "max_tokens": {**ok, "max_tokens": 0},
         "temperature": {**ok, "temperature": "hot"},
         "top_p": {**ok, "top_p": 0},
@@ -702,7 +709,8 @@ def test_request_models():
         {"role": "user", "content": "hi"}
     ]
     assert "max_output_tokens" in refusal(ResponseRequest, {"input": "hi", "max_output_tokens": -1})
-    assert "call_id" in refusal(ResponseRequest, {"input": [{"role": "user", "content": "hi"}, {"type": "function_call"}]})
+    two_items = {"input": [{"role": "user", "content": "hi"}, {"type": "function_call"}]}
+    assert "call_id" in refusal(ResponseRequest, two_items)
 
 
 def test_answer_text_adds_up_and_holds_back_what_may_begin_a_stop_string():

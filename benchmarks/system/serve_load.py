@@ -145,9 +145,11 @@ def good_requests(model: str, cut: tuple[str, int] | None) -> list[tuple[str, st
     for label, name in (("slash", f"{model}/"), ("./relative", f"./{os.path.relpath(model)}"),
                         ("absolute", os.path.abspath(model))):
         jobs.append((f"model {label}", "chat", chat_body(QUESTIONS[0], temperature=0, model=name), {}))
-    jobs.append(("bearer lower case", "chat", chat_body(QUESTIONS[3], temperature=0), {"Authorization": f"bearer {KEY}"}))
+    lower = {"Authorization": f"bearer {KEY}"}
+    jobs.append(("bearer lower case", "chat", chat_body(QUESTIONS[3], temperature=0), lower))
     integers = json.dumps({"repetition_penalty": 1, "top_k": 40})
-    jobs.append(("integer settings", "chat", chat_body(QUESTIONS[4], temperature=1, seed=5, generation_config=integers), {}))
+    body = chat_body(QUESTIONS[4], temperature=1, seed=5, generation_config=integers)
+    jobs.append(("integer settings", "chat", body, {}))
     return jobs
 
 
@@ -208,7 +210,8 @@ def hostile_requests(port: int) -> dict[str, tuple]:
     """name: (function(client, base) -> status or outcome, the outcome expected)."""
     long_prompt = chat_body("x " * (CONTEXT * 4))
     long_answer = {"prompt": "def", "max_tokens": CONTEXT - 10, "temperature": 0}
-    huge = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: {10**12}\r\n\r\n"
+    huge = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Length: {10**12}\r\n\r\n")
 
     def post(path, body):  # json.dumps: big integers whole, lone surrogates as escapes
         return lambda client, base: client.post(
