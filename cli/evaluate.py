@@ -6,10 +6,13 @@ import time
 from pathlib import Path
 
 import torch
+from modeling_diff_conversion.output import check_apart, check_text_output, write_text_output
 from modeling_diff_training import check_fits_in_memory
 
-from .common import CLIError, format_lambda_table, lambda_statistics, load_model
+from .common import CLIError, format_lambda_table, lambda_statistics, load_model, resolve_model_path
 from .data import train_eval_texts
+
+WRITTEN_BY = "diff-transformer eval"
 
 
 def add_arguments(parser):
@@ -35,7 +38,12 @@ def add_arguments(parser):
     parser.add_argument("--context-len", type=int, default=None, help="needle/attention-noise: context tokens")
     parser.add_argument("--samples", type=int, default=None, help="needle/attention-noise: examples to average")
     parser.add_argument("--seed", type=int, default=0, help="seed of the task generator")
-    parser.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
+    parser.add_argument(
+        "--json",
+        default=None,
+        metavar="FILE",
+        help="also write the results to this JSON file (a new file, or one this command wrote before)",
+    )
 
 
 def evaluate_ppl(model, tokenizer, texts=None, seq_len=256, batch_size=4, max_batches=None, progress=True) -> dict:
@@ -59,34 +67,63 @@ def evaluate_ppl(model, tokenizer, texts=None, seq_len=256, batch_size=4, max_ba
     return result
 
 
+def check_arguments(args) -> None:
+    """Refuse an out-of-range number before the model loads (a batch count of 0 would divide by zero)."""
+    for flag, value in (
+        ("--seq-len", args.seq_len),
+        ("--batch-size", args.batch_size),
+        ("--max-batches", args.max_batches),
+        ("--needles", args.needles),
+        ("--context-len", args.context_len),
+        ("--samples", args.samples),
+    ):
+        if value is not None and value < 1:
+            raise CLIError(f"{flag} is {value}: give a positive number")
+
+
+def is_results_file(text: str) -> bool:
+    """Whether `text` is a results file this command wrote: one that `--json` may replace."""
+    record = json.loads(text)
+    return isinstance(record, dict) and record.get("written_by") == WRITTEN_BY
+
+
 def run(args) -> int:
     from modeling_diff_eval.tasks import format_table, run_task
 
+    check_arguments(args)
+    if args.json:
+        # the results file is an output: apart from every input, and never a file this command did not write
+        check_apart(args.json, {"MODEL": args.model, "--dataset": args.dataset}, what="--json file")
+        check_text_output(args.json, WRITTEN_BY, is_results_file)
+        folder, gguf_file = resolve_model_path(args.model)  # a Hub id: where it resolved to, in the HF cache
+        check_apart(args.json, {"MODEL": Path(folder) / (gguf_file or "")}, what="--json file")
     texts = None
     if args.dataset is not None and args.task in ("ppl", "outliers"):
         texts = train_eval_texts(args.dataset)[1]
     model, tokenizer = load_model(args.model)
     check_fits_in_memory(model.config, args.context_len or args.seq_len, args.batch_size, training=False)
-    if args.task == "ppl":
-        result = evaluate_ppl(model, tokenizer, texts, args.seq_len, args.batch_size, args.max_batches)
-        lambdas = result.pop("lambda")
-        print(format_table("ppl", result))
-        print(f"\nλ per layer:\n{format_lambda_table(lambdas)}")
-        result["lambda"] = lambdas
-    else:
-        # run_task drops the options left at None, so the task's own defaults apply
-        options = dict(needles=args.needles, context_len=args.context_len, samples=args.samples, seed=args.seed)
-        if args.task == "outliers":
-            options = dict(
-                texts=texts, seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches or None
-            )
-        try:
+    try:
+        if args.task == "ppl":
+            result = evaluate_ppl(model, tokenizer, texts, args.seq_len, args.batch_size, args.max_batches)
+            lambdas = result.pop("lambda")
+            print(format_table("ppl", result))
+            print(f"\nλ per layer:\n{format_lambda_table(lambdas)}")
+            result["lambda"] = lambdas
+        else:
+            # run_task drops the options left at None, so the task's own defaults apply
+            options = dict(needles=args.needles, context_len=args.context_len, samples=args.samples, seed=args.seed)
+            if args.task == "outliers":
+                options = dict(
+                    texts=texts, seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches
+                )
             result = run_task(args.task, model, tokenizer, **options)
-        except ValueError as err:
-            raise CLIError(str(err).splitlines()[0])
-        print(format_table(args.task, result))
+            print(format_table(args.task, result))
+    except ValueError as err:
+        raise CLIError(str(err).splitlines()[0])
     result["model"] = args.model
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_output(
+            args.json, json.dumps({**result, "written_by": WRITTEN_BY}, indent=2) + "\n", WRITTEN_BY, is_results_file
+        )
         print(f"wrote {args.json}")
     return 0

@@ -1,9 +1,11 @@
 """`diff-transformer generate`: stream a completion (or a chat answer) to the terminal."""
 
+import math
+
 import torch
 from transformers import TextStreamer
 
-from .common import CLIError, load_model
+from .common import CLIError, load_model, say
 
 
 def add_arguments(parser):
@@ -44,13 +46,47 @@ def stream(model, tokenizer, ids: torch.Tensor, max_new_tokens=64, temperature=0
     return out[0, ids.shape[1] :]
 
 
-def run(args) -> int:
+def check_arguments(args) -> None:
+    """Refuse sampling settings that cannot sample, before the model loads."""
     if not args.prompt.strip():
         raise CLIError("--prompt is empty: give the text to continue (or, with --chat, the user's message)")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise CLIError(f"--temperature is {args.temperature}: give a finite number >= 0 (0 decodes greedily)")
+    if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        raise CLIError(f"--top-p is {args.top_p}: give a share of the probability mass in (0, 1]")
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens is {args.max_new_tokens}: give a positive number")
+
+
+def fit_to_context(prompt_tokens: int, max_new_tokens: int, context: int | None) -> int:
+    """The tokens to generate after a prompt of `prompt_tokens` within a model context of `context` positions
+    (max_position_embeddings): a prompt that fills the context is refused; an answer that would run past it is cut to
+    the context, with a warning that says so."""
+    if context is None:
+        return max_new_tokens
+    if prompt_tokens >= context:
+        raise CLIError(
+            f"the prompt has {prompt_tokens} tokens, but the model's context is {context} "
+            "(max_position_embeddings): shorten the prompt"
+        )
+    if prompt_tokens + max_new_tokens > context:
+        fitted = context - prompt_tokens
+        say(
+            f"warning: the prompt ({prompt_tokens} tokens) and --max-new-tokens {max_new_tokens} run past the model's "
+            f"context of {context} tokens: generating {fitted} tokens"
+        )
+        return fitted
+    return max_new_tokens
+
+
+def run(args) -> int:
+    check_arguments(args)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
     ids = prompt_ids(tokenizer, args.prompt, args.chat, args.system)
     if ids.shape[1] == 0:
         raise CLIError(f"--prompt {args.prompt!r} has no tokens for this tokenizer: give some text")
-    stream(model, tokenizer, ids, args.max_new_tokens, args.temperature, args.top_p)
+    context = getattr(model.config, "max_position_embeddings", None)
+    max_new_tokens = fit_to_context(ids.shape[1], args.max_new_tokens, context)
+    stream(model, tokenizer, ids, max_new_tokens, args.temperature, args.top_p)
     return 0

@@ -11,10 +11,11 @@ import sys
 from transformers import HfArgumentParser
 
 from . import convert_cmd, demo, evaluate, generate, push, serve, train
+from .common import LineTracker, say
 
 COMMANDS = {
     "demo": (demo, "the whole workflow on SmolLM2-135M (embedded, offline): convert, fine-tune, evaluate, chat, save"),
-    "convert": (convert_cmd, "convert a Llama or DiffLlama checkpoint into a DiffTransformer folder"),
+    "convert": (convert_cmd, "convert a Llama, DiffLlama or Motif-2.6B checkpoint into a DiffTransformer folder"),
     "train": (
         train,
         "fine-tune or distil a model with the HF Trainer (resumable; DDP or --fsdp under torchrun; --lora adapters)",
@@ -23,6 +24,14 @@ COMMANDS = {
     "eval": (evaluate, "perplexity and λ, or the paper's needle / attention-noise / outlier measurements"),
     "serve": (serve, "an OpenAI-compatible server (chat completions, continuous batching) over generate()"),
     "push": (push, "upload a model folder to the Hugging Face Hub (or --dry-run to list the files)"),
+}
+
+# what an interruption (Ctrl-C) leaves, for the commands that do not say it themselves
+INTERRUPTED = {
+    "generate": "generation stopped; nothing was written",
+    "eval": "nothing was written",
+    "serve": "the server stopped",
+    "push": "no commit was made (the repository may have been created, empty)",
 }
 
 
@@ -56,15 +65,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_text(err: Exception) -> str:
+    """One line for an unexpected exception: its type (module-qualified when the name alone says nothing, as
+    struct.error) and the first line of its message."""
+    kind = type(err).__qualname__
+    if kind.islower() or kind in ("Error", "Exception"):
+        kind = f"{type(err).__module__}.{kind}"
+    first = str(err).splitlines()[0] if str(err) else ""
+    return f"{kind}: {first}" if first else kind
+
+
 def main(argv=None) -> int:
     """Entry point of `diff-transformer`; returns the process exit status."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    stderr, sys.stderr = sys.stderr, LineTracker(sys.stderr)
     try:
         return args.run(args)
     except KeyboardInterrupt as err:
-        # a command that kept something (train: its checkpoints) says so in the interruption it raises
-        print(f"interrupted: {err or 'nothing was written'}", file=sys.stderr)
+        # what the command kept or left as it was: its own words (train: which checkpoints stay), else INTERRUPTED's
+        say(f"interrupted: {str(err) or INTERRUPTED.get(args.command, 'nothing was written')}")
         return 130
     except Exception as err:
         if args.debug:
@@ -75,14 +95,15 @@ def main(argv=None) -> int:
         from .common import CLIError
 
         if isinstance(err, (CLIError, ConversionError, TrainingError)):
-            print(f"error: {err}", file=sys.stderr)
+            message = str(err)
+            while message.startswith("error: "):
+                message = message[len("error: ") :]
+            say(f"error: {message}")
         else:
-            print(
-                f"error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
-                "(run again with --debug for the traceback)",
-                file=sys.stderr,
-            )
+            say(f"error: {error_text(err)} (run again with --debug for the traceback)")
         return 2
+    finally:
+        sys.stderr = stderr
 
 
 if __name__ == "__main__":

@@ -7,31 +7,47 @@ goes to --output_dir; resumable checkpoints go to OUTPUT_DIR-checkpoints meanwhi
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 import yaml
-from modeling_diff_conversion.output import atomic_output_dir, check_not_a_source, check_output_dir
+from modeling_diff_conversion.hub import check_repo_id, upload_folder
+from modeling_diff_conversion.output import (
+    InterruptedAfterWriting,
+    atomic_output_dir,
+    check_apart,
+    check_output_dir,
+    deletion_problem,
+    output_lock,
+)
 from modeling_diff_training import (
     DataArguments,
     DiffTrainingArguments,
     ModelArguments,
     add_lora_adapters,
+    build_trainer,
+    check_fits_in_memory,
+    run_training,
     save_lora_adapter,
-    train_model,
+    token_blocks,
 )
-from modeling_diff_training.checkpoints import TrainedFrom, checkpoints_folder, complete_checkpoints, resume_point
+from modeling_diff_training.checkpoints import (
+    CheckpointsFolder,
+    TrainedFrom,
+    checkpoints_folder,
+    complete_checkpoints,
+    resume_point,
+)
 from modeling_diff_training.fsdp import gather_fsdp_weights, load_fsdp_model, save_unsharded
 from transformers import HfArgumentParser, set_seed
 
-from .common import CLIError, load_model, load_tokenizer, resolve_model_path
+from .common import CLIError, check_config, load_model, load_tokenizer, resolve_model_path, say
 from .data import train_eval_texts
-from .push import check_repo_id, upload_folder
 
 # the dataclasses main.py builds this command's options from, as transformers' example scripts do
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, DiffTrainingArguments)
@@ -175,81 +191,126 @@ def parse_arguments(args):
 
 
 def run(args) -> int:
-    model_args, data_args, training_args, output, fsdp, push = parse_arguments(args)
-    checkpoints = Path(training_args.output_dir)
-    overwrite = training_args.overwrite_output_dir
-    check_inputs_apart(model_args, data_args, training_args, output, checkpoints)
-    check_output_dir(output, overwrite, flag="--overwrite_output_dir")
+    model_args, data_args, training_args, output, fsdp, push = parse_arguments(args)  # every option checked here
+    # the Hub token never reaches a file: the Trainer pickles its arguments into every checkpoint and the output
+    token, training_args.hub_token = training_args.hub_token, None
+    checkpoints = CheckpointsFolder(training_args.output_dir)
+    overwrite, main_process = training_args.overwrite_output_dir, training_args.process_index == 0
+    config_file = args.model if args.model and Path(args.model).suffix in CONFIG_SUFFIXES else None
+    check_inputs_apart(model_args, data_args, training_args, output, checkpoints.path, config_file)
     if push:
         check_repo_id(training_args.hub_model_id or output.resolve().name, owner_required=False)
-    folder, gguf_file = resolve_model_path(model_args.model_name_or_path)
-    source = TrainedFrom.of(Path(folder) / (gguf_file or ""), name=model_name(model_args.model_name_or_path))
-    resume, source = resume_point(checkpoints, source, training_args.resume_from_checkpoint, overwrite)
-    if resume and fsdp:
-        raise CLIError(f"an --fsdp run cannot resume, and {resume} is a checkpoint: pass --overwrite_output_dir")
-    train_texts, eval_texts = train_eval_texts(data_args.dataset, data_args.eval_fraction, training_args.seed)
-    model, tokenizer = load_fsdp(model_args.model_name_or_path) if fsdp else load_model(model_args.model_name_or_path)
-    if model_args.lora:
-        if Path(model_args.model_name_or_path).expanduser().is_dir():
-            # the adapter's base_model_name_or_path: an absolute folder, so that the adapter loads from anywhere
-            model.name_or_path = str(Path(model_args.model_name_or_path).expanduser().resolve())
-        set_seed(training_args.seed)  # the LoRA A matrices are drawn at random: same seed, same run
-        model = add_lora_adapters(model, model_args.lora_r or 16, model_args.lora_alpha or 32)
-    teacher = None
-    if model_args.distill_from:
-        teacher, _ = load_model(model_args.distill_from)
-        if teacher.config.vocab_size != model.config.vocab_size:
-            raise CLIError(
-                f"--distill-from has vocabulary {teacher.config.vocab_size}, the model "
-                f"{model.config.vocab_size}: teacher and student must share a tokenizer"
-            )
-    if overwrite and checkpoints.is_dir() and training_args.process_index == 0:
-        shutil.rmtree(checkpoints)  # start afresh: the earlier run's checkpoints would mix with this run's
-    print(f"resuming from {resume}" if resume else f"checkpoints go to {checkpoints} while training")
-    created = not checkpoints.exists()
-    try:
-        trainer = train_model(
-            model,
-            tokenizer,
-            train_texts,
-            training_args,
-            eval_texts=eval_texts,
-            seq_len=data_args.seq_len,
-            lambda_warmup_steps=model_args.lambda_warmup_steps,
-            teacher=teacher,
-            distill_weight=model_args.distill_weight,
-            trained_from=source,
-            resume_from_checkpoint=resume,
+    # one run per output folder: the lock also proves, before any work, that the output's folder is writable
+    with output_lock(output) if main_process else contextlib.nullcontext():
+        check_output_dir(output, overwrite, flag="--overwrite_output_dir")
+        checkpoints.check()
+        for checkpoint in checkpoints.checkpoints() if overwrite else []:
+            problem = deletion_problem(checkpoint)
+            if problem:
+                raise CLIError(f"--overwrite_output_dir cannot delete the earlier checkpoint {checkpoint}: {problem}")
+        folder, gguf_file = resolve_model_path(model_args.model_name_or_path)
+        if gguf_file is None:  # a Hub id: where it resolved to, in the HF cache
+            check_apart(output, {"MODEL": folder})
+            check_apart(checkpoints.path, {"MODEL": folder})
+        source = TrainedFrom.of(Path(folder) / (gguf_file or ""), name=model_name(model_args.model_name_or_path))
+        config = check_config(folder, gguf_file, model_args.model_name_or_path)
+        resume, source = resume_point(
+            checkpoints.path, source, training_args.resume_from_checkpoint, overwrite, model_config=config.to_dict()
         )
-        state_dict = gather_fsdp_weights(trainer) if fsdp else None  # every rank takes part
-        if not trainer.is_world_process_zero():
-            return 0  # under torchrun / accelerate launch, rank 0 alone writes the result
-        save_trained(trainer, tokenizer, model_args, output, overwrite, state_dict)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(after_failure(checkpoints, created, training_args.process_index)) from None
-    except Exception:
-        print(f"note: {after_failure(checkpoints, created, training_args.process_index)}", file=sys.stderr)
-        raise
-    shutil.rmtree(checkpoints, ignore_errors=True)
+        if resume and fsdp:
+            raise CLIError(f"an --fsdp run cannot resume, and {resume} is a checkpoint: pass --overwrite_output_dir")
+        if model_args.distill_from:  # the teacher must share the tokenizer: its config says so before any load
+            teacher_config = check_config(*resolve_model_path(model_args.distill_from), model_args.distill_from)
+            if teacher_config.vocab_size != config.vocab_size:
+                raise CLIError(
+                    f"--distill_from has vocabulary {teacher_config.vocab_size}, the model {config.vocab_size}: "
+                    "teacher and student must share a tokenizer"
+                )
+        check_fits_in_memory(
+            config,
+            data_args.seq_len,
+            training_args.per_device_train_batch_size,
+            gradient_checkpointing=training_args.activation_checkpointing,
+        )
+        train_texts, eval_texts = train_eval_texts(data_args.dataset, data_args.eval_fraction, training_args.seed)
+        tokenizer = load_tokenizer(folder, gguf_file, name=model_args.model_name_or_path)
+        train_data, eval_data = token_blocks(
+            train_texts, eval_texts, tokenizer, data_args.seq_len, training_args.eval_strategy
+        )
+        model, teacher = load_models(model_args, fsdp, tokenizer, training_args.seed)
+        try:
+            trainer = build_trainer(
+                model,
+                tokenizer,
+                train_data,
+                training_args,
+                eval_texts=eval_data,
+                seq_len=data_args.seq_len,
+                lambda_warmup_steps=model_args.lambda_warmup_steps,
+                teacher=teacher,
+                distill_weight=model_args.distill_weight,
+                trained_from=source,
+            )
+        except BaseException:
+            after_failure(checkpoints, main_process)  # the Trainer made the checkpoints folder: it goes again
+            raise
+        # everything is checked: only now may the earlier run's checkpoints go
+        if main_process:
+            checkpoints.prepare()
+            if overwrite:
+                checkpoints.clear()
+        print(f"resuming from {resume}" if resume else f"checkpoints go to {checkpoints.path} while training")
+        try:
+            run_training(trainer, resume)
+            state_dict = gather_fsdp_weights(trainer) if fsdp else None  # every rank takes part
+            if not trainer.is_world_process_zero():
+                return 0  # under torchrun / accelerate launch, rank 0 alone writes the result
+            save_trained(trainer, tokenizer, model_args, output, overwrite, state_dict)
+        except InterruptedAfterWriting:
+            raise  # the output is complete: its message says so
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(after_failure(checkpoints, main_process)) from None
+        except Exception:
+            say(f"note: {after_failure(checkpoints, main_process)}")
+            raise
+        note = checkpoints.finish(source)
+    if note:
+        say(f"note: {note}")
     print_results(trainer.state.log_history)
     print(f"saved the trained model to {output}")
     if push:
         repo_id = training_args.hub_model_id or output.resolve().name
         private = bool(training_args.hub_private_repo)
-        url = upload_folder(output, repo_id, private, training_args.hub_revision, token=training_args.hub_token)
+        url = upload_folder(output, repo_id, private, training_args.hub_revision, token=token)
         print(f"uploaded: {url}")
     return 0
 
 
-def check_inputs_apart(model_args, data_args, training_args, output: Path, checkpoints: Path) -> None:
-    """Refuse an output folder (the model's, or its checkpoints') that is, holds or lies inside an input."""
+def load_models(model_args, fsdp, tokenizer, seed):
+    """(the model to train, with LoRA adapters when asked; the distillation teacher or None)."""
+    name = model_args.model_name_or_path
+    model, _ = load_fsdp(name) if fsdp else load_model(name, tokenizer=tokenizer)
+    if model_args.lora:
+        if Path(name).expanduser().is_dir():
+            # the adapter's base_model_name_or_path: an absolute folder, so that the adapter loads from anywhere
+            model.name_or_path = str(Path(name).expanduser().resolve())
+        set_seed(seed)  # the LoRA A matrices are drawn at random: same seed, same run
+        model = add_lora_adapters(model, model_args.lora_r or 16, model_args.lora_alpha or 32)
+    teacher = load_model(model_args.distill_from)[0] if model_args.distill_from else None
+    return model, teacher
+
+
+def check_inputs_apart(model_args, data_args, training_args, output: Path, checkpoints: Path, config_file=None):
+    """Refuse an output folder (the model's, or its checkpoints') that is, holds or lies inside an input, by file
+    identity (a symlink, hard link or bind mount of an input is that input)."""
     inputs = {
         "MODEL": model_args.model_name_or_path,
         "--dataset": data_args.dataset,
         "--distill_from": model_args.distill_from,
+        "the config file": config_file,
     }
-    check_not_a_source(output, {**inputs, "--resume_from_checkpoint": training_args.resume_from_checkpoint})
-    check_not_a_source(checkpoints, inputs)  # a checkpoint of this folder may be resumed
+    check_apart(output, {**inputs, "--resume_from_checkpoint": training_args.resume_from_checkpoint})
+    check_apart(checkpoints, inputs)  # a checkpoint of this folder may be resumed
 
 
 def model_name(model: str) -> str:
@@ -259,8 +320,10 @@ def model_name(model: str) -> str:
 
 
 def save_trained(trainer, tokenizer, model_args, output: Path, overwrite: bool, state_dict) -> None:
-    """Write the trained model (or LoRA adapter), its tokenizer and the run's log history to `output`, atomically."""
-    with atomic_output_dir(output, force=overwrite, flag="--overwrite_output_dir") as tmp:
+    """Write the trained model (or LoRA adapter), its tokenizer and the run's log history to `output`, atomically: it
+    replaces an earlier output of this tool only with --overwrite_output_dir, and only once it is complete."""
+    flag, written_by = "--overwrite_output_dir", "diff-transformer train"
+    with atomic_output_dir(output, force=overwrite, flag=flag, written_by=written_by) as tmp:
         if state_dict is not None:
             save_unsharded(trainer.model.config, state_dict, tmp)
         elif model_args.lora and model_args.merge_lora:
@@ -273,15 +336,12 @@ def save_trained(trainer, tokenizer, model_args, output: Path, overwrite: bool, 
         trainer.state.save_to_json(str(tmp / "trainer_state.json"))  # the run's log history
 
 
-def after_failure(checkpoints: Path, created: bool, process_index: int) -> str:
-    """What a failed or interrupted run leaves: a checkpoint folder it created without a complete checkpoint is
-    removed; complete checkpoints are kept for the same command to resume. Returns that, as a sentence."""
-    complete = complete_checkpoints(checkpoints) if checkpoints.is_dir() else []
-    if complete:
-        return f"the checkpoints in {checkpoints} are kept; the same command resumes from {complete[-1].name}"
-    if created and process_index == 0:
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    return "nothing was written"
+def after_failure(checkpoints: CheckpointsFolder, main_process: bool) -> str:
+    """What a failed or interrupted run leaves, as a sentence (rank 0 tidies up; the others only say it)."""
+    if not main_process:
+        complete = complete_checkpoints(checkpoints.path) if checkpoints.path.is_dir() else []
+        return f"the checkpoints in {checkpoints.path} are kept" if complete else "nothing was written"
+    return checkpoints.after_failure()
 
 
 def load_fsdp(model: str):

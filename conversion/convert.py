@@ -1,4 +1,4 @@
-"""Convert a Llama or DiffLlama checkpoint into a DiffTransformer folder, tensor by tensor.
+"""Convert a Llama, DiffLlama or Motif-2.6B checkpoint into a DiffTransformer folder, tensor by tensor.
 
     from modeling_diff_conversion import convert
     report = convert("path/or/hub-id", "out-dir", variant="v2")
@@ -12,6 +12,7 @@ interrupted or failed conversion leaves nothing behind.
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from modeling_diff import DiffTransformerConfig
 
 from .mapping import map_diffllama_to_v1, map_llama_to_v1, map_llama_to_v2
 from .model_card import write_model_card
-from .output import atomic_output_dir, check_not_a_source, check_output_dir
+from .output import atomic_output_dir, check_apart, check_output_dir, output_lock
 from .source import SKIPPED_SUFFIXES, ConversionError, Source, open_source
 from .verify import VerificationResult, verify
 
@@ -235,20 +236,31 @@ def convert(
         ConversionError: a one-line message about bad input, or a function-preserving conversion that failed
             verification. Nothing is left at `output_dir` in either case.
     """
-    started = time.perf_counter()
     if dtype != "auto" and dtype not in DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
-    output = Path(output_dir).expanduser().resolve()
-    check_not_a_source(output_dir, {"SOURCE": source})
+    if variant not in (None, "v1", "v2"):
+        raise ConversionError(f"unknown variant {variant!r}; choose v2 or v1")
+    check_apart(output_dir, {"SOURCE": source})
     check_output_dir(output_dir, force)  # before the (slow) source is opened
+    with output_lock(output_dir):  # one run per output; its folder proven writable
+        return _convert(source, output_dir, variant, dtype, gguf_file, verify_output, force, max_shard_bytes, progress)
 
+
+def _convert(source, output_dir, variant, dtype, gguf_file, verify_output, force, max_shard_bytes, progress):
+    """`convert` once its output is checked and locked."""
+    from .motif import convert_motif, open_motif
+
+    started = time.perf_counter()
+    output = Path(os.path.abspath(Path(output_dir).expanduser()))
+    motif = open_motif(source, gguf_file)  # Motif-2.6B imports exactly by its own path (conversion/motif.py)
+    if motif is not None:
+        check_apart(output_dir, {"SOURCE": motif.folder})
+        return convert_motif(motif, output_dir, variant, dtype, verify_output, force, max_shard_bytes, progress)
     src = open_source(source, gguf_file)
     # where a Hub id or a .gguf file resolved to (the HF cache, the GGUF's folder)
-    check_not_a_source(output_dir, {"SOURCE": src.folder / (src.gguf_file or "") if src.folder else None})
+    check_apart(output_dir, {"SOURCE": src.folder / (src.gguf_file or "") if src.folder else None})
     if variant is None:
         variant = "v1" if src.architecture == "DiffLlamaForCausalLM" else "v2"
-    if variant not in ("v1", "v2"):
-        raise ConversionError(f"unknown variant {variant!r}; choose v2 or v1")
     if src.architecture == "DiffLlamaForCausalLM" and variant != "v1":
         raise ConversionError("DiffLlama converts to --variant v1 only (it already is the paper's V1 attention)")
     if getattr(src.config, "attention_dropout", 0.0):
@@ -272,7 +284,7 @@ def convert(
             "per-head norm. Fine-tune it (diff-transformer train ... --distill-from SOURCE) before use."
         )
 
-    with atomic_output_dir(output, force=force) as tmp:
+    with atomic_output_dir(output, force=force, written_by="diff-transformer convert") as tmp:
         report.n_tensors, report.n_shards, out_dtype = _write_weights(
             src, config, variant, dtype, tmp, max_shard_bytes, progress
         )
@@ -310,27 +322,26 @@ def _write_weights(src: Source, config, variant, dtype, folder: Path, max_shard_
     max_bytes = max_shard_bytes or default
     writer = ShardWriter(folder, max_bytes)
     out_dtype = None
-    bar = tqdm(total=len(expected), desc="converting tensors", unit="tensor", disable=not progress)
-    for name, tensor in src.tensors():
-        if name.endswith(SKIPPED_SUFFIXES):
-            continue
-        if name == "lm_head.weight" and src.config.tie_word_embeddings:
-            continue  # tied: the embedding is the LM head
-        if name not in expected:
-            raise ConversionError(f"unexpected tensor {name!r} for a {src.architecture} with this config.json")
-        if tuple(tensor.shape) != expected[name]:
-            raise ConversionError(
-                f"tensor {name} has shape {tuple(tensor.shape)} but config.json implies {expected[name]}: "
-                "the weights do not match the config"
-            )
-        if dtype != "auto" and tensor.is_floating_point():
-            tensor = tensor.to(DTYPES[dtype])
-        out_dtype = out_dtype or tensor.dtype
-        for out_name, out_tensor in mapper(name, tensor).items():
-            writer.add(out_name, out_tensor)
-        seen.add(name)
-        bar.update(1)
-    bar.close()
+    with tqdm(total=len(expected), desc="converting tensors", unit="tensor", disable=not progress) as bar:
+        for name, tensor in src.tensors():
+            if name.endswith(SKIPPED_SUFFIXES):
+                continue
+            if name == "lm_head.weight" and src.config.tie_word_embeddings:
+                continue  # tied: the embedding is the LM head
+            if name not in expected:
+                raise ConversionError(f"unexpected tensor {name!r} for a {src.architecture} with this config.json")
+            if tuple(tensor.shape) != expected[name]:
+                raise ConversionError(
+                    f"tensor {name} has shape {tuple(tensor.shape)} but config.json implies {expected[name]}: "
+                    "the weights do not match the config"
+                )
+            if dtype != "auto" and tensor.is_floating_point():
+                tensor = tensor.to(DTYPES[dtype])
+            out_dtype = out_dtype or tensor.dtype
+            for out_name, out_tensor in mapper(name, tensor).items():
+                writer.add(out_name, out_tensor)
+            seen.add(name)
+            bar.update(1)
     missing = sorted(set(expected) - seen)
     if missing:
         raise ConversionError(f"the checkpoint lacks {len(missing)} tensor(s) its config implies, e.g. {missing[0]}")

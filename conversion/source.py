@@ -208,11 +208,11 @@ def _open_folder(name: str, folder: Path) -> Source:
     index = folder / "model.safetensors.index.json"
     bin_index = folder / "pytorch_model.bin.index.json"
     if index.is_file():
-        shards = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+        shards = indexed_shards(index)
     elif (folder / "model.safetensors").is_file():
         shards = [folder / "model.safetensors"]
     elif bin_index.is_file():
-        shards = sorted({folder / f for f in json.loads(bin_index.read_text())["weight_map"].values()})
+        shards = indexed_shards(bin_index)
     elif (folder / "pytorch_model.bin").is_file():
         shards = [folder / "pytorch_model.bin"]
     else:
@@ -231,6 +231,22 @@ def _open_folder(name: str, folder: Path) -> Source:
         shards=shards,
         license=_license_from_readme(folder / "README.md"),
     )
+
+
+def indexed_shards(index: Path) -> list[Path]:
+    """The shard files a sharded checkpoint's index names, in order. Shard names are file names in the index's own
+    folder: one that is absolute or climbs out with `..` would make the checkpoint read another folder's weights."""
+    try:
+        names = set(json.loads(index.read_text())["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ConversionError(f"{index} is not a shard index (it needs a weight_map of tensor names to shard files)")
+    for name in sorted(names, key=str):
+        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts or not name.strip():
+            raise ConversionError(
+                f"{index} names the shard {name!r}, outside its folder: shard names must be file names in "
+                f"{index.parent}; fix the index"
+            )
+    return sorted(index.parent / name for name in names)
 
 
 def check_config_fits_weights(config, config_path: Path, shards: list[Path]) -> None:
@@ -257,6 +273,10 @@ def _open_gguf(name: str, folder: Path, gguf_file: str) -> Source:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     except ValueError as err:  # transformers' words for an architecture it cannot read from GGUF
         raise ConversionError(f"cannot load {gguf_file}: {str(err).splitlines()[0]}")
+    except (MemoryError, OSError):
+        raise
+    except Exception as err:  # the gguf reader's own failures on a malformed file (struct.error, ...)
+        raise ConversionError(f"cannot read {gguf_file}: {malformed_gguf(err)}")
     architecture = type(model).__name__
     _check_architecture(architecture, name)
     license_name, base_model = _gguf_provenance(folder / gguf_file)
@@ -271,6 +291,12 @@ def _open_gguf(name: str, folder: Path, gguf_file: str) -> Source:
         base_model=base_model,
         shards=[folder / gguf_file],
     )
+
+
+def malformed_gguf(err: Exception) -> str:
+    """What a reader's exception on a malformed .gguf file says, as the end of a one-line message."""
+    first = str(err).splitlines()[0] if str(err) else ""
+    return f"it is not a valid GGUF file ({type(err).__module__}.{type(err).__qualname__}: {first})"
 
 
 def _license_from_readme(readme: Path) -> str | None:

@@ -12,17 +12,11 @@ The classes are also registered "for auto class", so `save_pretrained` writes th
 names every head, and a saved or Hub copy loads with `trust_remote_code=True` on a machine without this package.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForQuestionAnswering,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-)
+from transformers import AutoConfig
 
 from .configuration_diff_transformer import DiffTransformerConfig
 from .modeling_diff_transformer import (
+    HEADS,
     DiffTransformerForCausalLM,
     DiffTransformerForQuestionAnswering,
     DiffTransformerForSequenceClassification,
@@ -32,14 +26,6 @@ from .modeling_diff_transformer import (
 )
 
 __version__ = "0.1.0"
-
-HEADS = {
-    AutoModel: DiffTransformerModel,
-    AutoModelForCausalLM: DiffTransformerForCausalLM,
-    AutoModelForSequenceClassification: DiffTransformerForSequenceClassification,
-    AutoModelForTokenClassification: DiffTransformerForTokenClassification,
-    AutoModelForQuestionAnswering: DiffTransformerForQuestionAnswering,
-}
 
 AutoConfig.register(DiffTransformerConfig.model_type, DiffTransformerConfig, exist_ok=True)
 DiffTransformerConfig.register_for_auto_class()

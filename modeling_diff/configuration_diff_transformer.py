@@ -50,7 +50,9 @@ class DiffTransformerConfig(PreTrainedConfig):
             `num_attention_heads`. V1 needs an even number (k1 and k2 of a KV group); V2 needs
             `num_attention_heads / num_key_value_heads` to be even, so that both query heads of a pair share keys.
         head_dim (`int`, *optional*): Width of one query/key head. Defaults to `hidden_size // num_attention_heads`.
-        hidden_act (`str`, defaults to `"silu"`): MLP activation.
+        hidden_act (`str`, defaults to `"silu"`): MLP activation: a name from transformers' `ACT2FN`, or
+            `"poly_norm"` for the learned PolyNorm of Motif-2.6B (three weights and a bias per layer,
+            `mlp.act_fn.weight` and `mlp.act_fn.bias`).
         max_position_embeddings (`int`, defaults to 4096): Longest sequence the RoPE setup is meant for.
         initializer_range (`float`, defaults to 0.02): Std of the normal init of linear and embedding weights.
         rms_norm_eps (`float`, defaults to 1e-5): Epsilon of every RMSNorm, the per-head norm of V1 included.
@@ -64,7 +66,10 @@ class DiffTransformerConfig(PreTrainedConfig):
         mlp_bias (`bool`, defaults to `False`): Bias in the MLP projections.
         diff_version (`int`, defaults to 1): 1 for the paper's differential attention, 2 for DIFF V2.
         lambda_init (`float`, *optional*): V1 only. A constant λ_init for every layer. `None` uses the paper's
-            schedule `0.8 - 0.6 * exp(-0.3 * layer_idx)`.
+            schedule `0.8 - 0.6 * exp(-0.3 * (layer_idx - lambda_init_layer_offset))`.
+        lambda_init_layer_offset (`int`, defaults to 0): V1 only. Shifts the layer index of the λ_init schedule;
+            Motif-2.6B was trained with 1 (its first layer has λ_init = 0.8 - 0.6 * exp(0.3) ≈ -0.0099).
+        head_norm_eps (`float`, *optional*): V1 only. Epsilon of the per-head norm; `None` uses `rms_norm_eps`.
         lambda_std_dev (`float`, defaults to 0.1): V1 only. Std of the normal init of the four λ vectors.
         lambda_scale (`float`, defaults to 1.0): Multiplies the subtracted map's weight (V1: λ, V2: sigmoid(λ(x))).
             1.0 is the model as published; a training run can ramp it from 0 to 1 to introduce the subtraction
@@ -132,6 +137,8 @@ class DiffTransformerConfig(PreTrainedConfig):
     mlp_bias: bool = False
     diff_version: int = 1
     lambda_init: float | None = None
+    lambda_init_layer_offset: int = 0
+    head_norm_eps: float | None = None
     lambda_std_dev: float = 0.1
     lambda_scale: float = 1.0
 
@@ -219,7 +226,7 @@ class DiffTransformerConfig(PreTrainedConfig):
         """λ_init of layer `layer_idx` (counted from 0): the config constant, or the paper's depth schedule."""
         if self.lambda_init is not None:
             return float(self.lambda_init)
-        return 0.8 - 0.6 * math.exp(-0.3 * layer_idx)
+        return 0.8 - 0.6 * math.exp(-0.3 * (layer_idx - self.lambda_init_layer_offset))
 
 
 __all__ = ["DiffTransformerConfig"]

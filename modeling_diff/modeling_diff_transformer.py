@@ -21,6 +21,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -70,12 +77,12 @@ class DiffTransformerRMSNorm(nn.Module):
 
 class DiffTransformerHeadNorm(nn.Module):
     def __init__(self, head_dim: int, lambda_init: float, eps: float = 1e-6) -> None:
-        """V1's differential head norm: the λ that weighs the subtracted map, and the norm of the difference.
+        """V1's per-head parameters: the four vectors of λ and the RMSNorm of the difference.
 
         λ = exp(λq1·λk1) - exp(λq2·λk2) + λ_init is reparametrised by four `head_dim` vectors; the difference
         a1 - λ·a2 of each 2·head_dim-wide head goes through an RMSNorm whose gain is scaled by (1 - λ_init).
-        These are the layer's only vector parameters besides the block's norms, and like them they take no weight
-        decay: the Trainer's default optimizer grouping exempts parameters by name (`*_norm.*`), so they live here.
+        They form one module so that PEFT, which trains whole modules (`modules_to_save=["head_norm"]`), can train them
+        (docs/design.md). Checkpoints name them as the paper does, see `V1_CHECKPOINT_NAMES`.
         """
         super().__init__()
         self.lambda_init = lambda_init
@@ -102,17 +109,27 @@ class DiffTransformerHeadNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, lambda_init={self.lambda_init}, eps={self.variance_epsilon}"
 
 
-# Checkpoints keep the paper's names for V1's λ vectors and head norm (`self_attn.lambda_q1`,
-# `self_attn.subln.weight`), so that every saved model, converted checkpoint and older copy of this code reads them;
-# in memory they live in `self_attn.head_norm`. transformers renames them when loading and back when saving.
-register_checkpoint_conversion_mapping(
-    "diff_transformer",
-    [
-        WeightRenaming(r"\.self_attn\.subln\.weight", ".self_attn.head_norm.weight"),
-        WeightRenaming(r"\.self_attn\.(lambda_q1|lambda_k1|lambda_q2|lambda_k2)", r".self_attn.head_norm.\1"),
-    ],
-    overwrite=True,
-)
+# V1 checkpoints keep the paper's names for λ and the head norm (`self_attn.lambda_q1`, `self_attn.subln.weight`), so
+# that every saved model, converted checkpoint and older copy of this code reads them; in memory they live in
+# `self_attn.head_norm`. transformers renames them on load and back on save. V2 has nothing to rename.
+V1_CHECKPOINT_NAMES = [
+    WeightRenaming(r"\.self_attn\.subln\.weight", ".self_attn.head_norm.weight"),
+    WeightRenaming(r"\.self_attn\.(lambda_q1|lambda_k1|lambda_q2|lambda_k2)", r".self_attn.head_norm.\1"),
+]
+
+
+def register_checkpoint_names(config: DiffTransformerConfig) -> None:
+    """Register the renaming of `config`'s variant with transformers: V1's names, and none for V2.
+
+    transformers looks a model's renaming up by its model type after it builds the model in `from_pretrained` and
+    when it saves, and V1 and V2 share one model type: the models register their variant's renaming when built (in
+    `post_init`) and again before saving, so the one in place is always the variant's own. A renaming left by the
+    other variant loads and saves the same files (V1's names occur in no V2 checkpoint).
+    """
+    # CODEPATH: diff_version=1 checkpoints (the paper, DiffLlama conversions) carry the paper's names; diff_version=2
+    # checkpoints have nothing to rename.
+    renaming = list(V1_CHECKPOINT_NAMES) if config.diff_version == 1 else []
+    register_checkpoint_conversion_mapping(config.model_type, renaming, overwrite=True)
 
 
 # Copied from transformers.models.llama.modeling_llama.LlamaRotaryEmbedding with Llama->DiffTransformer
@@ -196,7 +213,33 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
     return q_embed, k_embed
 
 
-# Copied from transformers.models.llama.modeling_llama.LlamaMLP with Llama->DiffTransformer
+class DiffTransformerPolyNorm(nn.Module):
+    def __init__(self, eps: float = 1e-6) -> None:
+        """PolyNorm (Zhuo et al., arXiv 2411.03884), Motif-2.6B's learned MLP activation (`hidden_act="poly_norm"`):
+
+            PolyNorm(x) = w0·norm(x³) + w1·norm(x²) + w2·norm(x) + b,   norm(u) = u / sqrt(mean(u²) + eps)
+
+        with the mean over the last dimension, computed in float32.
+        """
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((3,), 1 / 3))
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.variance_epsilon = eps
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        x = hidden_states.to(torch.float32)
+        weight, bias = self.weight.float(), self.bias.float()
+        output = weight[0] * self.norm(x**3) + weight[1] * self.norm(x**2) + weight[2] * self.norm(x) + bias
+        return output.to(input_dtype)
+
+    def extra_repr(self):
+        return f"eps={self.variance_epsilon}"
+
+
 class DiffTransformerMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -206,8 +249,11 @@ class DiffTransformerMLP(nn.Module):
         self.gate_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(self.hidden_size, self.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=config.mlp_bias)
-        self.act_fn = ACT2FN[config.hidden_act]
+        # CODEPATH: "poly_norm" is Motif-2.6B's learned activation (imported checkpoints); every other name is one of
+        # transformers' activations, as in Llama.
+        self.act_fn = DiffTransformerPolyNorm() if config.hidden_act == "poly_norm" else ACT2FN[config.hidden_act]
 
+    # Copied from transformers.models.llama.modeling_llama.LlamaMLP.forward
     def forward(self, x):
         down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
         return down_proj
@@ -262,35 +308,20 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-def softmax_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    **kwargs: Unpack[TransformersKwargs],
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Every softmax map of a layer (both maps of each differential head) in one call of the attention interface.
+def differential(pairs: torch.Tensor, lambda_: torch.Tensor, lambda_scale: float, dim: int) -> torch.Tensor:
+    """The differential step a1 - λ·a2 of every differential head, on the softmax maps or on their outputs.
 
-    Returns the maps' outputs (B, T, maps, width) and the maps (B, maps, T, S) where the backend returns them, else
-    None: flex_attention on an accelerator returns each map row's log-sum-exp (B, maps, T) instead, not a map.
+    `pairs` holds the two maps of differential head h (or their outputs) at 2h and 2h+1 along `dim`, so
+    (..., 2·heads, ...) -> (..., heads, ...). `lambda_` broadcasts against either half: V1's scalar λ, V2's per-token
+    gate sigmoid(λ(x)). Both variants and every path (eager maps, inference, training) go through here.
     """
-    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-        module.config._attn_implementation, eager_attention_forward
-    )
-    attn_output, attn_weights = attention_interface(
-        module,
-        query,
-        key,
-        value,
-        attention_mask,
-        dropout=0.0 if not module.training else module.attention_dropout,
-        scaling=module.scaling,
-        **kwargs,
-    )
-    if attn_weights is not None and attn_weights.dim() != 4:
-        attn_weights = None
-    return attn_output, attn_weights
+    # CODEPATH: lambda_scale is 1.0 in every checkpoint (no multiply per layer and token); below 1 only while a
+    # training run ramps the subtraction in.
+    if lambda_scale != 1.0:
+        lambda_ = lambda_ * lambda_scale
+    a1, a2 = pairs.unflatten(dim, (-1, 2)).unbind(dim + 1)
+    # one addcmul: no intermediate tensor for λ·a2
+    return torch.addcmul(a1, lambda_, a2, value=-1)
 
 
 class DiffTransformerV1Attention(nn.Module):
@@ -337,7 +368,8 @@ class DiffTransformerV1Attention(nn.Module):
         self.o_proj = nn.Linear(
             config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias
         )
-        self.head_norm = DiffTransformerHeadNorm(self.head_dim, self.lambda_init, eps=config.rms_norm_eps)
+        head_norm_eps = config.rms_norm_eps if config.head_norm_eps is None else config.head_norm_eps
+        self.head_norm = DiffTransformerHeadNorm(self.head_dim, self.lambda_init, eps=head_norm_eps)
 
     def lambda_full(self) -> torch.Tensor:
         """The layer's scalar λ, in float32."""
@@ -352,8 +384,7 @@ class DiffTransformerV1Attention(nn.Module):
 
     def differential_head_norm(self, attn_output: torch.Tensor, lambda_full: torch.Tensor) -> torch.Tensor:
         """(B, T, 2·heads, 2d) outputs of the maps -> (B, T, heads, 2d): head_norm(a1 - λ·a2)."""
-        attn_output = attn_output.unflatten(2, (-1, 2))  # (B, T, heads, map, 2d)
-        return self.head_norm(torch.addcmul(attn_output[..., 0, :], lambda_full, attn_output[..., 1, :], value=-1))
+        return self.head_norm(differential(attn_output, lambda_full, self.config.lambda_scale, dim=2))
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -409,21 +440,29 @@ class DiffTransformerV1Attention(nn.Module):
         query_states = torch.diag_embed(query, dim1=-3, dim2=-2)  # (B, T, heads, 2, 2, d)
         query_states = query_states.view(batch, q_len, -1, 2 * d).transpose(1, 2)  # (B, 2·heads, T, 2d)
 
-        attn_output, attn_weights = softmax_attention(
-            self, query_states, key_states, value_states, attention_mask, **kwargs
-        )  # (B, T, 2·heads, 2d), (B, 2·heads, T, S) or None
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )  # (B, T, 2·heads, 2d), and the maps (B, 2·heads, T, S) from eager
+
+        if attn_weights is not None and attn_weights.dim() != 4:
+            attn_weights = None  # flex_attention on an accelerator returns each row's log-sum-exp, not the maps
 
         # a float32 scalar: as a 0-dim tensor it leaves the dtype of the bf16/fp16 activations it multiplies
         lambda_full = self.lambda_full()
-        # CODEPATH: lambda_scale is 1.0 in every checkpoint (no multiply per layer and token); below 1 only while a
-        # training run ramps the subtraction in.
-        if self.config.lambda_scale != 1.0:
-            lambda_full = lambda_full * self.config.lambda_scale
         if attn_weights is not None:
             # CODEPATH: eager (the inspection path). The output is computed from the differential map itself,
             # (A1 - λ·A2)·V, so the map returned as `attentions` is in the autograd graph; this costs one more A·V.
-            attn_weights = attn_weights.view(batch, -1, 2, q_len, attn_weights.shape[-1])  # (B, heads, map, T, S)
-            attn_weights = attn_weights[:, :, 0] - lambda_full * attn_weights[:, :, 1]  # (B, heads, T, S)
+            attn_weights = differential(attn_weights, lambda_full, self.config.lambda_scale, dim=1)  # (B, heads, T, S)
             value_states = repeat_kv(value_states, attn_weights.shape[1] // value_states.shape[1])
             attn_output = self.head_norm(torch.matmul(attn_weights, value_states).transpose(1, 2))  # (B, T, heads, 2d)
         elif self.training and torch.is_grad_enabled():
@@ -437,10 +476,6 @@ class DiffTransformerV1Attention(nn.Module):
             attn_output = self.differential_head_norm(attn_output, lambda_full)  # (B, T, heads, 2d)
         attn_output = self.o_proj(attn_output.reshape(batch, q_len, -1))
         return attn_output, attn_weights
-
-
-# The name this class had before there were two variants.
-DiffTransformerAttention = DiffTransformerV1Attention
 
 
 class DiffTransformerV2Attention(nn.Module):
@@ -497,26 +532,34 @@ class DiffTransformerV2Attention(nn.Module):
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
 
-        attn_output, attn_weights = softmax_attention(
-            self, query_states, key_states, value_states, attention_mask, **kwargs
-        )  # (B, T, 2·heads, d), (B, 2·heads, T, S) or None
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )  # (B, T, 2·heads, d), and the maps (B, 2·heads, T, S) from eager
+
+        if attn_weights is not None and attn_weights.dim() != 4:
+            attn_weights = None  # flex_attention on an accelerator returns each row's log-sum-exp, not the maps
 
         lambda_gate = torch.sigmoid(self.lambda_proj(hidden_states))  # (B, T, heads)
-        # CODEPATH: lambda_scale is 1.0 in every checkpoint (no multiply per layer and token); below 1 only while a
-        # training run ramps the subtraction in.
-        if self.config.lambda_scale != 1.0:
-            lambda_gate = lambda_gate * self.config.lambda_scale
         if attn_weights is not None:
             # CODEPATH: eager (the inspection path). The output is computed from the differential map itself,
             # (A_2h - λ_h·A_2h+1)·V, so the map returned as `attentions` is in the autograd graph.
-            gate = lambda_gate.transpose(1, 2).unsqueeze(-1).to(attn_weights.dtype)  # (B, heads, T, 1)
-            attn_weights = attn_weights[:, 0::2] - gate * attn_weights[:, 1::2]  # (B, heads, T, S)
+            gate = lambda_gate.transpose(1, 2).unsqueeze(-1)  # (B, heads, T, 1)
+            attn_weights = differential(attn_weights, gate, self.config.lambda_scale, dim=1)  # (B, heads, T, S)
             value_states = repeat_kv(value_states, attn_weights.shape[1] // value_states.shape[1])
             attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2)  # (B, T, heads, d)
         else:
-            attn_1, attn_2 = attn_output.view(batch, q_len, -1, 2, self.head_dim).unbind(-2)  # (B, T, heads, d) each
-            # a1 - gate · a2 as one addcmul (replaces a multiply and a subtraction and their intermediate)
-            attn_output = torch.addcmul(attn_1, lambda_gate.unsqueeze(-1), attn_2, value=-1)
+            gate = lambda_gate.unsqueeze(-1)  # (B, T, heads, 1)
+            attn_output = differential(attn_output, gate, self.config.lambda_scale, dim=2)  # (B, T, heads, d)
         attn_output = self.o_proj(attn_output.reshape(batch, q_len, -1))
         return attn_output, attn_weights
 
@@ -583,6 +626,10 @@ class DiffTransformerPreTrainedModel(PreTrainedModel):
         "attentions": [DiffTransformerV1Attention, DiffTransformerV2Attention],
     }
 
+    def post_init(self):
+        super().post_init()
+        register_checkpoint_names(self.config)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, DiffTransformerHeadNorm):
@@ -591,6 +638,9 @@ class DiffTransformerPreTrainedModel(PreTrainedModel):
             init.normal_(module.lambda_q2, 0, self.config.lambda_std_dev)
             init.normal_(module.lambda_k2, 0, self.config.lambda_std_dev)
             init.ones_(module.weight)
+        elif isinstance(module, DiffTransformerPolyNorm):
+            init.constant_(module.weight, 1 / 3)
+            init.zeros_(module.bias)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, with every head's Auto class in the config's `auto_map`.
@@ -604,8 +654,9 @@ class DiffTransformerPreTrainedModel(PreTrainedModel):
             self.config.auto_map = {
                 **(getattr(self.config, "auto_map", None) or {}),
                 "AutoConfig": f"{config_module}.{type(self.config).__name__}",
-                **{auto_class: f"{module}.{name}" for auto_class, name in HEADS_BY_AUTO_CLASS.items()},
+                **{auto_class.__name__: f"{module}.{head.__name__}" for auto_class, head in HEADS.items()},
             }
+        register_checkpoint_names(self.config)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
@@ -800,27 +851,29 @@ def register_peft_defaults() -> None:
 
     PEFT picks `target_modules` when a config leaves them out (`LoraConfig()`, as TRL's examples pass it) from tables
     keyed by `model_type`, and has no call to register one; so each table that has an entry for Llama gets the same
-    entry for `diff_transformer`. Without PEFT installed, nothing happens.
+    entry for `diff_transformer`. Without PEFT installed, nothing happens: the import sits under
+    `if is_peft_available():`, the one place where transformers' scan of a `trust_remote_code` file lets an optional
+    package be imported (it skips such blocks and `try` blocks, and requires every other import to be installed).
     """
-    if not is_peft_available():
-        return
-    from peft.utils import constants
+    if is_peft_available():
+        from peft.utils import constants
 
-    for name, defaults in vars(constants).items():
-        if name.startswith("TRANSFORMERS_MODELS_TO_") and isinstance(defaults, dict) and "llama" in defaults:
-            defaults.setdefault(DiffTransformerConfig.model_type, defaults["llama"])
+        for name, defaults in vars(constants).items():
+            if name.startswith("TRANSFORMERS_MODELS_TO_") and isinstance(defaults, dict) and "llama" in defaults:
+                defaults.setdefault(DiffTransformerConfig.model_type, defaults["llama"])
 
 
 register_peft_defaults()
 
 
-# Every head and the Auto class that loads it; `save_pretrained` writes all of them into `auto_map`.
-HEADS_BY_AUTO_CLASS = {
-    "AutoModel": "DiffTransformerModel",
-    "AutoModelForCausalLM": "DiffTransformerForCausalLM",
-    "AutoModelForSequenceClassification": "DiffTransformerForSequenceClassification",
-    "AutoModelForTokenClassification": "DiffTransformerForTokenClassification",
-    "AutoModelForQuestionAnswering": "DiffTransformerForQuestionAnswering",
+# Every head and the Auto class that loads it: `import modeling_diff` registers them, and `save_pretrained` writes all
+# of them into `auto_map`.
+HEADS = {
+    AutoModel: DiffTransformerModel,
+    AutoModelForCausalLM: DiffTransformerForCausalLM,
+    AutoModelForSequenceClassification: DiffTransformerForSequenceClassification,
+    AutoModelForTokenClassification: DiffTransformerForTokenClassification,
+    AutoModelForQuestionAnswering: DiffTransformerForQuestionAnswering,
 }
 
 

@@ -38,18 +38,19 @@ def first_line(error: BaseException) -> str:
 
 def build_app(engine: Engine, name: str) -> FastAPI:
     """The app serving `engine`'s model as `name` (the model as the server was given it: a folder, a Hub id, a
-    .gguf); a request may name it so, without a trailing slash, or by any path to the same folder or file."""
+    .gguf); a request may name it so, without a trailing slash, or by any path to it or to the folder it was loaded
+    from (a Hub id's snapshot, an import)."""
     app = FastAPI(title="diff-transformer serve", docs_url=None, redoc_url=None, openapi_url=None)
     created, served = int(time.time()), name.rstrip("/")
-    path = os.path.realpath(name) if os.path.exists(name) else None
+    paths = {os.path.realpath(where) for where in (name, engine.source) if where and os.path.exists(where)}
 
     def serves(model: str | None) -> bool:
         if model is None or model in (name, served):
             return True
-        if path is None or "\0" in model or len(model) > 4096:  # PATH_MAX
+        if "\0" in model or len(model) > 4096:  # PATH_MAX
             return False
         try:
-            return os.path.realpath(os.path.expanduser(model)) == path
+            return os.path.realpath(os.path.expanduser(model)) in paths
         except (OSError, ValueError):
             return False
 

@@ -49,6 +49,7 @@ class Engine:
         self.manager = None if batching is None else start_greedy_batching(model, batching, context_length)
         self.turns = None if self.manager is None else BatchTurns(model, self.manager)
         self.failure = None  # why the batch died, once it has
+        self.source = None  # the folder or file the model was loaded from
 
     @classmethod
     def load(cls, model: str, arguments: ServeArguments, name: str | None = None) -> "Engine":
@@ -67,7 +68,9 @@ class Engine:
         if arguments.max_model_len is not None and context is not None and arguments.max_model_len > context:
             raise ServingError(f"--max-model-len {arguments.max_model_len} is above the model's context ({context})")
         tokenizer = AutoTokenizer.from_pretrained(folder or ".", **kwargs)
-        return cls(loaded.eval(), tokenizer, arguments.max_model_len or context, arguments.batching_config())
+        engine = cls(loaded.eval(), tokenizer, arguments.max_model_len or context, arguments.batching_config())
+        engine.source = model
+        return engine
 
     @property
     def alive(self) -> bool:

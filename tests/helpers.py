@@ -1,5 +1,8 @@
-"""Shared test builders: tiny configs, models and tokenizers, the CLI in a subprocess, an offline Hub."""
+"""Shared test builders: tiny configs, models and tokenizers, the CLI in a subprocess, an offline Hub, hashes of the
+user's files."""
 
+import contextlib
+import hashlib
 import os
 import shutil
 import subprocess
@@ -120,3 +123,62 @@ def run_without_the_package(script: str, *args, tmp_path: Path, timeout: int = 3
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
     return subprocess.run([sys.executable, str(path), *map(str, args)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def save_tiny_models(root: Path) -> Path:
+    """A tiny DiffTransformer V2 (`root/diff`) and a tiny Llama (`root/llama`), saved with one shared tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    sizes = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    diff = DiffTransformerForCausalLM(DiffTransformerConfig(num_attention_heads=8, diff_version=2, **sizes))
+    diff.save_pretrained(root / "diff")
+    tokenizer.save_pretrained(root / "diff")
+    llama = LlamaForCausalLM(LlamaConfig(num_attention_heads=4, **sizes))
+    llama.save_pretrained(root / "llama")
+    tokenizer.save_pretrained(root / "llama")
+    return root
+
+
+def tree_hash(folder: Path) -> dict:
+    """{relative path: sha256} of every file under `folder` (and every symlink, by its target's name): what must
+    survive a refused command untouched."""
+    return {
+        p.relative_to(folder).as_posix(): ("-> " + os.readlink(p)) if p.is_symlink() else hashlib.sha256(
+            p.read_bytes()
+        ).hexdigest()
+        for p in sorted(Path(folder).rglob("*"))
+        if p.is_file() or p.is_symlink()
+    }
+
+
+@contextlib.contextmanager
+def undeletable(path: Path):
+    """Make `path` impossible to delete for this process while the block runs: `chattr +i` as root (which nothing
+    else stops), a read-only folder for any other user (the folder `path`)."""
+    import pytest
+
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not supported on this file system")
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        folder = path if path.is_dir() else path.parent
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)

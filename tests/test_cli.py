@@ -11,11 +11,11 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from helpers import add_to_hub_cache, assert_one_line_error, tiny_tokenizer
+from helpers import add_to_hub_cache, assert_one_line_error, save_tiny_models, tree_hash
 from helpers import run_cli as cli
 from modeling_diff_cli.main import main
 from modeling_diff_training.checkpoints import checkpoints_folder
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
 
@@ -44,26 +44,7 @@ def train_interrupted_at_the_final_evaluation(argv: list, monkeypatch) -> int:
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
     """A tiny DiffTransformer V2 and a tiny Llama, saved with one shared tokenizer."""
-    root = tmp_path_factory.mktemp("models")
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    sizes = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_key_value_heads=2,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    diff = DiffTransformerForCausalLM(DiffTransformerConfig(num_attention_heads=8, diff_version=2, **sizes))
-    diff.save_pretrained(root / "diff")
-    tokenizer.save_pretrained(root / "diff")
-    llama = LlamaForCausalLM(LlamaConfig(num_attention_heads=4, **sizes))
-    llama.save_pretrained(root / "llama")
-    tokenizer.save_pretrained(root / "llama")
-    return root
+    return save_tiny_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.mark.slow
@@ -159,7 +140,7 @@ def test_train_trainer_options_take_effect(models_dir, tmp_path, monkeypatch):
     assert train_interrupted_at_the_final_evaluation(argv, monkeypatch) == 130
     checkpoints = checkpoints_folder(out)
     # --save_total_limit 1: the newest checkpoint alone (the last step takes none: the model is saved at the end)
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-3"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".diff-transformer-checkpoints.json", "checkpoint-3"]
     state = json.loads((checkpoints / "checkpoint-3" / "trainer_state.json").read_text())
     rates = [e["learning_rate"] for e in state["log_history"] if "learning_rate" in e]
     assert rates == [1e-3] * 3  # constant: no warm-up ramp, no decay
@@ -241,7 +222,7 @@ def test_train_push_to_hub_uploads_the_trained_folder(models_dir, tmp_path, monk
     extra = ["--push_to_hub", "--hub_model_id", "me/tiny-trained", "--hub_private_repo", "true", "--do_eval", "false"]
     assert main([*tiny_train(models_dir / "diff", tmp_path / "out", 1), *extra]) == 0
     assert calls["repo"] == ("me/tiny-trained", True)
-    assert calls["files"] == sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert calls["files"] == sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
     assert "model.safetensors" in calls["files"] and "trainer_state.json" in calls["files"]
 
 
@@ -513,17 +494,6 @@ def test_demo_fails_cleanly_on_a_bad_dataset(tmp_path):
 # ------------------------------------------------------------------------------------- bad input, lost data (issue)
 
 
-def tree_hash(folder: Path) -> dict:
-    """{relative path: sha256} of every file under `folder`: what must survive a refused command untouched."""
-    import hashlib
-
-    return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
 def error_line(argv: list, capsys) -> str:
     """Run `diff-transformer ARGV` in this process: exit status 2 and one `error:` line, which is returned."""
     assert main([str(a) for a in argv]) == 2
@@ -597,7 +567,7 @@ def test_train_skips_incomplete_checkpoints_and_resumes_the_newest_complete_one(
     checkpoints = checkpoints_folder(out)
     train = [*tiny_train(models_dir / "diff", out, 4), "--save_steps", "1", "--save_total_limit", "3"]
     assert train_interrupted_at_the_final_evaluation(train, monkeypatch) == 130
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     weights = checkpoints / "checkpoint-3" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a disk that filled up during a save
     (checkpoints / "checkpoint-2" / "trainer_state.json").unlink()  # a kill during a save: the state comes last
@@ -758,52 +728,63 @@ def final_losses(folder: Path) -> tuple[float, float]:
     return [e["loss"] for e in history if "loss" in e][-1], [e["eval_loss"] for e in history if "eval_loss" in e][-1]
 
 
-def interrupt_when_saved(command: list[str], checkpoint: Path) -> subprocess.CompletedProcess:
-    """Run `diff-transformer COMMAND` and send it SIGINT (Ctrl-C) as soon as `checkpoint` appears."""
+def train_interrupted_at(argv: list, step: int, where: str, monkeypatch) -> int:
+    """`diff-transformer ARGV` in this process, where Ctrl-C lands exactly at a chosen point of training step `step`:
+    "mid-step" (its backward done, its optimizer step not) or "mid-save" (its checkpoint's weights written, its
+    trainer_state.json not yet). A real SIGINT that the process sends itself from inside the step, synchronously: no
+    sleep, no race with the signal. Returns the exit status."""
     import signal
-    import time
 
-    process = subprocess.Popen(
-        [sys.executable, "-m", "modeling_diff_cli.main", *command],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"),
-    )
-    while not checkpoint.exists() and process.poll() is None:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=600)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    from transformers import Trainer
+
+    training_step, save_model = Trainer.training_step, Trainer.save_model
+
+    def step_then_interrupt(self, *args, **kwargs):
+        loss = training_step(self, *args, **kwargs)
+        if where == "mid-step" and self.state.global_step == step - 1:  # global_step counts finished steps
+            signal.raise_signal(signal.SIGINT)
+        return loss
+
+    def save_then_interrupt(self, output_dir=None, _internal_call=False):
+        save_model(self, output_dir, _internal_call)
+        if where == "mid-save" and _internal_call and self.state.global_step == step:
+            signal.raise_signal(signal.SIGINT)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "training_step", step_then_interrupt)
+        patch.setattr(Trainer, "save_model", save_then_interrupt)
+        return main([str(a) for a in argv])
 
 
 @pytest.mark.slow
-def test_interrupted_training_resumes_to_the_uninterrupted_result(models_dir, tmp_path):
-    """Ctrl-C at two random steps (mid-step or mid-save, wherever the signal lands), then a kill during a save
-    (simulated: the newest checkpoint's weights cut to half), each followed by the same command: the final training
-    and held-out losses equal those of an uninterrupted run."""
+def test_interrupted_training_resumes_to_the_uninterrupted_result(models_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the middle of a step, then in the middle of a checkpoint's save (at steps drawn once from a seeded
+    generator), then a kill during a save (simulated: the newest complete checkpoint's weights cut to half), each
+    followed by the same command: the final training and held-out losses equal those of an uninterrupted run.
+    Deterministic: the interruptions land where the test says (`train_interrupted_at`)."""
     import random
 
     def train(output):
         return [*tiny_train(models_dir / "diff", output, 30), "--save_steps", "1", "--logging_steps", "1",
                 "--learning_rate", "1e-2", "--disable_tqdm", "true"]
 
-    reference = cli(*train(tmp_path / "reference"))
-    assert reference.returncode == 0, reference.stderr[-3000:]
-
+    assert main(train(tmp_path / "reference")) == 0
     out = tmp_path / "out"
     checkpoints = checkpoints_folder(out)
     first, second = sorted(random.Random(0).sample(range(3, 25), 2))
-    for step in (first, second):
-        result = interrupt_when_saved(train(out), checkpoints / f"checkpoint-{step}")
-        assert result.returncode == 130, result.stderr[-3000:]
-        assert f"interrupted: the checkpoints in {checkpoints} are kept" in result.stderr
-    from modeling_diff_training.checkpoints import complete_checkpoints
-
-    newest = complete_checkpoints(checkpoints)[-1]  # a newer folder may be one that the Ctrl-C cut short
-    weights = newest / "model.safetensors"
+    capsys.readouterr()
+    assert train_interrupted_at(train(out), first, "mid-step", monkeypatch) == 130
+    kept = f"interrupted: the checkpoints in {checkpoints} are kept; the same command resumes from checkpoint-"
+    assert f"{kept}{first - 1}" in capsys.readouterr().err.split("\n")
+    assert not (checkpoints / f"checkpoint-{first}").exists()
+    assert train_interrupted_at(train(out), second, "mid-save", monkeypatch) == 130
+    assert f"{kept}{second - 1}" in capsys.readouterr().err.split("\n")
+    assert not (checkpoints / f"checkpoint-{second}" / "trainer_state.json").exists()  # cut short: skipped
+    weights = checkpoints / f"checkpoint-{second - 1}" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
 
-    result = cli(*train(out))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"skipping the incomplete checkpoint {newest}" in result.stderr and "resuming from" in result.stdout
+    assert main(train(out)) == 0
+    assert f"resuming from {checkpoints / f'checkpoint-{second - 2}'}" in capsys.readouterr().out
     loss, eval_loss = final_losses(out)
     reference_loss, reference_eval_loss = final_losses(tmp_path / "reference")
     assert abs(loss - reference_loss) < 1e-4 and abs(eval_loss - reference_eval_loss) < 1e-4, (

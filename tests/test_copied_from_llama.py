@@ -23,7 +23,7 @@ EXPECTED = {
     "LlamaRotaryEmbedding",
     "rotate_half",
     "apply_rotary_pos_emb",
-    "LlamaMLP",
+    "LlamaMLP.forward",
     "repeat_kv",
     "eager_attention_forward",
     "LlamaDecoderLayer.forward",

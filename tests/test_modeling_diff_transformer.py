@@ -324,17 +324,12 @@ def test_compiled_decode_with_static_cache_matches_generate(version):
     assert torch.equal(torch.cat(seq, dim=1), expected)
 
 
-def test_attention_classes_are_named_by_variant_and_the_old_name_still_resolves():
-    from modeling_diff.modeling_diff_transformer import (
-        DiffTransformerAttention,
-        DiffTransformerV1Attention,
-        DiffTransformerV2Attention,
-    )
+def test_attention_classes_are_named_by_variant():
+    from modeling_diff.modeling_diff_transformer import DiffTransformerV1Attention, DiffTransformerV2Attention
 
-    assert DiffTransformerAttention is DiffTransformerV1Attention
     v1, v2 = (DiffTransformerModel(tiny_config(version)) for version in (1, 2))
-    assert all(isinstance(layer.self_attn, DiffTransformerAttention) for layer in v1.layers)
-    assert all(isinstance(layer.self_attn, DiffTransformerV2Attention) for layer in v2.layers)
+    assert all(type(layer.self_attn) is DiffTransformerV1Attention for layer in v1.layers)
+    assert all(type(layer.self_attn) is DiffTransformerV2Attention for layer in v2.layers)
 
 
 V1_LAYOUTS = ["v1-mha", "v1-gqa", "v1-gqa4"]  # 8/8, 8/4 and 8/2 query/KV heads

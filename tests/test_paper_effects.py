@@ -1,5 +1,5 @@
 """The text study (benchmarks/studies/text/) end to end at --smoke settings: trains, measures, writes the report
-and charts; the learning-rate sweep reuses matching runs; the study harness's verdict rule."""
+and charts; the learning-rate sweep reuses matching runs; the study reports' verdict rule."""
 
 import json
 import math
@@ -7,19 +7,19 @@ import statistics
 
 import pytest
 
-from benchmarks.studies import harness
+from benchmarks.harness import report, study
 from benchmarks.studies.text import paper_effects
 
 
 @pytest.mark.slow
 def test_paper_effects_smoke(tmp_path):
     results = paper_effects.main(["--smoke", "--out", str(tmp_path)])
-    assert sorted(r["model"] for r in results) == sorted(harness.MODELS)
+    assert sorted(r["model"] for r in results) == sorted(study.MODELS)
 
     report = (tmp_path / "paper_effects.md").read_text()
     assert "## Results" in report and "## Settings" in report and "Wall time" in report
     assert "Produced by `python -m benchmarks.studies.text.paper_effects --smoke --out" in report
-    for label in harness.LABELS.values():
+    for label in study.LABELS.values():
         assert label in report
     for metric in ("held-out perplexity", "needle accuracy N=1", "attention on answer", "noise context",
                    "attention logits top-1 / median", "hidden states top-10 / median"):
@@ -48,19 +48,19 @@ def test_paper_effects_smoke(tmp_path):
 
 def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit):
-        paper_effects.parse_args(["--help"])
+        study.parse_args(paper_effects.STUDY, ["--help"])
     text = capsys.readouterr().out
     for flag in ("--smoke", "--scale", "--seeds", "--steps", "--workers", "--lr-sweep", "--reuse", "--out"):
         assert flag in text
 
 
 def test_verdict_needs_two_seeds_and_a_gap_beyond_the_spread():
-    assert harness.verdict([0.9, 0.92], [0.5, 0.52]) == "better"
-    assert harness.verdict([10.0, 11.0], [20.0, 21.0], higher_is_better=False) == "better"
-    assert harness.verdict([0.9, 0.5], [0.6, 0.7]) == "no clear difference"
-    assert harness.verdict([0.9], [0.5]) == "not called (one seed)"
-    assert harness.verdict([float("nan")], [0.5, 0.6]) == "not measured"
-    mean, std = harness.mean_std([1.0, 3.0, None])
+    assert report.verdict([0.9, 0.92], [0.5, 0.52]) == "better"
+    assert report.verdict([10.0, 11.0], [20.0, 21.0], higher_is_better=False) == "better"
+    assert report.verdict([0.9, 0.5], [0.6, 0.7]) == "no clear difference"
+    assert report.verdict([0.9], [0.5]) == "not called (one seed)"
+    assert report.verdict([float("nan")], [0.5, 0.6]) == "not measured"
+    mean, std = report.mean_std([1.0, 3.0, None])
     assert mean == 2.0 and std == pytest.approx(math.sqrt(2))
 
 

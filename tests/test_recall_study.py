@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.studies.harness import LABELS, MODELS
-from benchmarks.studies.recall import recall_study, report, task
+from benchmarks.harness.study import LABELS, MODELS
+from benchmarks.studies.recall import recall_study, task
 from benchmarks.studies.recall.config import FIRST_KEY, PAD, PRESETS, Settings
 
 
@@ -91,7 +91,7 @@ def test_attention_shares_divide_by_the_absolute_row_sum():
 def test_best_rate_and_steps_to_90():
     runs = [{"model": "llama", "width": 8, "learning_rate": lr, "seed": s, "mean_acc": acc}
             for lr, accs in ((1e-3, (0.5, 0.6)), (3e-3, (0.9, 0.7))) for s, acc in enumerate(accs)]
-    assert report.best_rate(runs, "llama", 8) == 3e-3
+    assert recall_study.best_rate(runs, "llama", 8) == 3e-3
     curve = [{"step": 0, "acc": {"c": 0.0}}, {"step": 50, "acc": {"c": 0.89}}, {"step": 100, "acc": {"c": 0.95}}]
     assert task.steps_to(curve, "c") == 100 and task.steps_to(curve, "c", 0.99) is None
 
@@ -119,11 +119,11 @@ def test_recall_study_smoke(tmp_path):
     # the chart's accuracy bars are each model's per-cell accuracy at its best rate (one seed: std 0)
     chart = data["charts"][png.name]
     for model in MODELS:
-        best = report.best_rate(data["results"], model, 32)
-        (run,) = report.runs_of(data["results"], model, 32, best)
+        best = recall_study.best_rate(data["results"], model, 32)
+        (run,) = recall_study.runs_of(data["results"], model, 32, best)
         assert chart["accuracy"][model] == [[run["acc"][cell], 0.0] for cell in chart["cells"]]
         assert [mean for mean, _ in chart["sweep"][model]] == [
-            report.runs_of(data["results"], model, 32, rate)[0]["mean_acc"] for rate in chart["learning_rates"]]
+            recall_study.runs_of(data["results"], model, 32, rate)[0]["mean_acc"] for rate in chart["learning_rates"]]
     assert not (tmp_path / "recall_study.partial.json").exists()
     assert not (tmp_path / ".recall_study_scratch").exists()
 

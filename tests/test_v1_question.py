@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from benchmarks.studies.text import ablations, v1_question
-from benchmarks.studies.text.v1_question_config import ABLATION_ARMS, ARMS, PRESETS
-from benchmarks.studies.text.v1_question_report import best_rate, ppl
+from benchmarks.studies.text.v1_question import best_rate, ppl
+from benchmarks.studies.text.v1_question_config import ABLATION_ARMS, ARMS, PLANS, PRESETS
 
 
 def tiny_v1(ablation=None, seed=0):
-    settings = PRESETS["smoke"].settings
+    settings = PRESETS["smoke"]
     config = v1_question.arm_config("v1", settings, 300)
     torch.manual_seed(seed)
     from transformers import AutoModelForCausalLM
@@ -76,11 +76,11 @@ def smoke(tmp_path_factory):
 @pytest.mark.slow
 def test_v1_question_smoke_runs_every_arm_and_records_each_run(smoke):
     out, runs, data = smoke
-    plan = PRESETS["smoke"]
+    plan, settings = PLANS["smoke"], PRESETS["smoke"]
     assert {r["arm"] for r in runs} == set(ARMS)
     for run in runs:
         assert {"arm", "model", "heads", "learning_rate", "seed", "ppl", "parameters", "decay"} <= set(run)
-        assert run["ppl"] > 1 and run["heads"] == plan.settings.heads * ARMS[run["arm"]].head_factor
+        assert run["ppl"] > 1 and run["heads"] == settings.heads * ARMS[run["arm"]].head_factor
         assert run["rms_norm_eps"] == 1e-6
     # both swept arms were best on the top edge of two rates, so each grid grew by one rate (best × 1.5)
     for arm, rates in plan.sweeps.items():
@@ -91,15 +91,15 @@ def test_v1_question_smoke_runs_every_arm_and_records_each_run(smoke):
     assert all(math.isclose(r["learning_rate"], best_rate(runs, "llama")) for r in runs if r["arm"] == "llama-16h")
     # the ablations held through training, in the forward pass
     probes = {r["arm"]: r["probe"] for r in runs if r["model"] == "diff-v1"}
-    assert probes["v1-lambda-zero"]["lambda"] == [0.0] * plan.settings.num_hidden_layers
-    assert probes["v1-lambda-zero"]["map_row_sum"] == pytest.approx([1.0] * plan.settings.num_hidden_layers)
+    assert probes["v1-lambda-zero"]["lambda"] == [0.0] * settings.num_hidden_layers
+    assert probes["v1-lambda-zero"]["map_row_sum"] == pytest.approx([1.0] * settings.num_hidden_layers)
     assert all(abs(s - (1 - lam)) < 1e-5 for s, lam in zip(probes["v1"]["map_row_sum"], probes["v1"]["lambda"]))
     assert all(lam != 0 for lam in probes["v1"]["lambda"])
     assert max(probes["v1-no-head-norm"]["head_norm_vs_scaled_input"]) == 0
     assert min(probes["v1"]["head_norm_vs_scaled_input"]) > 0
-    assert probes["v1-no-scale"]["head_norm_scale"] == [1.0] * plan.settings.num_hidden_layers
+    assert probes["v1-no-scale"]["head_norm_scale"] == [1.0] * settings.num_hidden_layers
     decayed = {r["arm"]: r["decayed_differential_parameters"] for r in runs if r["model"] == "diff-v1"}
-    assert decayed.pop("v1-decayed") == 5 * plan.settings.num_hidden_layers and set(decayed.values()) == {0}
+    assert decayed.pop("v1-decayed") == 5 * settings.num_hidden_layers and set(decayed.values()) == {0}
     # the report's headline row and the chart carry the runs' numbers
     text = (out / "v1_question.md").read_text()
     assert f"**{ppl(runs, 'v1', v1_best)[0]:.2f} ± 0.00**" in text and "## Each arm at its best learning rate" in text
@@ -125,7 +125,7 @@ def test_v1_question_reuses_its_runs_and_reproduces_one(smoke, tmp_path):
 def test_text_study_llama_runs_are_reused_with_their_arm_fields(tmp_path):
     """A text-study results file gives its 8-head Llama runs (only those, at the sweep's rates), completed with the
     fields every run of this study records."""
-    settings = PRESETS["smoke"].settings
+    settings = PRESETS["smoke"]
     from dataclasses import asdict
 
     runs = [{"model": model, "seed": 0, "learning_rate": rate, "ppl": 10.0, "parameters": 1}
@@ -148,7 +148,7 @@ def test_dry_run_reuses_the_committed_llama_runs_and_estimates_the_default(capsy
     trains nothing in a dry run; its estimate is the sum of its phases."""
     assert v1_question.main(["--dry-run"]) is None
     text = capsys.readouterr().out
-    llama_rates = PRESETS["default"].sweeps["llama"]
+    llama_rates = PLANS["default"].sweeps["llama"]
     assert "(9 reused)" in text  # Llama at 5e-4, 1.5e-3 and 4.5e-3, 3 seeds each
-    assert f"sweep: {3 * (len(llama_rates) - 3) + 3 * len(PRESETS['default'].sweeps['v1'])} runs" in text
+    assert f"sweep: {3 * (len(llama_rates) - 3) + 3 * len(PLANS['default'].sweeps['v1'])} runs" in text
     assert "at the best rates: 18 runs" in text and "total without extensions" in text

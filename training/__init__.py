@@ -16,7 +16,7 @@ callback), `DistillationTrainer` (LM loss + KL to a teacher), the LoRA helpers a
 from .arguments import DataArguments, DiffTrainingArguments, ModelArguments, TrainingError
 from .data import TokenBlocks, check_fits_in_memory
 from .lora import LORA_TARGET_MODULES, add_lora_adapters, lambda_parameters, save_lora_adapter
-from .trainer import DistillationTrainer, LambdaWarmup, train_model
+from .trainer import DistillationTrainer, LambdaWarmup, build_trainer, run_training, token_blocks, train_model
 
 __all__ = [
     "DataArguments",
@@ -28,8 +28,11 @@ __all__ = [
     "TokenBlocks",
     "TrainingError",
     "add_lora_adapters",
+    "build_trainer",
     "check_fits_in_memory",
     "lambda_parameters",
+    "run_training",
     "save_lora_adapter",
+    "token_blocks",
     "train_model",
 ]

@@ -16,15 +16,29 @@ class TrainingError(ValueError):
     """Bad input to training (options, data, checkpoints): the CLI prints it as one line `error: ...`."""
 
 
-def check_range(name: str, value, low: float, *, inclusive: bool = True, allowed=()):
-    """Refuse a value that is not a finite number >= `low` (> `low` when not `inclusive`), unless it is `allowed`."""
+def check_range(name: str, value, low: float, *, inclusive: bool = True, allowed=(), below: float | None = None):
+    """Refuse a value that is not a finite number >= `low` (> `low` when not `inclusive`) and < `below` (when given),
+    unless it is `allowed`."""
     if value in allowed:
         return
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and (value >= low if inclusive else value > low)):
-        bound = f"{'at least' if inclusive else 'above'} {low}"
+    if not (
+        isinstance(value, (int, float))
+        and math.isfinite(value)
+        and (value >= low if inclusive else value > low)
+        and (below is None or value < below)
+    ):
+        bound = f"{'at least' if inclusive else 'above'} {low}" + (f" and below {below}" if below is not None else "")
         others = [str(a) for a in allowed if a is not None]
         extra = f" (or {', '.join(others)})" if others else ""
         raise TrainingError(f"{name} must be a finite number {bound}{extra}, got {value!r}")
+
+
+def check_seed(name: str, value, allowed=()):
+    """Refuse a seed that numpy and torch would refuse once the model is loaded: an integer in [0, 2**32)."""
+    if value in allowed:
+        return
+    if not (isinstance(value, int) and 0 <= value < 2**32):
+        raise TrainingError(f"{name} must be an integer from 0 to {2**32 - 1}, got {value!r}")
 
 
 @dataclass
@@ -161,6 +175,16 @@ class DiffTrainingArguments(TrainingArguments):
         check_range("gradient_accumulation_steps", self.gradient_accumulation_steps, 1)
         check_range("logging_steps", self.logging_steps, 0, inclusive=False)
         check_range("save_steps", self.save_steps, 0, inclusive=False)
+        check_range("eval_steps", self.eval_steps, 0, inclusive=False, allowed=(None,))
+        check_range("per_device_eval_batch_size", self.per_device_eval_batch_size, 1)
+        # what the optimizer, the loss and the data loaders refuse only once the model is loaded
+        check_range("adam_beta1", self.adam_beta1, 0, below=1)
+        check_range("adam_beta2", self.adam_beta2, 0, below=1)
+        check_range("adam_epsilon", self.adam_epsilon, 0)
+        check_range("label_smoothing_factor", self.label_smoothing_factor, 0, below=1)
+        check_range("dataloader_num_workers", self.dataloader_num_workers, 0)
+        check_seed("seed", self.seed)
+        check_seed("data_seed", self.data_seed, allowed=(None,))
         if self.max_steps is None:
             self.max_steps = -1 if self.num_train_epochs is not None else 100
         if self.num_train_epochs is None:

@@ -1,12 +1,14 @@
-"""The four causal LMs the speed benchmarks compare, built from the same config numbers.
+"""Every model the benchmarks and studies build, from one place.
 
     llama       transformers.LlamaForCausalLM
     diffllama   transformers.DiffLlamaForCausalLM
     diff-v1     modeling_diff.DiffTransformerForCausalLM, diff_version=1 (the paper)
     diff-v2     modeling_diff.DiffTransformerForCausalLM, diff_version=2 (DIFF V2)
 
-Heads are counted the same way in all four (query heads = softmax maps, `head_dim`-wide KV heads), so the numbers
-compare directly.
+`model_config` gives the config of one of them from shared config numbers (the speed benchmarks: heads are counted
+the same way in all four, query heads = softmax maps, `head_dim`-wide KV heads, so the numbers compare directly);
+`equal_parameter_configs` gives the training studies' three at equal parameter count; `init_model` is the one
+constructor (a seed, then the config's causal LM); `build_model` = `init_model(model_config(...))` in eval mode.
 """
 
 from __future__ import annotations
@@ -86,33 +88,70 @@ def modeling_at(revision: str):
     return importlib.import_module(name + ".modeling_diff_transformer")
 
 
+def model_config(name: str, numbers: dict, revision: str | None = None):
+    """The config of one of `MODEL_NAMES` from `numbers`; with `revision`, a DiffTransformer config of the modeling
+    code of that git revision (`modeling_at`)."""
+    from transformers import DiffLlamaConfig, LlamaConfig
+
+    from modeling_diff import DiffTransformerConfig
+
+    if name == "llama":
+        return LlamaConfig(**numbers)
+    if name == "diffllama":
+        return DiffLlamaConfig(**numbers)
+    if name in ("diff-v1", "diff-v2"):
+        config_class = DiffTransformerConfig if revision is None else modeling_at(revision).DiffTransformerConfig
+        return config_class(diff_version=int(name[-1]), **numbers)
+    raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")
+
+
+def equal_parameter_configs(hidden: int, layers: int, heads: int, intermediate: int, vocab: int,
+                            max_positions: int) -> dict:
+    """The training studies' three configs: Llama; V1 with Llama's numbers (the paper's heads: half as many
+    differential heads, each twice as wide in value); V2 in DIFF V2's layout (twice Llama's query heads, Llama's KV
+    heads and o_proj width) with its SwiGLU width reduced so that its parameter count matches Llama's (the extra
+    query projection costs one hidden² matrix per layer). Tied embeddings, RoPE θ 10000, head_dim = hidden / heads."""
+    head_dim = hidden // heads
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, head_dim=head_dim,
+                  max_position_embeddings=max_positions, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    # V2: extra parameters per layer = hidden · (2·heads·head_dim − heads·head_dim) + hidden · heads (λ projection);
+    # each unit of SwiGLU width costs 3 · hidden.
+    extra = hidden * heads * head_dim + hidden * heads
+    return {
+        "llama": model_config("llama", dict(common, num_attention_heads=heads, num_key_value_heads=heads,
+                                            intermediate_size=intermediate)),
+        "diff-v1": model_config("diff-v1", dict(common, num_attention_heads=heads, num_key_value_heads=heads,
+                                                intermediate_size=intermediate)),
+        "diff-v2": model_config("diff-v2", dict(common, num_attention_heads=2 * heads, num_key_value_heads=heads,
+                                                intermediate_size=intermediate - round(extra / (3 * hidden)))),
+    }
+
+
+def init_model(config, seed: int = 0, attn_implementation: str = "sdpa", model_class=None):
+    """The one constructor: `config`'s causal LM (`AutoModelForCausalLM`, or `model_class`), randomly initialised
+    after `torch.manual_seed(seed)`, so the same config and seed give the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    import modeling_diff  # noqa: F401  (registers the Auto classes)
+
+    torch.manual_seed(seed)
+    if model_class is None:
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    return model_class._from_config(config, attn_implementation=attn_implementation)
+
+
 def build_model(
     name: str, numbers: dict, attn_implementation: str = "sdpa", dtype=torch.float32, seed: int = 0, revision=None
 ):
-    """Build one of `MODEL_NAMES` from `numbers`, randomly initialised with `seed`, in eval mode.
+    """Build one of `MODEL_NAMES` from `numbers`, randomly initialised with `seed`, in `dtype` and eval mode.
 
     With `revision`, a DiffTransformer is built from the modeling code of that git revision (`modeling_at`).
     """
-    from transformers import DiffLlamaConfig, DiffLlamaForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
-
-    if revision is not None:  # the same names, from the old file
-        old = modeling_at(revision)
-        DiffTransformerConfig, DiffTransformerForCausalLM = old.DiffTransformerConfig, old.DiffTransformerForCausalLM
-
-    torch.manual_seed(seed)
-    if name == "llama":
-        config, cls = LlamaConfig(**numbers), LlamaForCausalLM
-    elif name == "diffllama":
-        config, cls = DiffLlamaConfig(**numbers), DiffLlamaForCausalLM
-    elif name in ("diff-v1", "diff-v2"):
-        config, cls = DiffTransformerConfig(diff_version=int(name[-1]), **numbers), DiffTransformerForCausalLM
-    else:
-        raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}")
-    config._attn_implementation = attn_implementation
-    model = cls(config).to(dtype=dtype)
-    return model.eval()
+    old = revision is not None and name in ("diff-v1", "diff-v2")
+    model_class = modeling_at(revision).DiffTransformerForCausalLM if old else None
+    model = init_model(model_config(name, numbers, revision if old else None), seed, attn_implementation, model_class)
+    return model.to(dtype=dtype).eval()
 
 
 def parameter_count(model) -> int:

@@ -1,11 +1,15 @@
 """Results files: the machine description, the header every results file starts with, markdown tables, the
-markdown + JSON pair (written whole or not at all) and a grouped bar chart that returns the numbers it plots."""
+markdown + JSON pair (written whole or not at all), a grouped bar chart that returns the numbers it plots; and for the
+training studies' reports: mean ± std over seeds, the verdict rule, learning-rate sweeps and the header with the run's
+provenance."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import statistics
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -86,15 +90,21 @@ def command(module: str, argv: list[str]) -> str:
 
 
 def header(title: str, command_line: str, info: dict, *bullets: str) -> list[str]:
-    """The first lines of every results file: title, command, date, machine, load at the start and at the end (now,
-    or `info["load_end"]`), versions."""
+    """The first lines of every results file: title, command, date, commit, machine, load at the start and at the
+    end (now, or `info["load_end"]`), versions. A run from before `machine_info` recorded the commit says so, and
+    names the commit that added its results (`info["committed_in"]`) when known."""
     start = ", ".join(f"{x:.2f}" for x in info["load_start"])
     end = ", ".join(f"{x:.2f}" for x in info.get("load_end") or os.getloadavg())  # saved: a re-rendered run
     gpu = f"; GPU: {info['gpu']}" if info.get("gpu") else ""
+    if info.get("commit"):
+        commit = f"at commit {info['commit']}"
+    else:
+        commit = "at a commit it did not record" + (f" (committed in {info['committed_in']})"
+                                                    if info.get("committed_in") else "")
     return [
         f"# {title}",
         "",
-        f"Produced by `{command_line}` on {info['date_utc']}, at commit {info.get('commit', 'unknown')}.",
+        f"Produced by `{command_line}` on {info['date_utc']}, {commit}.",
         "",
         f"- Machine: {info['cpu']}, {info['logical_cores']} logical cores, torch threads = {info['torch_threads']}"
         f"{gpu}; load average (1, 5, 15 min) {start} at the start, {end} at the end (the machine may be shared: "
@@ -187,3 +197,115 @@ def bar_chart(path: Path, labels: list[str], series: dict, ylabel: str, title: s
     plt.close(fig)
     partial.replace(path)
     return {"labels": list(labels), "series": {name: list(values) for name, values in series.items()}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the training studies' reports: statistics over seeds, the one rule a difference is called by, the header with the
+# run's provenance, learning-rate sweeps
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (None and NaN left out; std 0 for one value)."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def mean_pm_std(stats: tuple[float, float], digits: int | None = None, percent: bool = False) -> str:
+    """"mean ± std" in percent, with `digits` decimals, or by default 3 below 10 and 1 above; "n/a" for none."""
+    mean, std = stats
+    if math.isnan(mean):
+        return "n/a"
+    if percent:
+        return f"{mean:.1%} ± {std:.1%}"
+    digits = (3 if abs(mean) < 10 else 1) if digits is None else digits
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def verdict(ours: list[float], base: list[float], higher_is_better: bool = True) -> str:
+    """"better"/"worse" than the baseline only when the means differ by more than the sum of the two stds."""
+    ours = [v for v in ours if v is not None and not math.isnan(v)]
+    base = [v for v in base if v is not None and not math.isnan(v)]
+    if not ours or not base:
+        return "not measured"
+    if min(len(ours), len(base)) < 2:
+        return "not called (one seed)"
+    (m1, s1), (m0, s0) = mean_std(ours), mean_std(base)
+    if abs(m1 - m0) <= s1 + s0:
+        return "no clear difference"
+    return "better" if (m1 > m0) == higher_is_better else "worse"
+
+
+def best_rate(runs: list[dict], value, lower: bool = True) -> float | None:
+    """The learning rate whose `runs` have the best mean of `value(run)` over seeds (the lowest with `lower`, else
+    the highest); None without runs."""
+    rates = sorted({run["learning_rate"] for run in runs})
+    means = {rate: mean_std([value(run) for run in runs if math.isclose(run["learning_rate"], rate)])[0]
+             for rate in rates}
+    return (min if lower else max)(means, key=means.get) if means else None
+
+
+def sweep_table(corner: str, rates: list[float], rows: list[tuple[str, float, dict]]) -> list[str]:
+    """A learning-rate sweep as markdown lines: one row per (label, its best rate, {rate: cell}), one column per
+    rate, the cell at the row's best rate in bold (a rate the row has no cell for stays empty)."""
+    lines = [f"| {corner} | " + " | ".join(f"lr {rate:g}" for rate in rates) + " |", "| --- |" + " --- |" * len(rates)]
+    for label, best, cells in rows:
+        texts = [next((text for at, text in cells.items() if math.isclose(at, rate)), "") for rate in rates]
+        lines.append(f"| {label} | " + " | ".join(f"**{text}**" if text and math.isclose(rate, best) else text
+                                                  for text, rate in zip(texts, rates)) + " |")
+    return lines
+
+
+def load_line(samples: list[float]) -> str:
+    """How busy the (shared) machine was during a study."""
+    if not samples:
+        return "not recorded by the script for this run (the machine is shared)."
+    return (f"1-minute load average of the machine during the run (sampled every 30 s): mean "
+            f"{statistics.fmean(samples):.1f}, max {max(samples):.1f}, on {os.cpu_count()} cores (the machine is "
+            "shared).")
+
+
+def machine_text(machine) -> str:
+    """The machine a study ran on: `machine_info`'s CPU, cores, device and library versions, or the line a run
+    that predates it recorded."""
+    if not isinstance(machine, dict):
+        return machine or "not recorded"
+    return (f"{machine['cpu']}, {machine['logical_cores']} logical CPUs, device: {machine.get('gpu') or 'CPU'}; "
+            f"Python {machine['python']}, torch {machine['torch']}, transformers {machine['transformers']}")
+
+
+def provenance(state: dict) -> list[str]:
+    """The bullets that say where a study's results came from: the commit and date the run started from (or, for a
+    run that predates recording them, the commit that added its results) and, for a report re-rendered by
+    `--report-only`, from which file, by which commit's report code and when."""
+    machine = state.get("machine")
+    if isinstance(machine, dict) and machine.get("commit"):
+        changes = machine["commit"].endswith("+changes")
+        dirty = " (`+changes`: with uncommitted changes to tracked files)" if changes else ""
+        lines = [f"- **Commit:** `{machine['commit']}`{dirty}, the checkout the run started from on "
+                 f"{machine['date_utc']}."]
+    elif state.get("committed_in"):
+        lines = ["- **Commit:** not recorded by the run (it predates results files that record their commit); its "
+                 f"results were committed in {state['committed_in']}."]
+    else:
+        lines = ["- **Commit:** not recorded."]
+    if rendered := state.get("rendered"):
+        lines.append(f"- **Report:** re-rendered without training by `--report-only` from the runs saved in "
+                     f"`{rendered['from']}`, by the report code of commit `{rendered['commit']}`, on "
+                     f"{rendered['date_utc']}.")
+    return lines
+
+
+def study_header(title: str, state: dict, produced: str, *bullets: str | None) -> list[str]:
+    """The first lines of a study's report: title, the command (`produced` goes on after it), machine, provenance,
+    load during the run, then `bullets` (None: left out)."""
+    return [f"# {title}", "", f"Produced by `{state['command']}`{produced}", "",
+            f"- **Machine:** {machine_text(state.get('machine'))}.", *provenance(state),
+            f"- **Load:** {load_line(state.get('load_samples'))}", *[f"- {bullet}" for bullet in bullets if bullet]]
+
+
+def write_study(out: Path, name: str, text: str, state: dict) -> dict:
+    """A study's report: OUT/NAME.md and OUT/NAME.json (`state`); returns `state`."""
+    write_results(out / f"{name}.md", text, state)
+    return state

@@ -402,7 +402,7 @@ def main(argv=None) -> dict:
     if args.render is not None:  # the measurements of an earlier run, rendered by this version of the tables
         saved = json.loads(args.render.read_text())
         args = argparse.Namespace(**dict(saved["settings"], out=args.render.with_suffix(".md"), render=args.render))
-        results, info = saved["results"], saved["machine"]
+        results, info = saved["results"], dict(saved["machine"], committed_in=saved.get("committed_in"))
     else:
         torch.set_num_threads(args.threads)
         info = report.machine_info(args.threads)

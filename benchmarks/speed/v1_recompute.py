@@ -1,6 +1,6 @@
 """What V1's training-time recomputation buys and costs: peak memory and step time, with it and without it.
 
-In training, `DiffTransformerAttention` recomputes a1 - λ·a2 and the per-head norm in the backward pass
+In training, `DiffTransformerV1Attention` recomputes a1 - λ·a2 and the per-head norm in the backward pass
 (`torch.utils.checkpoint` on those two elementwise steps) instead of keeping their outputs. This script measures
 that choice against the plain autograd graph, on the speed benchmark's models and settings (hidden 512, 8 query /
 4 KV heads, 6 layers, vocab 8192, fp32, sdpa, 2 threads):

@@ -11,6 +11,7 @@ ratio stays.
 """
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -72,9 +73,10 @@ def main(argv=None):
             model, tokenizer = load_model(path)
             results[name] = evaluate(model, tokenizer)
             del model
+    info["load_end"] = list(os.getloadavg())
+    command_line = command("benchmarks.studies.smollm2_eval", sys.argv[1:] if argv is None else argv)
     lines = header(
-        "`diff-transformer eval` on SmolLM2-135M-Instruct and its DIFF V2 conversion",
-        command("benchmarks.studies.smollm2_eval", sys.argv[1:] if argv is None else argv), info,
+        "`diff-transformer eval` on SmolLM2-135M-Instruct and its DIFF V2 conversion", command_line, info,
         f"CPU, float32, {(time.perf_counter() - started) / 60:.1f} min",
     )
     lines += [
@@ -94,7 +96,8 @@ def main(argv=None):
         "so both shares halve and their ratio is unchanged. The model has not been trained as a differential model "
         "yet: equal figures are what a function-preserving conversion must show.",
     ]
-    write_results(args.out, "\n".join(lines), results)
+    write_results(args.out, "\n".join(lines),
+                  {"command": command_line, "machine": info, "tasks": TASKS, "results": results})
     return results
 
 

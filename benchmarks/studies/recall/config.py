@@ -3,7 +3,7 @@ three models at equal parameters for a width."""
 
 from dataclasses import dataclass
 
-from benchmarks.studies.harness import equal_parameter_configs
+from benchmarks.harness.models import equal_parameter_configs
 
 PAD, BOS = 0, 1
 FIRST_KEY = 2  # keys, then values, then fillers: three disjoint id ranges after PAD and BOS

@@ -2,8 +2,9 @@
 
 The recall study trains 27 runs; before fixing its defaults, single runs like this one showed whether any model
 learns the task within the CPU budget at all (the study asks for ≥ 90% accuracy in the easiest cell). It prints the
-final accuracy per cell, the steps to 90%, the training curve of the easiest and hardest cells and the last-layer
-attention shares. Results of the sizing trials: ``benchmarks/results/recall_study/calibration.md``.
+commit and machine it ran on, the final accuracy per cell, the steps to 90%, the training curve of the easiest and
+hardest cells and the last-layer attention shares. Results of the sizing trials:
+``benchmarks/results/recall_study/calibration.md``.
 
     python -m benchmarks.studies.recall.recall_trial diff-v1 64 3e-3 2000 \
         --set '{"pairs": [2, 6, 12], "context_lens": [16, 48]}'
@@ -14,7 +15,8 @@ import json
 import time
 from dataclasses import asdict, replace
 
-from benchmarks.studies.harness import MODELS
+from benchmarks.harness.report import machine_info
+from benchmarks.harness.study import MODELS
 from benchmarks.studies.recall.config import Settings
 from benchmarks.studies.recall.recall_study import run_job
 from benchmarks.studies.recall.task import cell_name
@@ -32,6 +34,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     changes = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.set).items()}
     settings = replace(Settings(), steps=args.steps, eval_samples=64, threads_per_worker=1, **changes)
+    info = machine_info(1)
+    print(f"commit {info['commit']}, {info['cpu']}, {info['logical_cores']} logical cores, torch {info['torch']}, "
+          f"transformers {info['transformers']}, {info['date_utc']}, load average {info['load_start'][0]:.2f}")
     started = time.time()
     run = run_job({"model": args.model, "width": args.width, "learning_rate": args.learning_rate, "seed": 0,
                    "settings": asdict(settings), "scratch": "/tmp/recall_trial"})

@@ -4,7 +4,7 @@ its three models at equal parameters."""
 import os
 from dataclasses import dataclass
 
-from benchmarks.studies.harness import equal_parameter_configs
+from benchmarks.harness.models import equal_parameter_configs
 
 
 @dataclass

@@ -1,14 +1,10 @@
-"""One run of the text study (one model, learning rate and seed): train with the study recipe, then measure; and
-the runs of an earlier study that can stand in for new ones (`reusable_runs`)."""
+"""One run of the text studies (one model, learning rate and seed): train with the studies' recipe, then measure."""
 
-import json
-import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks.harness.models import parameter_count
-from benchmarks.studies.harness import init_model, progress_callback, reporter, study_trainer
+from benchmarks.harness.models import init_model, parameter_count
+from benchmarks.harness.training import progress_callback, reporter, study_trainer
 from benchmarks.studies.text.config import Settings, model_configs
 from benchmarks.studies.text.data import corpus, train_tokenizer, training_sequences
 
@@ -99,27 +95,3 @@ def run_job(job: dict, queue=None) -> dict:
               "parameters": parameter_count(model), **record, **measure(model, tokenizer, settings, seed)}
     report("done", None)
     return result
-
-
-def reusable_runs(path: Path, settings: Settings, models, rates: list[float] | None = None,
-                  free: tuple = ("learning_rate", "seeds", "workers")) -> list[dict]:
-    """The runs of the study saved at `path` that stand for new runs of `models` at `rates` (default: any rate) and
-    `settings.seeds`.
-
-    Only when that study's settings equal `settings` in every field but the `free` ones (a reused run is the same
-    code path on the same sequences); otherwise stops with an error line. Each run is marked `reused_from`.
-    """
-    earlier = json.loads(path.read_text())
-
-    def fixed(values: dict) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items() if k not in free}
-
-    if fixed(earlier["settings"]) != fixed(asdict(settings)):
-        raise SystemExit(f"error: {path} was run with other settings; drop --reuse or match its settings")
-    runs = []
-    for r in earlier["results"]:
-        r = dict(r, learning_rate=r.get("learning_rate", earlier["settings"]["learning_rate"]), reused_from=path.name)
-        if r["model"] in models and r["seed"] in settings.seeds and (rates is None or any(
-                math.isclose(r["learning_rate"], rate) for rate in rates)):
-            runs.append(r)
-    return runs

@@ -57,10 +57,9 @@ RUN_MINUTES = {"llama": 6.4, "v1": 7.6, "llama-16h": 10.0, "v1-16h": 8.2, "v1-la
 
 @dataclass(frozen=True)
 class Plan:
-    """What one run of the study trains: the text study's settings, the swept arms and their rates, how the sweep
-    may be extended when a best rate lies on the edge of its grid, and the runs it may reuse."""
+    """What one run of the study trains beside its settings: the swept arms and their rates, how the sweep may be
+    extended when a best rate lies on the edge of its grid, and the runs it may reuse."""
 
-    settings: object
     sweeps: dict  # arm -> learning rates
     extend_up: float = 1.5  # a best rate on the top edge adds best × extend_up
     extend_down: float = 1 / 3  # a best rate on the bottom edge adds best × extend_down
@@ -70,16 +69,14 @@ class Plan:
     head_arms: bool = True  # train the 2×-heads arms
 
 
-PRESETS = {
+PRESETS = {  # the text study's settings, as the study runs them (`--seeds`, `--steps`, `--workers` change them)
+    "default": replace(TEXT_PRESETS["default"], seeds=(0, 1, 2), workers=2, threads_per_worker=1),
+    "smoke": replace(TEXT_PRESETS["smoke"], seeds=(0,), steps=3, workers=1, threads_per_worker=1),
+}
+PLANS = {
     "default": Plan(
-        settings=replace(TEXT_PRESETS["default"], seeds=(0, 1, 2), workers=2, threads_per_worker=1),
         sweeps={"llama": (5e-4, 1.5e-3, 4.5e-3, 9e-3, 1.35e-2), "v1": (4.5e-3, 9e-3, 1.35e-2)},
         reuse=(RESULTS / "paper_effects" / "paper_effects_lr_sweep.json",),
     ),
-    "smoke": Plan(
-        settings=replace(TEXT_PRESETS["smoke"], seeds=(0,), steps=3, workers=1, threads_per_worker=1),
-        sweeps={"llama": (1e-3, 3e-3), "v1": (1e-3, 3e-3)},
-        max_extensions=1,
-        verify_reuse=True,
-    ),
+    "smoke": Plan(sweeps={"llama": (1e-3, 3e-3), "v1": (1e-3, 3e-3)}, max_extensions=1, verify_reuse=True),
 }

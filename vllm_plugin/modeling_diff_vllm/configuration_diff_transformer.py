@@ -1,0 +1,1 @@
+../../modeling_diff/configuration_diff_transformer.py
