@@ -28,10 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from modeling_diff_cli.common import embedded_smollm2, load_model
-from modeling_diff_cli.serve import serve_in_background
 from modeling_diff_conversion import convert
 
 from benchmarks.harness import report
+from benchmarks.system.servers import serve_in_background
 
 QUESTIONS = [
     "What is the capital of France?",
