@@ -353,7 +353,7 @@ def motif_with_chat_tokenizer(tmp_path, monkeypatch):
 def test_cli_convert_generate_train_and_serve_a_motif_folder(motif_with_chat_tokenizer, tmp_path, capsys):
     from modeling_diff_cli.common import load_model
     from modeling_diff_cli.generate import prompt_ids
-    from benchmarks.system.servers import start_server
+    from benchmarks.harness.servers import start_server
     from openai import OpenAI
 
     motif = motif_with_chat_tokenizer

@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from tokenizers import decoders
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from benchmarks.system.servers import free_port, read_output, start_server
+from benchmarks.harness.servers import free_port, read_output, start_server
 from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
 
 CHAT_TEMPLATE = (

@@ -31,7 +31,7 @@ from modeling_diff_cli.common import embedded_smollm2, load_model
 from modeling_diff_conversion import convert
 
 from benchmarks.harness import report
-from benchmarks.system.servers import serve_in_background
+from benchmarks.harness.servers import serve_in_background
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -52,7 +52,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from benchmarks.harness import report
-from benchmarks.system.servers import start_server
+from benchmarks.harness.servers import start_server
 from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
 
 KEY = "load-test-key"
