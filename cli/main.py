@@ -23,7 +23,7 @@ COMMANDS = {
     ),
     "generate": (generate, "stream a completion or a chat answer"),
     "eval": (evaluate, "perplexity and λ, or the paper's needle / attention-noise / outlier measurements"),
-    "serve": (serve, "an OpenAI-compatible server (chat completions, continuous batching) on transformers serve"),
+    "serve": (serve, "an OpenAI-compatible server (chat completions, continuous batching) over generate()"),
     "push": (push, "upload a model folder to the Hugging Face Hub (or --dry-run to list the files)"),
 }
 

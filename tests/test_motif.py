@@ -371,7 +371,7 @@ def motif_with_chat_tokenizer(tmp_path):
 @pytest.mark.slow
 def test_cli_convert_generate_train_and_serve_a_motif_folder(motif_with_chat_tokenizer, tmp_path, capsys):
     from modeling_diff_cli.generate import prompt_ids
-    from modeling_diff_cli.serve import start_server
+    from benchmarks.harness.servers import start_server
     from openai import OpenAI
 
     motif = motif_with_chat_tokenizer

@@ -18,7 +18,7 @@ HASH = r"[0-9a-f]{7,40}"
 MARKDOWN_COMMIT = re.compile(rf"(?:\bcommit\b[\s*:`]*|\bcommitted in |\bclone of main at )({HASH})\b", re.IGNORECASE)
 MARKDOWN_MACHINE = re.compile(r"\bmachine\b\**:", re.IGNORECASE)
 # results the server's rebuild (issue 28) writes again; their header then names commit and machine like the others
-REWRITTEN_ELSEWHERE = {"serve_bench", "serve_load"}
+REWRITTEN_ELSEWHERE = {"serve_bench"}  # serve_load: rewritten (issue 31)
 
 
 def json_commits(data: dict) -> list[str]:

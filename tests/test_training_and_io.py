@@ -131,9 +131,11 @@ LAYERS = {  # folder: the project packages its code may import (docs/design.md, 
     "conversion": {"modeling_diff"},
     "evaluation": {"modeling_diff"},
     "training": {"modeling_diff", "modeling_diff_conversion", "modeling_diff_eval"},
+    "serving": {"modeling_diff", "modeling_diff_conversion"},
 }
 PROJECT_PACKAGES = {
-    "modeling_diff", "modeling_diff_conversion", "modeling_diff_training", "modeling_diff_eval", "modeling_diff_cli"
+    "modeling_diff", "modeling_diff_conversion", "modeling_diff_training", "modeling_diff_eval", "modeling_diff_cli",
+    "modeling_diff_serving",
 }
 ROOT = Path(__file__).parent.parent
 
@@ -151,13 +153,13 @@ def project_imports(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("folder", sorted(LAYERS))
 def test_library_packages_import_only_the_layers_below(folder):
-    """model <- conversion, evaluation <- training <- CLI: no library package imports the CLI or a layer above."""
+    """model <- conversion, evaluation <- training, serving <- CLI: no library imports the CLI or a layer above."""
     for path in sorted((ROOT / folder).glob("*.py")):
         assert project_imports(path) <= LAYERS[folder], f"{path.name} imports {project_imports(path) - LAYERS[folder]}"
 
 
 PACKAGE_OF = {"conversion": "modeling_diff_conversion", "evaluation": "modeling_diff_eval",
-              "training": "modeling_diff_training", "cli": "modeling_diff_cli"}
+              "training": "modeling_diff_training", "serving": "modeling_diff_serving", "cli": "modeling_diff_cli"}
 
 
 @pytest.mark.parametrize("folder", sorted(PACKAGE_OF))

@@ -1,22 +1,27 @@
 #!/usr/bin/env python
 """Load test of `diff-transformer serve`: 32 concurrent clients for a minute, a quarter of them hostile.
 
-A correctness and memory test, not a speed one. One server (continuous batching, the default; an API key) serves a
-tiny DiffTransformer V2 (hidden 64, 2 layers, context 2048, random weights, a byte-level BPE tokenizer trained on
-Python's docs), or `--model`. Then:
+A correctness and memory test, not a speed one. One server (continuous batching, the default; an API key; a request
+timeout of 5 s) serves a tiny DiffTransformer V2 (hidden 64, 2 layers, context 2048, random weights, a byte-level BPE
+tokenizer trained on Python's docs), or `--model`. Then:
 
-- reference answers: each good request, sent alone to the idle server;
+- reference answers: each good request, sent alone to the idle server, not streamed;
 - load: `--clients` threads for `--duration` seconds. Three in four are good clients, each cycling through the good
-  requests (greedy chat, streamed greedy chat, greedy chat with a stop string, greedy completion, seeded sampled chat)
-  and checking every answer against its reference. The others are hostile: an empty prompt, a body over the size
-  limit, wrong types, `max_tokens` of 10^9, a prompt longer than the context, no API key, malformed JSON, and clients
-  that leave mid-request (streamed and not); each must get its 4xx (or, for those that leave, nothing);
-- the server's RSS (its API process and the model's process together) every half second.
+  requests and checking every answer against its reference: greedy chat, seeded sampled chat, streamed chat (its
+  stream must end with `data: [DONE]`), a stop string, a completion, an answer cut inside a multi-byte character
+  (streamed and not), the model named with a trailing slash, as ./relative and absolute paths, `bearer` in lower
+  case, integer settings where generate() takes floats. The others are hostile, and each request must get exactly
+  the status expected: empty prompts, bodies over the limit, wrong types, numbers of 400 digits, lone surrogates,
+  the chat template's own arguments, a reasoning item with a role, a logit_bias key "²", do_sample at temperature 0,
+  `max_tokens` of 10^9, prompts past the context, no API key, malformed JSON, HEAD /health; clients that leave
+  mid-request and mid-stream; connections that send nothing, one byte a second, or a Content-Length of 10^12 (each
+  must be dropped within the timeout);
+- the server's RSS every half second.
 
-It passes when every good answer equals its reference, every hostile request gets the status expected, /health still
-answers, and the RSS is flat: its median over the last tenth of the load is within 5% of the median over the first
-tenth after a warm-up of a tenth. The machine's load (os.getloadavg) is recorded: on a shared machine the request
-counts vary, the verdict should not.
+It passes when every good answer equals its reference, every hostile request gets the outcome expected, no request
+gets a 5xx, /health still answers, and the RSS is flat: its median over the last tenth of the load is within 5% of
+the median over the first tenth after a warm-up of a tenth. The machine's load is recorded: on a shared machine the
+request counts vary, the verdict should not.
 
     python -m benchmarks.system.serve_load            # 32 clients for 60 s
     python -m benchmarks.system.serve_load --smoke    # 8 clients for 5 s (a test runs this)
@@ -30,7 +35,7 @@ import argparse
 import itertools
 import json
 import os
-import platform
+import socket
 import statistics
 import sys
 import tempfile
@@ -42,17 +47,20 @@ from pathlib import Path
 import httpx2 as httpx
 import psutil
 import torch
-from modeling_diff_cli.serve import start_server
 from modeling_diff_eval.corpus import python_docs_texts
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from benchmarks.harness import report
+from benchmarks.harness.servers import start_server
 from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
 
 KEY = "load-test-key"
 CONTEXT = 2048
 MAX_TOKENS = 24
 LIMIT_BYTES = 1024 * 1024  # the server's default --max-request-bytes
+TIMEOUT = 5  # the server's --request-timeout
+SERVER_FLAGS = ("--api-key", KEY, "--num-blocks", "64", "--request-timeout", str(TIMEOUT))
 QUESTIONS = [
     "def main():",
     "What does the with statement do?",
@@ -97,52 +105,118 @@ def tiny_model(folder: Path) -> Path:
     return folder
 
 
+def cut_inside_a_character(folder: str) -> tuple[str, int] | None:
+    """A question and a max_tokens at which the model's greedy answer ends inside a multi-byte character (its text
+    ends with U+FFFD), from generate() here; None if no answer of up to MAX_TOKENS tokens does."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    for question in QUESTIONS:
+        messages = [{"role": "user", "content": question}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+        tokens = model.generate(ids, max_new_tokens=MAX_TOKENS, do_sample=False)[0, ids.shape[1] :].tolist()
+        for n in range(2, len(tokens) + 1):
+            if tokenizer.decode(tokens[:n], skip_special_tokens=True).endswith("\ufffd"):
+                return question, n
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# Requests: each returns what to compare (a good one: its answer; a hostile one: its HTTP status, or "left").
+# Requests: each returns what to compare (a good one: its answer; a hostile one: its HTTP status, or how it ended).
 
 
 def chat_body(question: str, **settings) -> dict:
     return {"messages": [{"role": "user", "content": question}], "max_tokens": MAX_TOKENS, **settings}
 
 
-def good_requests() -> list[tuple[str, str, dict]]:
-    """(name, kind, body): kind is chat, stream or completion."""
+def good_requests(model: str, cut: tuple[str, int] | None) -> list[tuple[str, str, dict, dict]]:
+    """(name, kind, body, extra headers): kind is chat, stream or completion; each compared with its reference, the
+    answer of `reference_of(name)` alone, not streamed."""
     jobs = []
     for i, question in enumerate(QUESTIONS):
-        jobs.append((f"greedy {i}", "chat", chat_body(question, temperature=0)))
-        jobs.append((f"sampled {i}", "chat", chat_body(question, temperature=0.8, top_p=0.9, seed=i)))
-    jobs.append(("streamed", "stream", chat_body(QUESTIONS[1], temperature=0)))
-    jobs.append(("stop", "chat", chat_body(QUESTIONS[2], temperature=0, stop=["e", "\n"])))
-    jobs.append(("completion", "completion", {"prompt": "import", "max_tokens": MAX_TOKENS, "temperature": 0}))
+        jobs.append((f"greedy {i}", "chat", chat_body(question, temperature=0), {}))
+        jobs.append((f"sampled {i}", "chat", chat_body(question, temperature=0.8, top_p=0.9, seed=i), {}))
+    jobs.append(("streamed", "stream", chat_body(QUESTIONS[1], temperature=0), {}))
+    jobs.append(("stop", "chat", chat_body(QUESTIONS[2], temperature=0, stop=["e", "\n"]), {}))
+    jobs.append(("completion", "completion", {"prompt": "import", "max_tokens": MAX_TOKENS, "temperature": 0}, {}))
+    if cut is not None:
+        body = chat_body(cut[0], temperature=0, max_tokens=cut[1])
+        jobs += [("cut in a character", "chat", body, {}), ("cut in a character, streamed", "stream", body, {})]
+    for label, name in (("slash", f"{model}/"), ("./relative", f"./{os.path.relpath(model)}"),
+                        ("absolute", os.path.abspath(model))):
+        jobs.append((f"model {label}", "chat", chat_body(QUESTIONS[0], temperature=0, model=name), {}))
+    lower = {"Authorization": f"bearer {KEY}"}
+    jobs.append(("bearer lower case", "chat", chat_body(QUESTIONS[3], temperature=0), lower))
+    integers = json.dumps({"repetition_penalty": 1, "top_k": 40})
+    body = chat_body(QUESTIONS[4], temperature=1, seed=5, generation_config=integers)
+    jobs.append(("integer settings", "chat", body, {}))
     return jobs
 
 
-def send_good(client: httpx.Client, kind: str, body: dict) -> str:
+def reference_of(name: str) -> str:
+    """The good request whose answer alone (not streamed) a good request must equal."""
+    return {"cut in a character, streamed": "cut in a character", "streamed": "greedy 1"}.get(
+        name, "greedy 0" if name.startswith("model ") else name
+    )
+
+
+def send_good(client: httpx.Client, kind: str, body: dict, headers: dict) -> str:
     if kind == "completion":
-        reply = client.post("/v1/completions", json=body)
+        reply = client.post("/v1/completions", json=body, headers=headers)
         reply.raise_for_status()
         return reply.json()["choices"][0]["text"]
     if kind == "chat":
-        reply = client.post("/v1/chat/completions", json=body)
+        reply = client.post("/v1/chat/completions", json=body, headers=headers)
         reply.raise_for_status()
         return reply.json()["choices"][0]["message"]["content"]
-    pieces = []
-    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as reply:
+    pieces, last = [], None
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}, headers=headers) as reply:
         reply.raise_for_status()
         for line in reply.iter_lines():
             if line.startswith("data: {"):
                 choices = json.loads(line[6:]).get("choices") or [{}]
                 pieces.append(choices[0].get("delta", {}).get("content") or "")
+            last = line or last
+    if last != "data: [DONE]":
+        raise ValueError(f"the stream ended with {last!r}, not data: [DONE]")
     return "".join(pieces)
 
 
-def hostile_requests() -> dict[str, tuple]:
-    """name: (function(client, base) -> status or "left", the status expected)."""
+def held_connection(port: int, send) -> str:
+    """A raw connection that sends `send(sock)` and then nothing: "dropped" if the server closes it within the
+    timeout (and a second), with the status it answered first, if any."""
+    started, received = time.monotonic(), b""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        try:
+            send(sock)
+            sock.settimeout(TIMEOUT + 1)
+            while data := sock.recv(65536):
+                received += data
+        except TimeoutError:
+            return "still open"
+        except OSError:
+            pass  # reset: dropped
+    status = received[9:12].decode() + " " if received.startswith(b"HTTP/1.1 ") else ""
+    return f"{status}dropped" if time.monotonic() - started <= 2 * TIMEOUT + 1 else "held too long"
+
+
+def trickle(sock):
+    for byte in b"POST /v1/completions HTTP/1.1\r\n":
+        sock.sendall(bytes([byte]))
+        time.sleep(1)
+
+
+def hostile_requests(port: int) -> dict[str, tuple]:
+    """name: (function(client, base) -> status or outcome, the outcome expected)."""
     long_prompt = chat_body("x " * (CONTEXT * 4))
     long_answer = {"prompt": "def", "max_tokens": CONTEXT - 10, "temperature": 0}
+    huge = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Length: {10**12}\r\n\r\n")
 
-    def post(path, **kwargs):
-        return lambda client, base: client.post(path, **kwargs).status_code
+    def post(path, body):  # json.dumps: big integers whole, lone surrogates as escapes
+        return lambda client, base: client.post(
+            path, content=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        ).status_code
 
     def without_key(client, base):
         return httpx.post(f"{base}/v1/chat/completions", json=chat_body("hi"), timeout=60).status_code
@@ -164,23 +238,47 @@ def hostile_requests() -> dict[str, tuple]:
         headers = {"Content-Type": "application/json"}
         return client.post("/v1/chat/completions", content=b'{"messages": [', headers=headers).status_code
 
+    big = 10**400
     return {
-        "empty prompt": (post("/v1/completions", json={"prompt": ""}), 422),
-        "body over the limit": (post("/v1/chat/completions", json=chat_body("x " * (LIMIT_BYTES // 2 + 10))), 413),
-        "bare string part": (
-            post("/v1/chat/completions", json={"messages": [{"role": "user", "content": ["Hi"]}]}),
+        "empty prompt": (post("/v1/completions", {"prompt": ""}), 422),
+        "body over the limit": (post("/v1/chat/completions", chat_body("x " * (LIMIT_BYTES // 2 + 10))), 413),
+        "bare string part": (post("/v1/chat/completions", {"messages": [{"role": "user", "content": ["Hi"]}]}), 422),
+        "seed 2^70": (post("/v1/chat/completions", chat_body("hi", seed=2**70)), 422),
+        "temperature string": (post("/v1/chat/completions", chat_body("hi", temperature="hot")), 422),
+        "logit_bias types": (post("/v1/chat/completions", chat_body("hi", logit_bias={"a": "b"})), 422),
+        "stop type": (post("/v1/chat/completions", chat_body("hi", stop=[1])), 422),
+        "400 digits: temperature": (post("/v1/chat/completions", chat_body("hi", temperature=big)), 422),
+        "400 digits: max_tokens": (post("/v1/completions", {"prompt": "def", "max_tokens": big}), 422),
+        "400 digits: seed": (post("/v1/responses", {"input": "hi", "seed": big}), 422),
+        "400 digits: generation_config": (
+            post("/v1/chat/completions", chat_body("hi", generation_config=json.dumps({"top_k": big}))), 422
+        ),
+        "lone surrogate: content": (post("/v1/chat/completions", chat_body("a\ud800")), 422),
+        "lone surrogate: prompt": (post("/v1/completions", {"prompt": "\ud800"}), 422),
+        "lone surrogate: input": (post("/v1/responses", {"input": "\ud800"}), 422),
+        "template arguments": (
+            post("/v1/chat/completions", chat_body("hi", chat_template_kwargs={"messages": [], "conversations": []})),
             422,
         ),
-        "seed 2^70": (post("/v1/chat/completions", json=chat_body("hi", seed=2**70)), 422),
-        "temperature string": (post("/v1/chat/completions", json=chat_body("hi", temperature="hot")), 422),
-        "logit_bias types": (post("/v1/chat/completions", json=chat_body("hi", logit_bias={"a": "b"})), 422),
-        "stop type": (post("/v1/chat/completions", json=chat_body("hi", stop=[1])), 422),
-        "max_tokens 10^9": (post("/v1/completions", json={"prompt": "def", "max_tokens": 10**9}), 400),
-        "prompt past the context": (post("/v1/chat/completions", json=long_prompt), 400),
+        "reasoning item with a role": (
+            post("/v1/responses", {"input": [{"role": "user", "type": "reasoning", "content": "hi"}]}), 422
+        ),
+        "logit_bias key ²": (post("/v1/chat/completions", chat_body("hi", logit_bias={"²": 1})), 422),
+        "do_sample at temperature 0": (
+            post("/v1/chat/completions", chat_body("hi", generation_config='{"do_sample": true, "temperature": 0}')),
+            422,
+        ),
+        "max_tokens 10^9": (post("/v1/completions", {"prompt": "def", "max_tokens": 10**9}), 400),
+        "prompt past the context": (post("/v1/chat/completions", long_prompt), 400),
         "no API key": (without_key, 401),
         "malformed JSON": (malformed, 422),
+        "HEAD /health": (lambda client, base: httpx.head(f"{base}/health", timeout=60).status_code, 200),
         "leaves mid-request": (leaves, "left"),
         "leaves mid-stream": (leaves_stream, "left"),
+        "sends nothing": (lambda client, base: held_connection(port, lambda sock: None), "dropped"),
+        "one byte a second": (lambda client, base: held_connection(port, trickle), "dropped"),
+        "Content-Length 10^12": (lambda client, base: held_connection(port, lambda s: s.sendall(huge.encode())),
+                                 "413 dropped"),
     }
 
 
@@ -188,7 +286,7 @@ def hostile_requests() -> dict[str, tuple]:
 
 
 def rss_bytes(process: psutil.Process) -> int:
-    """The RSS of the server's process and its children (the model's process, multiprocessing's tracker)."""
+    """The RSS of the server's process and its children."""
     total = 0
     for member in [process, *process.children(recursive=True)]:
         try:
@@ -198,13 +296,22 @@ def rss_bytes(process: psutil.Process) -> int:
     return total
 
 
-def run_load(base: str, server: psutil.Process, clients: int, duration: float) -> dict:
+def run_load(base: str, server: psutil.Process, model: str, clients: int, duration: float) -> dict:
     headers = {"Authorization": f"Bearer {KEY}"}
-    good = good_requests()
-    hostile = hostile_requests()
+    good = good_requests(model, cut_inside_a_character(model))
+    hostile = hostile_requests(int(base.rsplit(":", 1)[1]))
+    server_errors = Counter()  # request name -> 5xx count
 
-    with httpx.Client(base_url=base, headers=headers, timeout=300) as client:  # the references, alone
-        references = {name: send_good(client, kind, body) for name, kind, body in good}
+    def count_5xx(response):
+        if response.status_code >= 500:
+            server_errors[response.request.url.path] += 1
+
+    def client_of():
+        return httpx.Client(base_url=base, headers=headers, timeout=300, event_hooks={"response": [count_5xx]})
+
+    with client_of() as client:  # the references: each request alone, not streamed
+        references = {name: send_good(client, "chat" if kind == "stream" else kind, body, extra)
+                      for name, kind, body, extra in good}
 
     tallies = defaultdict(Counter)  # request name -> outcome -> count
     mismatches, errors = [], []
@@ -214,24 +321,25 @@ def run_load(base: str, server: psutil.Process, clients: int, duration: float) -
     deadline = started + duration
 
     def good_client(offset: int):
-        with httpx.Client(base_url=base, headers=headers, timeout=300) as client:
-            for name, kind, body in itertools.islice(itertools.cycle(good), offset, None):
+        with client_of() as client:
+            for name, kind, body, extra in itertools.islice(itertools.cycle(good), offset, None):
                 if time.monotonic() > deadline:
                     return
                 try:
-                    answer = send_good(client, kind, body)
+                    answer = send_good(client, kind, body, extra)
                 except Exception as error:  # counted: any failure of a good request fails the test
                     with lock:
                         errors.append(f"{name}: {type(error).__name__}: {error}")
                     continue
+                expected = references[reference_of(name)]
                 with lock:
-                    tallies[name]["match" if answer == references[name] else "mismatch"] += 1
-                    if answer != references[name]:
-                        mismatches.append({"request": name, "alone": references[name], "under load": answer})
+                    tallies[name]["match" if answer == expected else "mismatch"] += 1
+                    if answer != expected:
+                        mismatches.append({"request": name, "alone": expected, "under load": answer})
 
     def hostile_client(offset: int):
         kinds = list(hostile.items())
-        with httpx.Client(base_url=base, headers=headers, timeout=300) as client:
+        with client_of() as client:
             for name, (send, expected) in itertools.islice(itertools.cycle(kinds), offset, None):
                 if time.monotonic() > deadline:
                     return
@@ -249,8 +357,11 @@ def run_load(base: str, server: psutil.Process, clients: int, duration: float) -
 
     hostile_count = clients // 4
     threads = [threading.Thread(target=sample_rss)]
-    threads += [threading.Thread(target=hostile_client, args=(i,)) for i in range(hostile_count)]
-    threads += [threading.Thread(target=good_client, args=(i,)) for i in range(clients - hostile_count)]
+    # each client starts at its own place in the cycle, spread over it
+    threads += [threading.Thread(target=hostile_client, args=(i * len(hostile) // max(hostile_count, 1),))
+                for i in range(hostile_count)]
+    threads += [threading.Thread(target=good_client, args=(i * len(good) // (clients - hostile_count),))
+                for i in range(clients - hostile_count)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -259,11 +370,12 @@ def run_load(base: str, server: psutil.Process, clients: int, duration: float) -
     return {
         "references": references,
         "tallies": {name: dict(counts) for name, counts in tallies.items()},
-        "good_names": [name for name, _, _ in good],
+        "good_names": [name for name, _, _, _ in good],
         "hostile_expected": {name: expected for name, (_, expected) in hostile.items()},
         "mismatches": mismatches[:20],
         "errors": errors[:20],
         "error_count": len(errors),
+        "server_errors": dict(server_errors),
         "rss": rss,
         "healthy_after": healthy,
         "wall_s": time.monotonic() - started,
@@ -296,7 +408,7 @@ def plot_rss(rss: list[tuple[float, int]], verdict: dict, duration: float, path:
         axis.axvspan(start, end, color="tab:gray", alpha=0.2)
         axis.text((start + end) / 2, axis.get_ylim()[0], label, ha="center", va="bottom", fontsize=8)
     axis.set_xlabel("seconds since the load started")
-    axis.set_ylabel("MiB (API + model processes)")
+    axis.set_ylabel("MiB (server process)")
     axis.set_title(f"RSS under load: {verdict['growth']:+.1%} from first to last tenth")
     axis.legend(loc="lower right")
     figure.tight_layout()
@@ -304,37 +416,42 @@ def plot_rss(rss: list[tuple[float, int]], verdict: dict, duration: float, path:
     plt.close(figure)
 
 
-def write_markdown(results: dict, path: Path) -> None:
+def markdown(results: dict, info: dict) -> str:
     settings, load, rss = results["settings"], results["load"], results["rss"]
-    lines = [
-        "# `diff-transformer serve` under load",
+    lines = report.header(
+        "`diff-transformer serve` under load",
+        settings["command"],
+        info,
+        f"Model: {settings['model']}; server flags: `{' '.join(settings['server_flags'])}`",
+        f"{settings['clients']} clients for {settings['duration_s']:.0f} s, {settings['hostile_clients']} of them "
+        f"hostile; OMP_NUM_THREADS={settings['omp_threads']} (a shared machine: the counts below vary with its load, "
+        "the verdict should not)",
+    )
+    lines += [
+        f"Verdict: **{'pass' if results['passed'] else 'FAIL'}**.",
         "",
-        f"Command: `{settings['command']}`. Verdict: **{'pass' if results['passed'] else 'FAIL'}**.",
-        "",
-        f"- Model: {settings['model']}; server flags: `{' '.join(settings['server_flags'])}`.",
-        f"- {settings['clients']} clients for {settings['duration_s']:.0f} s, {settings['hostile_clients']} of them "
-        f"hostile; machine: {settings['machine']}, load average (1, 5, 15 min) {settings['load_before']} before and "
-        f"{settings['load_after']} after (a shared machine: the counts below vary with it, the verdict should not).",
         f"- Good answers equal to the same request's answer alone: {results['good_matched']} of "
         f"{results['good_sent']}; failed good requests: {load['error_count']}.",
-        f"- Hostile requests with the status expected: {results['hostile_as_expected']} of {results['hostile_sent']}.",
-        f"- RSS (API + model processes): {rss['early_mb']:.0f} MiB over the first tenth after warm-up, "
-        f"{rss['late_mb']:.0f} MiB over the last tenth ({rss['growth']:+.1%}; flat means within +5%).",
+        f"- Hostile requests with the outcome expected: {results['hostile_as_expected']} of "
+        f"{results['hostile_sent']}.",
+        f"- Answers with a 5xx status, of all requests: {sum(load['server_errors'].values())}.",
+        f"- RSS of the server: {rss['early_mb']:.0f} MiB over the first tenth after warm-up, {rss['late_mb']:.0f} MiB "
+        f"over the last tenth ({rss['growth']:+.1%}; flat means within +5%).",
         f"- /health after the load: {'200' if load['healthy_after'] else 'not 200'}.",
         "",
         "| request | expected | outcomes |",
         "| --- | --- | --- |",
     ]
     for name in load["good_names"]:
-        lines.append(f"| {name} | its answer alone | {load['tallies'].get(name, {})} |")
+        lines.append(f"| {name} | the answer of {reference_of(name)} alone | {load['tallies'].get(name, {})} |")
     for name, expected in load["hostile_expected"].items():
         lines.append(f"| {name} | {expected} | {load['tallies'].get(name, {})} |")
-    if load["mismatches"] or load["errors"]:
+    if load["mismatches"] or load["errors"] or load["server_errors"]:
         lines += ["", "First mismatches and errors:", "", "```"]
         lines += [json.dumps(m, ensure_ascii=False) for m in load["mismatches"]] + load["errors"]
-        lines.append("```")
+        lines += [f"5xx: {load['server_errors']}", "```"]
     lines += ["", "![RSS over time](serve_load.png)", ""]
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -344,57 +461,50 @@ def main(argv=None) -> int:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load")
     parser.add_argument("--smoke", action="store_true", help="8 clients for 5 s")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for serve_load.{md,json,png}")
-    args = parser.parse_args(argv)
+    args = report.parse_with_argv(parser, argv)
     if args.smoke:
         args.clients, args.duration = 8, 5.0
-    command = " ".join(["python", "-m", "benchmarks.system.serve_load", *(argv if argv is not None else sys.argv[1:])])
+    info = report.machine_info()
 
     with tempfile.TemporaryDirectory() as work:
         model = args.model or str(tiny_model(Path(work) / "tiny-v2"))
-        flags = ("--api-key", KEY, "--num-blocks", "64")
-        load_before = [round(x, 2) for x in os.getloadavg()]
-        with start_server(model, *flags, timeout=300) as (base, process):
-            load = run_load(base, psutil.Process(process.pid), args.clients, args.duration)
-        load_after = [round(x, 2) for x in os.getloadavg()]
+        with start_server(model, *SERVER_FLAGS, timeout=300) as (base, process):
+            load = run_load(base, psutil.Process(process.pid), model, args.clients, args.duration)
 
-    good_sent = sum(sum(load["tallies"].get(name, {}).values()) for name in load["good_names"]) + load["error_count"]
-    good_matched = sum(load["tallies"].get(name, {}).get("match", 0) for name in load["good_names"])
-    hostile_sent = sum(sum(load["tallies"].get(name, {}).values()) for name in load["hostile_expected"])
-    hostile_ok = sum(load["tallies"].get(name, {}).get("as expected", 0) for name in load["hostile_expected"])
+    tally = lambda names, outcome: sum(load["tallies"].get(name, {}).get(outcome, 0) for name in names)  # noqa: E731
+    sent = lambda names: sum(sum(load["tallies"].get(name, {}).values()) for name in names)  # noqa: E731
     rss = rss_verdict(load["rss"], args.duration)
-    threads = os.environ.get("OMP_NUM_THREADS", "unset")
     results = {
         "settings": {
-            "command": command,
+            "command": report.command("benchmarks.system.serve_load", args.argv),
             "model": args.model or "tiny DiffTransformer V2 (hidden 64, 2 layers, context 2048, random weights)",
-            "server_flags": ["--api-key", "KEY", *flags[2:]],
+            "server_flags": [flag if flag != KEY else "KEY" for flag in SERVER_FLAGS],
             "clients": args.clients,
             "hostile_clients": args.clients // 4,
             "duration_s": args.duration,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={threads}",
-            "load_before": load_before,
-            "load_after": load_after,
+            "omp_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
         },
+        "machine": info,
         "load": load,
         "rss": rss,
-        "good_sent": good_sent,
-        "good_matched": good_matched,
-        "hostile_sent": hostile_sent,
-        "hostile_as_expected": hostile_ok,
+        "good_sent": sent(load["good_names"]) + load["error_count"],
+        "good_matched": tally(load["good_names"], "match"),
+        "hostile_sent": sent(load["hostile_expected"]),
+        "hostile_as_expected": tally(load["hostile_expected"], "as expected"),
     }
     results["passed"] = (
-        good_sent > 0
-        and good_matched == good_sent
-        and hostile_sent > 0
-        and hostile_ok == hostile_sent
+        results["good_sent"] > 0
+        and results["good_matched"] == results["good_sent"]
+        and results["hostile_sent"] > 0
+        and results["hostile_as_expected"] == results["hostile_sent"]
+        and not load["server_errors"]
         and load["healthy_after"]
         and rss["flat"]
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve_load.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    report.write_text(args.out / "serve_load.json", json.dumps(results, indent=1, ensure_ascii=False, default=str))
     plot_rss(load["rss"], rss, args.duration, args.out / "serve_load.png")
-    write_markdown(results, args.out / "serve_load.md")
-    print((args.out / "serve_load.md").read_text())
+    report.write_results(args.out / "serve_load.md", markdown(results, info))
     return 0 if results["passed"] else 1
 
 

@@ -29,11 +29,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -47,7 +45,8 @@ from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
 from modeling_diff_conversion import convert
 
 from benchmarks.harness import report
-from vllm_plugin.vllm_env import ensure_venv, free_port, start_server
+from benchmarks.harness.servers import serve_in_background
+from vllm_plugin.vllm_env import ensure_venv, start_server
 
 PROMPTS = [
     "The capital of France is",
@@ -90,37 +89,6 @@ def prepare_models(work: Path) -> dict[str, Path]:
     DiffTransformerForCausalLM(v1).save_pretrained(work / "v1-smollm2-shapes")
     tokenizer.save_pretrained(work / "v1-smollm2-shapes")
     return {"llama": llama, "v2": work / "smollm2-diff-v2", "v1": work / "v1-smollm2-shapes"}
-
-
-@contextlib.contextmanager
-def diff_transformer_serve(folder: Path, timeout: float = 300):
-    """`diff-transformer serve FOLDER` (its defaults) on 127.0.0.1 and a free port; yields the base URL."""
-    port = free_port()
-    output = tempfile.TemporaryFile("w+")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "modeling_diff_cli.main", "serve", str(folder), "--port", str(port)],
-        stdout=output, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                output.seek(0)
-                raise RuntimeError(f"diff-transformer serve did not start:\n{output.read()[-3000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        yield base
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, 15)
-            process.wait(timeout=60)
-        output.close()
 
 
 def turn(base: str, model: str, vllm: bool, clients: int, seconds: float, max_tokens: int) -> list[dict]:
@@ -228,7 +196,7 @@ def main(argv=None) -> dict:
             "Diff V1 (SmolLM2's shapes), vLLM": (
                 servers.enter_context(start_server(python, folders["v1"], *vllm_flags)), folders["v1"], True),
             "Diff V2 (converted), diff-transformer serve": (
-                servers.enter_context(diff_transformer_serve(folders["v2"])), folders["v2"], False),
+                servers.enter_context(serve_in_background(folders["v2"], env={"HF_HUB_OFFLINE": "1"})), folders["v2"], False),
         }
         names = list(endpoints)
         for name, (base, model, vllm) in endpoints.items():  # warm-up: compile, first pages, caches
