@@ -3,8 +3,6 @@
 import argparse
 import sys
 
-from modeling_diff_conversion.loading import resolve_model_path  # noqa: F401  (serve.py reads it here)
-
 
 class CLIError(Exception):
     """Bad input: printed as one line `error: ...` with exit code 2 (a traceback only with --debug)."""

@@ -173,6 +173,31 @@ def test_train_old_spellings_still_work_with_one_deprecation_line_each(capsys):
         "d", "constant", 0.1, 1)
 
 
+@pytest.mark.parametrize(
+    "command, old, option, value",
+    [
+        (["convert", "s", "o"], "--force", "overwrite_output_dir", True),
+        (["demo"], "--force", "overwrite_output_dir", True),
+        (["demo"], "--lr", "learning_rate", 1e-3),
+        (["demo"], "--batch-size", "per_device_train_batch_size", 3),
+        (["demo"], "--eval-batches", "max_batches", 2),
+        (["eval", "m"], "--batch-size", "per_device_eval_batch_size", 3),
+    ],
+)
+def test_every_command_takes_the_old_spellings_with_one_deprecation_line(capsys, command, old, option, value):
+    """One spelling per option across commands (the Trainer's); the old one sets it and says what replaces it."""
+    from modeling_diff_cli.main import build_parser
+
+    given = [] if value is True else [str(value)]
+    assert getattr(build_parser().parse_args([*command, old, *given]), option) == value
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {old} is deprecated and goes away in the next release; use --{option}"
+    ]
+    for new in (f"--{option}", f"--{option.replace('_', '-')}"):  # the new name, as HfArgumentParser spells it
+        assert getattr(build_parser().parse_args([*command, new, *given]), option) == value
+    assert capsys.readouterr().err == ""
+
+
 def test_training_defaults_and_warmup_scale_with_epochs(tmp_path):
     from modeling_diff_training import DiffTrainingArguments
 
@@ -205,7 +230,7 @@ def test_train_reads_a_config_file(models_dir, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_train_push_to_hub_uploads_the_trained_folder(models_dir, tmp_path, monkeypatch):
+def test_train_push_to_hub_uploads_the_trained_folder(models_dir, tmp_path, monkeypatch, capsys):
     calls = {}
 
     def fake_create_repo(self, repo_id, **kwargs):
@@ -221,8 +246,17 @@ def test_train_push_to_hub_uploads_the_trained_folder(models_dir, tmp_path, monk
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fake_create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", fake_create_commit)
-    extra = ["--push_to_hub", "--hub_model_id", "me/tiny-trained", "--hub_private_repo", "true", "--do_eval", "false"]
+    extra = ["--push_to_hub", "--hub_model_id", "me/tiny-trained", "--hub_private_repo", "true", "--do_eval", "false",
+             "--hub_token", "hf_" + "x" * 34]
     assert main([*tiny_train(models_dir / "diff", tmp_path / "out", 1), *extra]) == 0
+    # what the Trainer got otherwise than given, one line each, as training started
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        f"note: the Trainer's checkpoints go to {checkpoints_folder(tmp_path / 'out')}; the trained model to "
+        f"{tmp_path / 'out'}, at the end",
+        "note: --push_to_hub uploads the trained model to me/tiny-trained at the end, no checkpoint",
+        "note: --hub_token is kept off disk (the Trainer saves its arguments into every checkpoint)",
+    ]
     assert calls["repo"] == ("me/tiny-trained", True)
     assert calls["files"] == sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
     assert "model.safetensors" in calls["files"] and "trainer_state.json" in calls["files"]
