@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from modeling_diff import DiffTransformerConfig
 
@@ -24,9 +23,9 @@ from .mapping import map_diffllama_to_v1, map_llama_to_v1, map_llama_to_v2
 from .model_card import write_model_card
 from .motif import convert_motif, open_motif
 from .output import atomic_output_dir, check_apart, check_output_dir, output_lock
-from .source import SKIPPED_SUFFIXES, ConversionError, Source, open_source
+from .source import ConversionError, Source, open_source
 from .verify import verify
-from .writing import DTYPES, ConversionReport, ShardWriter, keep_tokenizer_code, write_model_files
+from .writing import DTYPES, ConversionReport, ShardWriter, checked_tensors, keep_tokenizer_code, write_model_files
 
 COPIED_FIELDS = [
     "vocab_size",
@@ -221,7 +220,6 @@ def _convert(source, output_dir, variant, dtype, gguf_file, verify_output, force
 
 def _write_weights(src: Source, config, variant, dtype, folder: Path, max_shard_bytes, progress):
     expected = expected_shapes(src.config)
-    seen = set()
     if src.architecture == "DiffLlamaForCausalLM":
         mapper = lambda name, t: map_diffllama_to_v1(name, t, src.config)  # noqa: E731
     elif variant == "v2":
@@ -236,31 +234,13 @@ def _write_weights(src: Source, config, variant, dtype, folder: Path, max_shard_
     default = 2 * 2**30 if src.gguf_file else max(src.largest_shard_bytes // 2, 16 * 2**20)
     max_bytes = max_shard_bytes or default
     writer = ShardWriter(folder, max_bytes)
-    out_dtype = None
-    with tqdm(total=len(expected), desc="converting tensors", unit="tensor", disable=not progress) as bar:
-        for name, tensor in src.tensors():
-            if name.endswith(SKIPPED_SUFFIXES):
-                continue
-            if name == "lm_head.weight" and src.config.tie_word_embeddings:
-                continue  # tied: the embedding is the LM head
-            if name not in expected:
-                raise ConversionError(f"unexpected tensor {name!r} for a {src.architecture} with this config.json")
-            if tuple(tensor.shape) != expected[name]:
-                raise ConversionError(
-                    f"tensor {name} has shape {tuple(tensor.shape)} but config.json implies {expected[name]}: "
-                    "the weights do not match the config"
-                )
-            if dtype != "auto" and tensor.is_floating_point():
-                tensor = tensor.to(DTYPES[dtype])
-            out_dtype = out_dtype or tensor.dtype
-            for out_name, out_tensor in mapper(name, tensor).items():
-                writer.add(out_name, out_tensor)
-            seen.add(name)
-            bar.update(1)
-    missing = sorted(set(expected) - seen)
-    if missing:
-        raise ConversionError(f"the checkpoint lacks {len(missing)} tensor(s) its config implies, e.g. {missing[0]}")
-    return len(seen), writer.finish(), out_dtype
+    out_dtype, n_tensors = None, 0
+    for name, tensor in checked_tensors(src, expected, dtype, progress, "converting tensors"):
+        out_dtype = out_dtype or tensor.dtype
+        for out_name, out_tensor in mapper(name, tensor).items():
+            writer.add(out_name, out_tensor)
+        n_tensors += 1
+    return n_tensors, writer.finish(), out_dtype
 
 
 def _write_metadata(src: Source, config: DiffTransformerConfig, folder: Path, out_dtype):

@@ -20,7 +20,6 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
 
@@ -28,7 +27,6 @@ from .model_card import render_model_card
 from .motif_reference import ROPE_TYPES, causal_lm_logits
 from .output import atomic_output_dir
 from .source import (
-    SKIPPED_SUFFIXES,
     TOKENIZER_FILES,
     ConversionError,
     _license_from_readme,
@@ -37,7 +35,14 @@ from .source import (
     download_snapshot,
 )
 from .verify import VerificationResult, _inputs, verification_dtype
-from .writing import DTYPES, ConversionReport, ShardWriter, keep_tokenizer_code, write_model_files
+from .writing import (
+    DTYPES,
+    ConversionReport,
+    ShardWriter,
+    checked_tensors,
+    keep_tokenizer_code,
+    write_model_files,
+)
 
 MOTIF_ARCHITECTURES = ("MotifForCausalLM",)
 # what vLLM's port reads without a default: a Motif-2.6B config.json has every one
@@ -419,35 +424,15 @@ def convert_motif(
 def write_weights(src: MotifSource, dtype: str, folder: Path, max_shard_bytes: int | None, progress: bool):
     """Stream the checkpoint tensor by tensor into output shards; every tensor keeps its name and values."""
     expected = motif_expected_shapes(src.config)
-    seen = set()
     # peak memory: one source shard's mapped pages + one output shard + the tensor in flight (as for a Llama)
     writer = ShardWriter(folder, max_shard_bytes or max(src.largest_shard_bytes // 2, 16 * 2**20))
-    out_dtype = None
-    bar = tqdm(total=len(expected), desc="importing tensors", unit="tensor", disable=not progress)
-    for name, tensor in src.tensors():
-        if name.endswith(SKIPPED_SUFFIXES):
-            continue
-        if name == "lm_head.weight" and src.config.tie_word_embeddings:
-            continue  # tied: the embedding is the LM head
-        if name not in expected:
-            raise ConversionError(f"unexpected tensor {name!r} for a Motif-2.6B checkpoint with this config.json")
-        if tuple(tensor.shape) != expected[name]:
-            raise ConversionError(
-                f"tensor {name} has shape {tuple(tensor.shape)} but config.json implies {expected[name]}: "
-                "the weights do not match the config"
-            )
-        if dtype != "auto" and tensor.is_floating_point():
-            tensor = tensor.to(DTYPES[dtype])
+    out_dtype, n_tensors = None, 0
+    for name, tensor in checked_tensors(src, expected, dtype, progress, "importing tensors"):
         if out_dtype is None or name.endswith("embed_tokens.weight"):
             out_dtype = tensor.dtype  # the dtype of the model's matrices (λ vectors may be float32)
         writer.add(name, tensor)
-        seen.add(name)
-        bar.update(1)
-    bar.close()
-    missing = sorted(set(expected) - seen)
-    if missing:
-        raise ConversionError(f"the checkpoint lacks {len(missing)} tensor(s) its config implies, e.g. {missing[0]}")
-    return len(seen), writer.finish(), out_dtype
+        n_tensors += 1
+    return n_tensors, writer.finish(), out_dtype
 
 
 def write_metadata(src: MotifSource, folder: Path, out_dtype: torch.dtype) -> None:

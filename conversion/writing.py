@@ -5,14 +5,17 @@
 
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 import modeling_diff
 from modeling_diff import DiffTransformerConfig
 
+from .source import SKIPPED_SUFFIXES, ConversionError
 from .verify import VerificationResult
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,6 +97,34 @@ class ShardWriter:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return len(self.files)
+
+
+def checked_tensors(src, expected: dict[str, tuple], dtype: str, progress: bool, desc: str) -> Iterator:
+    """(name, tensor) of every tensor of `src` the output keeps, one at a time, cast to `dtype` ("auto": as it is):
+    buffers the config recomputes and a tied LM head are skipped; a tensor `expected` (its shapes by name) does not
+    list or shapes otherwise, and, at the end, one it lists that the source lacks, are refused in one line."""
+    seen = set()
+    with tqdm(total=len(expected), desc=desc, unit="tensor", disable=not progress) as bar:
+        for name, tensor in src.tensors():
+            if name.endswith(SKIPPED_SUFFIXES):
+                continue
+            if name == "lm_head.weight" and src.config.tie_word_embeddings:
+                continue  # tied: the embedding is the LM head
+            if name not in expected:
+                raise ConversionError(f"unexpected tensor {name!r} for a {src.architecture} with this config.json")
+            if tuple(tensor.shape) != expected[name]:
+                raise ConversionError(
+                    f"tensor {name} has shape {tuple(tensor.shape)} but config.json implies {expected[name]}: "
+                    "the weights do not match the config"
+                )
+            if dtype != "auto" and tensor.is_floating_point():
+                tensor = tensor.to(DTYPES[dtype])
+            yield name, tensor
+            seen.add(name)
+            bar.update(1)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise ConversionError(f"the checkpoint lacks {len(missing)} tensor(s) its config implies, e.g. {missing[0]}")
 
 
 def write_model_files(config: DiffTransformerConfig, folder: Path, dtype: torch.dtype) -> None:
