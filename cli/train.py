@@ -5,6 +5,7 @@ Every option of transformers' TrainingArguments works under its own name (--lear
 goes to --output_dir; resumable checkpoints go to OUTPUT_DIR-checkpoints meanwhile. Instead of options, MODEL may be a
 .json or .yaml file that holds them all (`model_name_or_path: ...`, `output_dir: ...`, ...). What the Trainer gets
 otherwise than given (its output_dir, push_to_hub, hub_token, fsdp) is said in a `note:` line as training starts.
+--debug is this command's (tracebacks); TrainingArguments' own `debug` option is set in a config file.
 """
 
 import math
