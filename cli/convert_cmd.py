@@ -3,6 +3,8 @@
 from modeling_diff_conversion import convert
 from modeling_diff_conversion.output import InterruptedAfterWriting
 
+from .common import add_option
+
 
 def add_arguments(parser):
     parser.add_argument(
@@ -11,7 +13,8 @@ def add_arguments(parser):
         "offline once cached) or a .gguf file",
     )
     parser.add_argument(
-        "output_dir", help="the folder to write: a new or empty folder, or an earlier output with --force"
+        "output_dir",
+        help="the folder to write: a new or empty folder, or an earlier output with --overwrite_output_dir",
     )
     parser.add_argument(
         "--variant",
@@ -27,16 +30,19 @@ def add_arguments(parser):
         default="auto",
         help="weights dtype of the output; auto keeps the source's",
     )
-    parser.add_argument(
-        "--gguf-file",
-        default=None,
-        help="name of a .gguf file inside the SOURCE folder or Hub repo (needs the gguf package)",
+    add_option(
+        parser, "gguf_file", help="name of a .gguf file inside the SOURCE folder or Hub repo (needs the gguf package)"
     )
-    parser.add_argument(
-        "--no-verify", action="store_true", help="skip reloading the output and comparing its logits with the source"
+    add_option(
+        parser,
+        "no_verify",
+        action="store_true",
+        help="skip reloading the output and comparing its logits with the source",
     )
-    parser.add_argument(
-        "--force",
+    add_option(
+        parser,
+        "overwrite_output_dir",
+        old=("--force",),
         action="store_true",
         help="replace an earlier output of diff-transformer at OUTPUT_DIR (never a folder it did not write)",
     )
@@ -51,7 +57,7 @@ def run(args) -> int:
             dtype=args.dtype,
             gguf_file=args.gguf_file,
             verify_output=not args.no_verify,
-            force=args.force,
+            force=args.overwrite_output_dir,
         )
     except InterruptedAfterWriting:
         raise  # the output is complete, and its message says so

@@ -20,11 +20,13 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import torch
+from modeling_diff_conversion import convert, load_model
+from modeling_diff_conversion.loading import embedded_smollm2
+from modeling_diff_conversion.model_card import render_model_card
 from modeling_diff_conversion.output import (
     InterruptedAfterWriting,
     atomic_output_dir,
@@ -33,12 +35,20 @@ from modeling_diff_conversion.output import (
     output_lock,
 )
 from modeling_diff_conversion.verify import CHAT_PROMPT
+from modeling_diff_eval import evaluate_ppl, format_lambda_table, train_eval_texts
 from modeling_diff_training import DiffTrainingArguments, train_model
-from transformers import Trainer
+from modeling_diff_training.budget import (
+    FULL_SEQ_LEN,
+    FULL_STEPS,
+    FineTuningPlan,
+    baseline_still_fits,
+    idle_cores_threads,
+    measure_step_seconds,
+    native_bf16,
+    plan_fine_tuning,
+)
 
-from .common import CLIError, embedded_smollm2, format_lambda_table, load_model
-from .data import train_eval_texts
-from .evaluate import evaluate_ppl
+from .common import CLIError, add_option
 from .generate import prompt_ids, stream
 
 DEFAULT_PROMPT = "In Python, what does the `with` statement do? Answer in two sentences."
@@ -47,26 +57,20 @@ SMOLLM2_HUB_ID, SMOLLM2_LICENSE = "HuggingFaceTB/SmolLM2-135M-Instruct", "apache
 # optional at import time, needed by the demo: checked before any work so that a missing one fails at start-up
 DEMO_PACKAGES = {"gguf": "reads the embedded SmolLM2 file", "matplotlib": "draws training_loss.png"}
 
-# `--full`: steps and tokens per sequence of each fine-tuning; held-out perplexity is always measured at FULL_SEQ_LEN
-FULL_STEPS, FULL_SEQ_LEN = 60, 128
-SHORT_SEQ_LEN = 64  # a step of half the tokens costs about half: the plan shortens sequences before it drops models
-MIN_STEPS = 20  # fewest steps per model the plan accepts before it gives up something else
-FEWEST_STEPS = 2  # when nothing fits: the first step is the learning-rate warm-up's, at lr 0
 DEFAULT_TIME_BUDGET = 8.0  # minutes, from the process start to the end of the demo
-STEP_MARGIN = 1.1  # what the probe leaves out of a Trainer step: data loading, gradient clipping, logging
-AFTER_TRAINING_SECONDS = 30  # chat answer, model card, loss plot, save
 
 
 def add_arguments(parser):
-    parser.add_argument("--output-dir", default="smollm2-diff-demo", help="where the Hub-ready folder is written")
+    add_option(parser, "output_dir", default="smollm2-diff-demo", help="where the Hub-ready folder is written")
     parser.add_argument(
         "--dataset",
         default=None,
         help="fine-tuning text: a file, folder or HF datasets name (default: Python's reference "
         "docs from pydoc_data.topics, present on every machine with Python)",
     )
-    parser.add_argument(
-        "--time-budget",
+    add_option(
+        parser,
+        "time_budget",
         type=float,
         default=None,
         metavar="MIN",
@@ -77,24 +81,31 @@ def add_arguments(parser):
         "--full",
         action="store_true",
         help=f"the full run, however long it takes on this machine: {FULL_STEPS} steps of {FULL_SEQ_LEN} tokens for "
-        "each model, the Llama baseline too (unless --no-baseline)",
+        "each model, the Llama baseline too (unless --no_baseline)",
     )
-    parser.add_argument(
-        "--max-steps",
+    add_option(
+        parser,
+        "max_steps",
         type=int,
         default=None,
         help=f"fine-tuning steps for each model, with no time budget (default: planned; {FULL_STEPS} with --full)",
     )
-    parser.add_argument(
-        "--seq-len",
+    add_option(
+        parser,
+        "seq_len",
         type=int,
         default=None,
         help=f"tokens per training and held-out sequence, with no time budget (default: planned for training, "
         f"{FULL_SEQ_LEN} held-out)",
     )
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per step")
-    parser.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
-    parser.add_argument("--eval-batches", type=int, default=4, help="held-out batches for each perplexity")
+    add_option(
+        parser, "per_device_train_batch_size", old=("--batch-size",), type=int, default=4,
+        help="sequences per step and per held-out batch",
+    )
+    add_option(parser, "learning_rate", old=("--lr",), type=float, default=2e-4, help="peak learning rate")
+    add_option(
+        parser, "max_batches", old=("--eval-batches",), type=int, default=4, help="held-out batches per perplexity"
+    )
     parser.add_argument(
         "--bf16",
         action=argparse.BooleanOptionalAction,
@@ -102,13 +113,14 @@ def add_arguments(parser):
         help="fine-tune in bfloat16 mixed precision (default: when the CPU or GPU computes bfloat16 natively; "
         "evaluation stays in float32)",
     )
-    parser.add_argument(
-        "--no-baseline",
+    add_option(
+        parser,
+        "no_baseline",
         action="store_true",
         help="do not fine-tune the source Llama for comparison (saves about half the fine-tuning time)",
     )
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the chat prompt answered at the end")
-    parser.add_argument("--max-new-tokens", type=int, default=60, help="length of the streamed answer")
+    add_option(parser, "max_new_tokens", type=int, default=60, help="length of the streamed answer")
     parser.add_argument(
         "--threads",
         type=int,
@@ -117,10 +129,12 @@ def add_arguments(parser):
         "at least 1; at most torch's default)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument(
-        "--force",
+    add_option(
+        parser,
+        "overwrite_output_dir",
+        old=("--force",),
         action="store_true",
-        help="replace an earlier output of diff-transformer at --output-dir (never a folder it did not write)",
+        help="replace an earlier output of diff-transformer at --output_dir (never a folder it did not write)",
     )
 
 
@@ -165,170 +179,35 @@ def check_packages():
         )
 
 
-def idle_cores_threads() -> int:
-    """One thread per core that other jobs leave idle, at least 1, at most torch's default.
-
-    OpenMP threads wait for each other at every operator: when other jobs hold the cores, a second thread costs far
-    more than it brings (benchmarks/results/demo_steps.md: at load average 4.6-5.4 on 2 cores, a bf16 training step
-    took 8.9 s on 1 thread and 51 s on 2, medians of one interleaved run).
-    """
-    # a core counts as busy only while a whole job holds it: the 1-minute average decays slowly after a job ends
-    # (a fresh-clone run that started at load 0.83, a minute after a benchmark, took 9.1 min on 1 thread and
-    # 6.0 min on 2: benchmarks/results/demo_fresh_clone*.md)
-    busy = int(os.getloadavg()[0])
-    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - busy))
-
-
-def native_bf16() -> bool:
-    """Whether this machine computes bfloat16 matmuls natively (CUDA, or a CPU with AVX512-BF16 / AMX)."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-@dataclass
-class FineTuningPlan:
-    """What the demo fine-tunes: steps and tokens per sequence for each model, whether the Llama baseline too, and why.
-
-    `expected_seconds` is when the demo should end, from its start, by the plan's cost model (None when the user chose
-    the work); `budget_seconds` is the time budget it was planned for (None when there was none).
-    """
-
-    max_steps: int
-    seq_len: int
-    baseline: bool
-    reason: str
-    expected_seconds: float | None = None
-    budget_seconds: float | None = None
-
-    def describe(self, batch_size: int) -> str:
-        models = "DiffTransformer V2 and the Llama baseline" if self.baseline else "DiffTransformer V2 only"
-        return f"{self.max_steps} step(s) of {batch_size} x {self.seq_len} tokens for {models}"
-
-
-def plan_fine_tuning(
-    step_seconds: float,
-    optimizer_seconds: float,
-    *,
-    budget_seconds: float,
-    elapsed_seconds: float,
-    eval_seconds: float,
-    baseline: bool = True,
-) -> FineTuningPlan:
-    """The most fine-tuning that lets the demo end within `budget_seconds` of its start.
-
-    `step_seconds` is one measured forward + backward of FULL_SEQ_LEN-token sequences and `optimizer_seconds` one
-    optimizer step; a training step of `seq` tokens is costed (step_seconds * seq / FULL_SEQ_LEN + optimizer_seconds)
-    * STEP_MARGIN, since its matmuls grow with its tokens and the optimizer's work does not. Each model fine-tuned then
-    spends `eval_seconds` on held-out perplexity, and the demo AFTER_TRAINING_SECONDS on the rest. The first of these
-    with at least MIN_STEPS steps per model wins, its steps capped at FULL_STEPS: FULL_SEQ_LEN with the baseline
-    (FULL_STEPS of them is the full run), SHORT_SEQ_LEN with the baseline, SHORT_SEQ_LEN without it. When none has,
-    the last runs as many steps as fit, at least FEWEST_STEPS, and the reason says whether the demo ends past the
-    budget.
-    """
-
-    def step_cost(seq_len: int) -> float:
-        return (step_seconds * seq_len / FULL_SEQ_LEN + optimizer_seconds) * STEP_MARGIN
-
-    def end_seconds(steps: int, seq_len: int, models: int) -> float:
-        return elapsed_seconds + models * (steps * step_cost(seq_len) + eval_seconds) + AFTER_TRAINING_SECONDS
-
-    options = [(FULL_SEQ_LEN, True), (SHORT_SEQ_LEN, True), (SHORT_SEQ_LEN, False)]
-    if not baseline:
-        options = [(FULL_SEQ_LEN, False), (SHORT_SEQ_LEN, False)]
-    for seq_len, with_baseline in options:
-        models = 2 if with_baseline else 1
-        left = budget_seconds - end_seconds(0, seq_len, models)  # seconds left for the fine-tuning steps
-        steps = min(FULL_STEPS, math.floor(left / (models * step_cost(seq_len))))
-        if steps >= MIN_STEPS:
-            break
-    steps = max(FEWEST_STEPS, steps)
-    expected = end_seconds(steps, seq_len, models)
-    full = end_seconds(FULL_STEPS, FULL_SEQ_LEN, 2 if baseline else 1)
-    budget = f"the {budget_seconds / 60:g}-min budget"
-    if (steps, seq_len, with_baseline) == (FULL_STEPS, FULL_SEQ_LEN, baseline):
-        reason = f"the full run fits: it should end at about {expected / 60:.1f} min, within {budget}"
-    else:
-        reason = f"the full run would end at about {full / 60:.1f} min, past {budget}"
-        if baseline and not with_baseline:
-            reason += f"; fewer than {MIN_STEPS} steps per model fit with the Llama baseline, so it is left out"
-        if steps < MIN_STEPS:
-            reason += f"; not even {MIN_STEPS} steps of {seq_len} tokens fit, so {steps} show the workflow"
-        reason += f"; this plan should end at about {expected / 60:.1f} min"
-        if expected > budget_seconds:
-            reason += ", past the budget"
-    return FineTuningPlan(steps, seq_len, with_baseline, reason, expected, budget_seconds)
-
-
-def baseline_still_fits(diff_seconds: float, *, budget_seconds: float, elapsed_seconds: float, eval_seconds: float):
-    """Whether the Llama baseline, fine-tuned as long as the Diff model took (`diff_seconds`, measured), its held-out
-    perplexity and the rest of the demo still end within `budget_seconds` of the start."""
-    return elapsed_seconds + diff_seconds + eval_seconds + AFTER_TRAINING_SECONDS <= budget_seconds
-
-
-def measure_step_seconds(model, training_args: DiffTrainingArguments, seq_len: int) -> tuple[float, float]:
-    """(forward + backward, optimizer step) seconds of a training step of the Trainer that `training_args` set up.
-
-    One step of `per_device_train_batch_size` x `seq_len` tokens warms up, the next is timed. The optimizer is the
-    Trainer's own, at learning rate 0, so that it does all its work and leaves the weights as they were; its state
-    and the gradients are dropped afterwards.
-    """
-    device, bf16 = training_args.device, training_args.bf16
-    model.to(device).train()
-    optimizer_class, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args, model)
-    optimizer = optimizer_class(model.parameters(), **{**optimizer_kwargs, "lr": 0.0})
-    # the time does not depend on which tokens: a fixed random batch (batch, seq_len)
-    shape = (training_args.per_device_train_batch_size, seq_len)
-    ids = torch.randint(3, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(0)).to(device)
-    for _ in range(2):
-        started = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        synchronize(device)
-        backward_done = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        synchronize(device)
-        timing = (backward_done - started, time.perf_counter() - backward_done)
-    return timing
-
-
-def synchronize(device: torch.device):
-    """Wait for the GPU's queued work, so that a clock read after it counts it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def chosen_work(args) -> list[str]:
-    """The flags among --max-steps and --seq-len that the user gave."""
-    given = (("--max-steps", args.max_steps), ("--seq-len", args.seq_len))
+    """The flags among --max_steps and --seq_len that the user gave."""
+    given = (("--max_steps", args.max_steps), ("--seq_len", args.seq_len))
     return [flag for flag, value in given if value is not None]
 
 
 def check_arguments(args):
     """Refuse flags that contradict each other, or a number out of range, before any work."""
     if args.full and args.time_budget is not None:
-        raise CLIError("--full runs the full fine-tuning however long it takes: drop --time-budget, or drop --full")
+        raise CLIError("--full runs the full fine-tuning however long it takes: drop --time_budget, or drop --full")
     if chosen_work(args) and args.time_budget is not None:
         raise CLIError(
-            f"{' and '.join(chosen_work(args))} choose the work, --time-budget lets the demo choose it: give one or "
+            f"{' and '.join(chosen_work(args))} choose the work, --time_budget lets the demo choose it: give one or "
             "the other"
         )
     if args.time_budget is not None and not args.time_budget > 0:
-        raise CLIError(f"--time-budget is {args.time_budget:g} minutes: give a positive number of minutes")
+        raise CLIError(f"--time_budget is {args.time_budget:g} minutes: give a positive number of minutes")
     for flag, value in (
-        ("--max-steps", args.max_steps),
-        ("--seq-len", args.seq_len),
-        ("--batch-size", args.batch_size),
-        ("--eval-batches", args.eval_batches),
-        ("--max-new-tokens", args.max_new_tokens),
+        ("--max_steps", args.max_steps),
+        ("--seq_len", args.seq_len),
+        ("--per_device_train_batch_size", args.per_device_train_batch_size),
+        ("--max_batches", args.max_batches),
+        ("--max_new_tokens", args.max_new_tokens),
         ("--threads", args.threads),
     ):
         if value is not None and value < 1:
             raise CLIError(f"{flag} is {value}: give a positive number")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise CLIError(f"--lr is {args.lr}: give a finite learning rate above 0")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        raise CLIError(f"--learning_rate is {args.learning_rate}: give a finite learning rate above 0")
     if not 0 <= args.seed < 2**32:
         raise CLIError(f"--seed is {args.seed}: give an integer from 0 to {2**32 - 1}")
 
@@ -339,8 +218,8 @@ def run(args) -> int:
     check_packages()
     torch.manual_seed(args.seed)
     gguf = embedded_smollm2()
-    check_apart(args.output_dir, {"--dataset": args.dataset, "the embedded model": gguf}, what="--output-dir")
-    check_output_dir(args.output_dir, args.force)
+    check_apart(args.output_dir, {"--dataset": args.dataset, "the embedded model": gguf}, what="--output_dir")
+    check_output_dir(args.output_dir, args.overwrite_output_dir)
     try:
         with output_lock(args.output_dir):  # one run per output; its folder proven writable before any work
             return run_demo(args, timer, gguf)
@@ -352,10 +231,8 @@ def run(args) -> int:
 
 def run_demo(args, timer: StageTimer, gguf: Path) -> int:
     """The five stages, once the output is checked and locked."""
-    from modeling_diff_conversion import convert
-    from modeling_diff_conversion.model_card import render_model_card
-
     train_texts, held_out = train_eval_texts(args.dataset, seed=args.seed)  # fails early on a bad --dataset
+    batch = args.per_device_train_batch_size
     bf16 = native_bf16() if args.bf16 is None else args.bf16
     torch.set_num_threads(args.threads or idle_cores_threads())
     print(
@@ -364,7 +241,7 @@ def run_demo(args, timer: StageTimer, gguf: Path) -> int:
         flush=True,
     )
     output = Path(args.output_dir)
-    with atomic_output_dir(output, force=args.force, written_by="diff-transformer demo") as tmp:
+    with atomic_output_dir(output, force=args.overwrite_output_dir, written_by="diff-transformer demo") as tmp:
         work = tmp / ".work"
 
         banner("1/5 Convert SmolLM2-135M-Instruct (Llama, GGUF) to DiffTransformer V2")
@@ -385,7 +262,7 @@ def run_demo(args, timer: StageTimer, gguf: Path) -> int:
 
         banner("2/5 Perplexity before fine-tuning (held-out Python docs)")
         eval_seq_len = args.seq_len or FULL_SEQ_LEN
-        eval_kw = dict(texts=held_out, seq_len=eval_seq_len, batch_size=args.batch_size, max_batches=args.eval_batches)
+        eval_kw = dict(texts=held_out, seq_len=eval_seq_len, batch_size=batch, max_batches=args.max_batches)
         diff, _ = load_model(str(work / "converted"))
         started = time.perf_counter()
         diff_before = evaluate_ppl(diff, tokenizer, **eval_kw)  # also λ per layer, as converted
@@ -398,9 +275,9 @@ def run_demo(args, timer: StageTimer, gguf: Path) -> int:
         timer.lap("perplexity before")
 
         precision = "bf16 mixed precision" if bf16 else "float32"
-        banner(f"3/5 Fine-tune with the HF Trainer ({precision}, batch {args.batch_size})")
+        banner(f"3/5 Fine-tune with the HF Trainer ({precision}, batch {batch})")
         plan = choose_plan(args, diff, fine_tuning_args(args, work / "diff", bf16, FULL_STEPS), timer, eval_seconds)
-        print(f"plan: {plan.describe(args.batch_size)}\nwhy: {plan.reason}", flush=True)
+        print(f"plan: {plan.describe(batch)}\nwhy: {plan.reason}", flush=True)
         diff_args = fine_tuning_args(args, work / "diff", bf16, plan.max_steps)
         diff.train()
         started = time.perf_counter()
@@ -412,7 +289,7 @@ def run_demo(args, timer: StageTimer, gguf: Path) -> int:
         diff_after = evaluate_ppl(diff, tokenizer, **eval_kw)  # also λ per layer over held_out[0]
         ppl["Diff V2", "after"] = diff_after["perplexity"]
         timer.lap("perplexity after, Diff V2")
-        no_baseline = "--no-baseline" if args.no_baseline else "it did not fit in the time budget"
+        no_baseline = "--no_baseline" if args.no_baseline else "it did not fit in the time budget"
         if plan.baseline and plan.budget_seconds is not None:
             elapsed = time.time() - timer.started
             if not baseline_still_fits(
@@ -439,7 +316,7 @@ def run_demo(args, timer: StageTimer, gguf: Path) -> int:
         print("\n" + results)
         lambda_table = format_lambda_table(diff_after["lambda"])
         print(f"\nλ per layer after fine-tuning (DIFF V2: mean sigmoid(W_λ x) over a held-out text):\n{lambda_table}")
-        notes = run_notes(plan, args.batch_size, ppl, diff_before["lambda"], diff_after["lambda"], no_baseline)
+        notes = run_notes(plan, batch, ppl, diff_before["lambda"], diff_after["lambda"], no_baseline)
         print(f"\nWhat this run can and cannot show:\n{notes}")
 
         banner("4/5 Chat with the fine-tuned DiffTransformer")
@@ -461,8 +338,8 @@ def run_demo(args, timer: StageTimer, gguf: Path) -> int:
             ),
             how=(
                 report.summary().replace("\n", "  \n")
-                + f"\n\nFine-tuning: HF Trainer, {plan.max_steps} steps of {args.batch_size} x {plan.seq_len} "
-                f"tokens, {precision}, AdamW, peak lr {args.lr}, cosine schedule"
+                + f"\n\nFine-tuning: HF Trainer, {plan.max_steps} steps of {batch} x {plan.seq_len} "
+                f"tokens, {precision}, AdamW, peak lr {args.learning_rate}, cosine schedule"
                 + (f"; training loss {losses[0]:.3f} → {losses[-1]:.3f}." if losses else ".")
             ),
             results=(
@@ -499,10 +376,11 @@ def choose_plan(args, model, training_args, timer: StageTimer, eval_seconds: flo
         steps, seq_len = args.max_steps or FULL_STEPS, args.seq_len or FULL_SEQ_LEN
         return FineTuningPlan(steps, seq_len, baseline, f"{reason}: no time budget")
     budget = DEFAULT_TIME_BUDGET if args.time_budget is None else args.time_budget
-    print(f"timing a training step of {args.batch_size} x {FULL_SEQ_LEN} tokens to fit the {budget:g}-min budget")
+    batch = args.per_device_train_batch_size
+    print(f"timing a training step of {batch} x {FULL_SEQ_LEN} tokens to fit the {budget:g}-min budget")
     step_seconds, optimizer_seconds = measure_step_seconds(model, training_args, FULL_SEQ_LEN)
     print(
-        f"forward + backward of {args.batch_size} x {FULL_SEQ_LEN} tokens: {step_seconds:.2f} s, optimizer step: "
+        f"forward + backward of {batch} x {FULL_SEQ_LEN} tokens: {step_seconds:.2f} s, optimizer step: "
         f"{optimizer_seconds:.2f} s ({'bf16 mixed precision' if training_args.bf16 else 'float32'}, "
         f"{torch.get_num_threads()} thread(s)); held-out perplexity of one model: {eval_seconds:.1f} s"
     )
@@ -522,8 +400,8 @@ def fine_tuning_args(args, output_dir: Path, bf16: bool, max_steps: int) -> Diff
     return DiffTrainingArguments(
         output_dir=str(output_dir),
         max_steps=max_steps,
-        learning_rate=args.lr,
-        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        per_device_train_batch_size=args.per_device_train_batch_size,
         bf16=bf16,
         logging_steps=max(1, max_steps // 6),
         save_strategy="no",
@@ -544,8 +422,9 @@ def results_table(ppl: dict, plan: FineTuningPlan, args, precision: str, eval_se
             else f"| {label} | {before:.3f} | (not fine-tuned) |"
         )
     rows.append(
-        f"\nSettings: {plan.max_steps} steps, batch {args.batch_size}, seq {plan.seq_len}, lr {args.lr}, {precision}, "
-        f"{args.eval_batches} held-out batches of {args.batch_size} x {eval_seq_len} tokens."
+        f"\nSettings: {plan.max_steps} steps, batch {args.per_device_train_batch_size}, seq {plan.seq_len}, "
+        f"lr {args.learning_rate}, {precision}, "
+        f"{args.max_batches} held-out batches of {args.per_device_train_batch_size} x {eval_seq_len} tokens."
     )
     return "\n".join(rows)
 

@@ -3,9 +3,10 @@
 import math
 
 import torch
+from modeling_diff_conversion import load_model
 from transformers import TextStreamer
 
-from .common import CLIError, load_model, say
+from .common import CLIError, add_option, say
 
 
 def add_arguments(parser):
@@ -13,11 +14,11 @@ def add_arguments(parser):
     parser.add_argument("--prompt", required=True, help="the text to continue, or the user message with --chat")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--system", default=None, help="with --chat: a system message")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="how many tokens to generate at most")
+    add_option(parser, "max_new_tokens", type=int, default=64, help="how many tokens to generate at most")
     parser.add_argument(
         "--temperature", type=float, default=0.0, help="sampling temperature; 0 (the default) decodes greedily"
     )
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this much probability mass")
+    add_option(parser, "top_p", type=float, default=1.0, help="nucleus sampling: keep this much probability mass")
     parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
 
 
@@ -53,9 +54,9 @@ def check_arguments(args) -> None:
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise CLIError(f"--temperature is {args.temperature}: give a finite number >= 0 (0 decodes greedily)")
     if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
-        raise CLIError(f"--top-p is {args.top_p}: give a share of the probability mass in (0, 1]")
+        raise CLIError(f"--top_p is {args.top_p}: give a share of the probability mass in (0, 1]")
     if args.max_new_tokens < 1:
-        raise CLIError(f"--max-new-tokens is {args.max_new_tokens}: give a positive number")
+        raise CLIError(f"--max_new_tokens is {args.max_new_tokens}: give a positive number")
 
 
 def fit_to_context(prompt_tokens: int, max_new_tokens: int, context: int | None) -> int:
@@ -72,7 +73,7 @@ def fit_to_context(prompt_tokens: int, max_new_tokens: int, context: int | None)
     if prompt_tokens + max_new_tokens > context:
         fitted = context - prompt_tokens
         say(
-            f"warning: the prompt ({prompt_tokens} tokens) and --max-new-tokens {max_new_tokens} run past the model's "
+            f"warning: the prompt ({prompt_tokens} tokens) and --max_new_tokens {max_new_tokens} run past the model's "
             f"context of {context} tokens: generating {fitted} tokens"
         )
         return fitted

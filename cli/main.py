@@ -1,7 +1,8 @@
 """The `diff-transformer` command: convert, train, generate, serve, eval, push, demo.
 
-A thin layer over `conversion/` (modeling_diff_conversion) and `modeling_diff/`. Bad input prints one line
-`error: ...` and exits with status 2; add --debug to see the traceback instead.
+Each command parses its options and calls the libraries: `modeling_diff_conversion` (loading, converting, writing
+and uploading checkpoints), `modeling_diff_eval` (corpora and measurements) and `modeling_diff_training` (the
+Trainer). Bad input prints one line `error: ...` and exits with status 2; add --debug to see the traceback instead.
 """
 
 import argparse
@@ -11,7 +12,7 @@ import sys
 from transformers import HfArgumentParser
 
 from . import convert_cmd, demo, evaluate, generate, push, serve, train
-from .common import LineTracker, say
+from .common import CLIError, LineTracker, say
 
 COMMANDS = {
     "demo": (demo, "the whole workflow on SmolLM2-135M (embedded, offline): convert, fine-tune, evaluate, chat, save"),
@@ -59,9 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
             conflict_handler="resolve" if dataclass_types else "error",
         )
         module.add_arguments(command)
-        # last, so that for train it replaces TrainingArguments' own --debug (underflow/overflow detection)
+        # last, so that for train it replaces TrainingArguments' own --debug (underflow/overflow detection), which
+        # a config file still sets
         command.add_argument("--debug", action="store_true", help="show the full traceback when something fails")
-        command.set_defaults(run=module.run)
+        command.set_defaults(run=module.run, parser=command)
     return parser
 
 
@@ -77,7 +79,9 @@ def error_text(err: Exception) -> str:
 
 def main(argv=None) -> int:
     """Entry point of `diff-transformer`; returns the process exit status."""
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     args = build_parser().parse_args(argv)
+    args.argv = argv  # as typed: what a command names back to the user
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     stderr, sys.stderr = sys.stderr, LineTracker(sys.stderr)
     try:
@@ -90,11 +94,12 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         from modeling_diff_conversion import ConversionError
+        from modeling_diff_eval import EvaluationError
         from modeling_diff_training import TrainingError
 
-        from .common import CLIError
-
-        if isinstance(err, (CLIError, ConversionError, TrainingError)):
+        for note in getattr(err, "__notes__", []):  # what a failed run left (train: its checkpoints)
+            say(f"note: {note}")
+        if isinstance(err, (CLIError, ConversionError, TrainingError, EvaluationError)):
             message = str(err)
             while message.startswith("error: "):
                 message = message[len("error: ") :]

@@ -7,10 +7,9 @@ are never uploaded: each is listed as skipped, with why.
 from pathlib import Path
 
 from modeling_diff_conversion.hub import check_repo_id, upload_folder, upload_plan
+from modeling_diff_conversion.loading import WEIGHT_FILES
 
-from .common import WEIGHT_FILES, CLIError
-
-__all__ = ["add_arguments", "check_repo_id", "human", "run", "upload_folder"]
+from .common import CLIError
 
 
 def add_arguments(parser):

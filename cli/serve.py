@@ -11,9 +11,10 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from modeling_diff_conversion import resolve_model_path
 from modeling_diff_serving import ServeArguments, ServingError
 
-from .common import CLIError, resolve_model_path
+from .common import CLIError
 
 ARGUMENT_CLASSES = (ServeArguments,)  # main.py makes a flag of each field (--port, --no-continuous-batching, ...)
 

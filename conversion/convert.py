@@ -10,34 +10,23 @@ with `trust_remote_code=True` without this package), `generation_config.json`, t
 interrupted or failed conversion leaves nothing behind.
 """
 
-import json
 import math
 import os
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-import modeling_diff
 from modeling_diff import DiffTransformerConfig
 
 from .mapping import map_diffllama_to_v1, map_llama_to_v1, map_llama_to_v2
 from .model_card import write_model_card
+from .motif import convert_motif, open_motif
 from .output import atomic_output_dir, check_apart, check_output_dir, output_lock
-from .source import SKIPPED_SUFFIXES, ConversionError, Source, open_source
-from .verify import VerificationResult, verify
+from .source import ConversionError, Source, open_source
+from .verify import verify
+from .writing import DTYPES, ConversionReport, ShardWriter, checked_tensors, keep_tokenizer_code, write_model_files
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-AUTO_MAP = {
-    "AutoConfig": "configuration_diff_transformer.DiffTransformerConfig",
-    "AutoModel": "modeling_diff_transformer.DiffTransformerModel",
-    "AutoModelForCausalLM": "modeling_diff_transformer.DiffTransformerForCausalLM",
-    "AutoModelForSequenceClassification": "modeling_diff_transformer.DiffTransformerForSequenceClassification",
-}
-CODE_FILES = ["configuration_diff_transformer.py", "modeling_diff_transformer.py"]
 COPIED_FIELDS = [
     "vocab_size",
     "hidden_size",
@@ -56,35 +45,6 @@ COPIED_FIELDS = [
     "eos_token_id",
     "pad_token_id",
 ]
-
-
-@dataclass
-class ConversionReport:
-    """What a conversion did and how its verification went."""
-
-    source: str
-    output_dir: str
-    variant: str
-    architecture: str
-    preserves_function: bool  # whether this mapping is meant to compute the source's function exactly
-    dtype: str
-    n_tensors: int = 0
-    n_shards: int = 0
-    seconds: float = 0.0
-    verification: VerificationResult | None = None
-    notes: list[str] = field(default_factory=list)
-    license: str | None = None  # the source's licence, when known
-    base_model: str | None = None  # the source's Hub id, when known
-
-    def summary(self) -> str:
-        lines = [
-            f"converted {self.architecture} {self.source} -> DiffTransformer {self.variant} at {self.output_dir}",
-            f"  {self.n_tensors} tensors in {self.n_shards} shard(s), dtype {self.dtype}, {self.seconds:.1f} s",
-        ]
-        if self.verification is not None:
-            lines += ["  " + line for line in self.verification.lines()]
-        lines += ["  note: " + note for note in self.notes]
-        return "\n".join(lines)
 
 
 def target_config(source: Source, variant: str) -> DiffTransformerConfig:
@@ -149,50 +109,6 @@ def expected_shapes(cfg) -> dict[str, tuple]:
     return shapes
 
 
-class ShardWriter:
-    """Collects output tensors and writes a safetensors shard whenever `max_bytes` would be exceeded."""
-
-    def __init__(self, folder: Path, max_bytes: int):
-        self.folder, self.max_bytes = folder, max_bytes
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffer_bytes = 0
-        self.files: list[tuple[Path, list[str]]] = []
-
-    def add(self, name: str, tensor: torch.Tensor):
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.buffer and self.buffer_bytes + nbytes > self.max_bytes:
-            self.flush()  # the buffer never holds more than one shard
-        self.buffer[name] = tensor.contiguous()
-        self.buffer_bytes += nbytes
-
-    def flush(self):
-        from safetensors.torch import save_file
-
-        if not self.buffer:
-            return
-        path = self.folder / f"shard-{len(self.files):05d}.safetensors"
-        save_file(self.buffer, str(path), metadata={"format": "pt"})
-        path.chmod(0o644)
-        self.files.append((path, list(self.buffer)))
-        self.buffer, self.buffer_bytes = {}, 0
-
-    def finish(self) -> int:
-        """Name the shards as transformers does, write the index, and return the number of shards."""
-        self.flush()
-        if len(self.files) == 1:
-            self.files[0][0].rename(self.folder / "model.safetensors")
-            return 1
-        weight_map, total = {}, 0
-        for i, (path, names) in enumerate(self.files):
-            final = f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors"
-            total += path.stat().st_size
-            path.rename(self.folder / final)
-            weight_map.update({name: final for name in names})
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return len(self.files)
-
-
 def lambda_vector_factory(config: DiffTransformerConfig):
     """The four λ vectors of each V1 layer, drawn N(0, lambda_std_dev) from a fixed seed per layer (reproducible)."""
 
@@ -248,8 +164,6 @@ def convert(
 
 def _convert(source, output_dir, variant, dtype, gguf_file, verify_output, force, max_shard_bytes, progress):
     """`convert` once its output is checked and locked."""
-    from .motif import convert_motif, open_motif
-
     started = time.perf_counter()
     output = Path(os.path.abspath(Path(output_dir).expanduser()))
     motif = open_motif(source, gguf_file)  # Motif-2.6B imports exactly by its own path (conversion/motif.py)
@@ -306,7 +220,6 @@ def _convert(source, output_dir, variant, dtype, gguf_file, verify_output, force
 
 def _write_weights(src: Source, config, variant, dtype, folder: Path, max_shard_bytes, progress):
     expected = expected_shapes(src.config)
-    seen = set()
     if src.architecture == "DiffLlamaForCausalLM":
         mapper = lambda name, t: map_diffllama_to_v1(name, t, src.config)  # noqa: E731
     elif variant == "v2":
@@ -321,43 +234,19 @@ def _write_weights(src: Source, config, variant, dtype, folder: Path, max_shard_
     default = 2 * 2**30 if src.gguf_file else max(src.largest_shard_bytes // 2, 16 * 2**20)
     max_bytes = max_shard_bytes or default
     writer = ShardWriter(folder, max_bytes)
-    out_dtype = None
-    with tqdm(total=len(expected), desc="converting tensors", unit="tensor", disable=not progress) as bar:
-        for name, tensor in src.tensors():
-            if name.endswith(SKIPPED_SUFFIXES):
-                continue
-            if name == "lm_head.weight" and src.config.tie_word_embeddings:
-                continue  # tied: the embedding is the LM head
-            if name not in expected:
-                raise ConversionError(f"unexpected tensor {name!r} for a {src.architecture} with this config.json")
-            if tuple(tensor.shape) != expected[name]:
-                raise ConversionError(
-                    f"tensor {name} has shape {tuple(tensor.shape)} but config.json implies {expected[name]}: "
-                    "the weights do not match the config"
-                )
-            if dtype != "auto" and tensor.is_floating_point():
-                tensor = tensor.to(DTYPES[dtype])
-            out_dtype = out_dtype or tensor.dtype
-            for out_name, out_tensor in mapper(name, tensor).items():
-                writer.add(out_name, out_tensor)
-            seen.add(name)
-            bar.update(1)
-    missing = sorted(set(expected) - seen)
-    if missing:
-        raise ConversionError(f"the checkpoint lacks {len(missing)} tensor(s) its config implies, e.g. {missing[0]}")
-    return len(seen), writer.finish(), out_dtype
+    out_dtype, n_tensors = None, 0
+    for name, tensor in checked_tensors(src, expected, dtype, progress, "converting tensors"):
+        out_dtype = out_dtype or tensor.dtype
+        for out_name, out_tensor in mapper(name, tensor).items():
+            writer.add(out_name, out_tensor)
+        n_tensors += 1
+    return n_tensors, writer.finish(), out_dtype
 
 
 def _write_metadata(src: Source, config: DiffTransformerConfig, folder: Path, out_dtype):
-    config.dtype = out_dtype
-    config.architectures = ["DiffTransformerForCausalLM"]
-    config.auto_map = dict(AUTO_MAP)
-    config.save_pretrained(folder)
-    code_dir = Path(modeling_diff.__file__).parent
-    for name in CODE_FILES:
-        shutil.copy(code_dir / name, folder / name)
-
     from transformers import GenerationConfig
+
+    write_model_files(config, folder, out_dtype)
 
     generation = src.load_generation_config() or GenerationConfig.from_model_config(config)
     generation.save_pretrained(folder)
@@ -367,30 +256,3 @@ def _write_metadata(src: Source, config: DiffTransformerConfig, folder: Path, ou
         keep_tokenizer_code(src.folder, folder)
 
 
-def keep_tokenizer_code(source: Path | None, folder: Path):
-    """Copy the tokenizer code files that tokenizer_config.json's auto_map names from the source folder; drop the
-    entries whose file the source does not have (they would point at code that is not there).
-
-    Entries that name another Hub repo (`repo--module.Class`) are kept as they are.
-    """
-    path = folder / "tokenizer_config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
-    if not config.get("auto_map"):
-        return
-    auto_map = {}
-    for key, refs in config["auto_map"].items():
-        kept = []
-        for ref in refs if isinstance(refs, list) else [refs]:
-            module = f"{ref.rsplit('.', 1)[0]}.py" if ref and "--" not in ref else None
-            if module and source is not None and (source / module).is_file():
-                shutil.copy(source / module, folder / module)
-            elif module:
-                ref = None  # its code is not in the source folder
-            kept.append(ref)
-        if any(kept):
-            auto_map[key] = kept if isinstance(refs, list) else kept[0]
-    if auto_map:
-        config["auto_map"] = auto_map
-    else:
-        del config["auto_map"]
-    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

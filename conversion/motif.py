@@ -10,12 +10,9 @@ config is translated; and the result is checked against `modeling_diff_conversio
 written from its public ports, never by running Motif's own code.
 """
 
-import hashlib
 import json
 import math
-import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,17 +20,13 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-import modeling_diff
 from modeling_diff import DiffTransformerConfig, DiffTransformerForCausalLM
 
-from .convert import AUTO_MAP, CODE_FILES, DTYPES, ConversionReport, ShardWriter, keep_tokenizer_code
 from .model_card import render_model_card
 from .motif_reference import ROPE_TYPES, causal_lm_logits
 from .output import atomic_output_dir
 from .source import (
-    SKIPPED_SUFFIXES,
     TOKENIZER_FILES,
     ConversionError,
     _license_from_readme,
@@ -42,6 +35,14 @@ from .source import (
     download_snapshot,
 )
 from .verify import VerificationResult, _inputs, verification_dtype
+from .writing import (
+    DTYPES,
+    ConversionReport,
+    ShardWriter,
+    checked_tensors,
+    keep_tokenizer_code,
+    write_model_files,
+)
 
 MOTIF_ARCHITECTURES = ("MotifForCausalLM",)
 # what vLLM's port reads without a default: a Motif-2.6B config.json has every one
@@ -423,35 +424,15 @@ def convert_motif(
 def write_weights(src: MotifSource, dtype: str, folder: Path, max_shard_bytes: int | None, progress: bool):
     """Stream the checkpoint tensor by tensor into output shards; every tensor keeps its name and values."""
     expected = motif_expected_shapes(src.config)
-    seen = set()
     # peak memory: one source shard's mapped pages + one output shard + the tensor in flight (as for a Llama)
     writer = ShardWriter(folder, max_shard_bytes or max(src.largest_shard_bytes // 2, 16 * 2**20))
-    out_dtype = None
-    bar = tqdm(total=len(expected), desc="importing tensors", unit="tensor", disable=not progress)
-    for name, tensor in src.tensors():
-        if name.endswith(SKIPPED_SUFFIXES):
-            continue
-        if name == "lm_head.weight" and src.config.tie_word_embeddings:
-            continue  # tied: the embedding is the LM head
-        if name not in expected:
-            raise ConversionError(f"unexpected tensor {name!r} for a Motif-2.6B checkpoint with this config.json")
-        if tuple(tensor.shape) != expected[name]:
-            raise ConversionError(
-                f"tensor {name} has shape {tuple(tensor.shape)} but config.json implies {expected[name]}: "
-                "the weights do not match the config"
-            )
-        if dtype != "auto" and tensor.is_floating_point():
-            tensor = tensor.to(DTYPES[dtype])
+    out_dtype, n_tensors = None, 0
+    for name, tensor in checked_tensors(src, expected, dtype, progress, "importing tensors"):
         if out_dtype is None or name.endswith("embed_tokens.weight"):
             out_dtype = tensor.dtype  # the dtype of the model's matrices (λ vectors may be float32)
         writer.add(name, tensor)
-        seen.add(name)
-        bar.update(1)
-    bar.close()
-    missing = sorted(set(expected) - seen)
-    if missing:
-        raise ConversionError(f"the checkpoint lacks {len(missing)} tensor(s) its config implies, e.g. {missing[0]}")
-    return len(seen), writer.finish(), out_dtype
+        n_tensors += 1
+    return n_tensors, writer.finish(), out_dtype
 
 
 def write_metadata(src: MotifSource, folder: Path, out_dtype: torch.dtype) -> None:
@@ -460,13 +441,7 @@ def write_metadata(src: MotifSource, folder: Path, out_dtype: torch.dtype) -> No
     from transformers import GenerationConfig
 
     config = DiffTransformerConfig.from_dict(src.config.to_dict())
-    config.dtype = out_dtype
-    config.architectures = ["DiffTransformerForCausalLM"]
-    config.auto_map = dict(AUTO_MAP)
-    config.save_pretrained(folder)
-    code_dir = Path(modeling_diff.__file__).parent
-    for name in CODE_FILES:
-        shutil.copy(code_dir / name, folder / name)
+    write_model_files(config, folder, out_dtype)
     if (src.folder / "generation_config.json").is_file():
         shutil.copy(src.folder / "generation_config.json", folder / "generation_config.json")
     else:
@@ -591,32 +566,3 @@ def verify_motif(src: MotifSource, converted_dir: Path, n_params: int, round_to:
         source_answer=decode(ref_tokens),
         converted_answer=decode(tokens),
     )
-
-
-def import_cache() -> Path:
-    """Where the CLI keeps Motif folders it imported on first use: $MODELING_DIFF_CACHE, else under HF_HOME."""
-    from huggingface_hub import constants
-
-    return Path(os.environ.get("MODELING_DIFF_CACHE") or Path(constants.HF_HOME) / "modeling_diff") / "motif-imports"
-
-
-def imported_folder(folder: str | Path) -> str:
-    """For the CLI: a Motif-2.6B folder's DiffTransformer import (made on first use, then reused), or `folder`
-    unchanged when it is not a Motif checkpoint. The import streams the tensors like `convert --no-verify`; the
-    cache key covers the folder's path, config and weight files, so a changed checkpoint is imported again."""
-    folder = Path(folder)
-    raw = read_motif_config(folder)
-    if raw is None:
-        return str(folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"))
-    stamp = [str(folder.resolve())] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
-    target = import_cache() / hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:16]
-    if not (target / "config.json").is_file():
-        src = open_motif(str(folder))  # refuses what is not Motif-2.6B, before anything is written
-        print(
-            f"note: {folder} is a Motif-2.6B checkpoint; importing it as a DiffTransformer V1 model into {target} "
-            "(once; `diff-transformer convert` imports and verifies it where you choose)",
-            file=sys.stderr,
-        )
-        convert_motif(src, str(target), verify_output=False, force=True, progress=False)
-    return str(target)

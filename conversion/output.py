@@ -237,7 +237,7 @@ def _is_mount_point(real: Path) -> bool:
     return str(real) in points
 
 
-def check_output_dir(path: str | Path, force: bool, flag: str = "--force"):
+def check_output_dir(path: str | Path, force: bool, flag: str = "--overwrite_output_dir"):
     """Refuse an output that must not be written or replaced; return nothing when it may be.
 
     Missing or an empty folder: written. A non-empty folder: replaced only with `force` (the option `flag` of the
@@ -426,7 +426,7 @@ def swap_into_place(new: Path, final: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_output_dir(
-    path: str | Path, force: bool = False, flag: str = "--force", written_by: str = "diff-transformer"
+    path: str | Path, force: bool = False, flag: str = "--overwrite_output_dir", written_by: str = "diff-transformer"
 ):
     """Yield a temporary sibling folder that becomes `path` only if the block finishes without an error.
 

@@ -120,3 +120,50 @@ def attn_implementation(model, name: str):
         yield model
     finally:
         model.set_attn_implementation(previous)
+
+
+@torch.no_grad()
+def lambda_statistics(model, input_ids: torch.Tensor | None = None) -> list[dict]:
+    """λ per layer of a DiffTransformer: V1's learned scalar, or V2's mean sigmoid gate over `input_ids`.
+
+    Returns [] for models without differential attention (Llama, ...).
+    """
+    config = model.config
+    if getattr(config, "model_type", None) != "diff_transformer":
+        return []
+    layers = model.model.layers
+    if config.diff_version == 1:
+        return [
+            {"layer": i, "lambda": layer.self_attn.lambda_full().item(), "lambda_init": layer.self_attn.lambda_init}
+            for i, layer in enumerate(layers)
+        ]
+    gates: dict[int, torch.Tensor] = {}
+    hooks = [
+        layer.self_attn.lambda_proj.register_forward_hook(
+            lambda module, args, out, i=i: gates.__setitem__(i, torch.sigmoid(out.float()))
+        )
+        for i, layer in enumerate(layers)
+    ]
+    try:
+        model(input_ids if input_ids is not None else torch.tensor([[config.bos_token_id or 0] * 8]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [
+        {"layer": i, "lambda": gates[i].mean().item(), "lambda_std": gates[i].std().item()} for i in range(len(layers))
+    ]
+
+
+def format_lambda_table(stats: list[dict]) -> str:
+    """A markdown table of `lambda_statistics`."""
+    if not stats:
+        return "(no differential attention: no λ to report)"
+    v1 = "lambda_init" in stats[0]
+    head = "| layer | λ | λ_init |" if v1 else "| layer | mean sigmoid(λ(x)) | std over tokens and heads |"
+    rows = [head, "| --- | --- | --- |"]
+    for s in stats:
+        rows.append(
+            f"| {s['layer']} | {s['lambda']:.4f} | "
+            + (f"{s['lambda_init']:.4f} |" if v1 else f"{s['lambda_std']:.4f} |")
+        )
+    return "\n".join(rows)

@@ -19,6 +19,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .corpus import EvaluationError
+
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
 KEY_POOL_SEED = 2410_05258  # the paper's arXiv id; fixes the train/eval split of the key pool once and for all
@@ -83,7 +85,9 @@ def needle_specs(samples: int, needles: int, queries: int = 1, seed: int = 0, sp
     [0, 1]; the queried needles are a random subset of size `queries` in random order.
     """
     if needles < 1 or not 1 <= queries <= needles:
-        raise ValueError(f"need needles >= 1 and 1 <= queries <= needles, got needles={needles}, queries={queries}")
+        raise EvaluationError(
+            f"need needles >= 1 and 1 <= queries <= needles, got needles={needles}, queries={queries}"
+        )
     rng = random.Random(f"needle:{split}:{seed}")
     pool = key_pool(split)
     specs = []
@@ -119,7 +123,7 @@ def build_example(
     prefix = [] if bos_id is None else [bos_id]
     filler_len = context_len - len(prefix) - sum(len(n) for n in needle_ids)
     if filler_len < 0:
-        raise ValueError(f"context_len={context_len} is too short for {len(needle_ids)} needles")
+        raise EvaluationError(f"context_len={context_len} is too short for {len(needle_ids)} needles")
     if not filler_ids:
         raise ValueError("filler_ids is empty")
     while len(filler_ids) < filler_len + 1:

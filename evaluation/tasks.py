@@ -14,12 +14,19 @@ put in eval mode for the measurement and its mode and attention implementation a
 """
 
 import math
+import time
 
 import torch
 from tqdm.auto import tqdm
 
-from .corpus import python_docs_texts, split_documents
-from .metrics import answer_attention_share, attn_implementation, capture_attention_logits, outlier_stats
+from .corpus import EvaluationError, python_docs_texts, split_documents
+from .metrics import (
+    answer_attention_share,
+    attn_implementation,
+    capture_attention_logits,
+    lambda_statistics,
+    outlier_stats,
+)
 from .needle import build_example, needle_specs, tokenizer_encoder
 
 TASK_NAMES = ("ppl", "needle", "attention-noise", "outliers")
@@ -104,7 +111,7 @@ def _window_batches(tokenizer, texts, seq_len: int, batch_size: int, max_batches
     windows = [([bos] if bos is not None else []) + stream[i : i + body]
                for i in range(0, len(stream) - body + 1, body)]
     if not windows:
-        raise ValueError(f"the texts hold {len(stream)} tokens, fewer than one window of {seq_len}")
+        raise EvaluationError(f"the texts hold {len(stream)} tokens, fewer than one window of {seq_len}")
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
     return batches if max_batches is None else batches[:max_batches]
 
@@ -197,7 +204,7 @@ def activation_outliers(model, tokenizer, texts=None, seq_len=256, batch_size=4,
     device = _device(model)
     layers = getattr(getattr(model, "model", model), "layers", None)
     if layers is None:
-        raise ValueError("outliers needs a decoder with `model.model.layers` (Llama-style causal LMs)")
+        raise EvaluationError("outliers needs a decoder with `model.model.layers` (Llama-style causal LMs)")
 
     def record(module, args, output):
         output = output[0] if isinstance(output, tuple) else output
@@ -233,9 +240,36 @@ def run_task(name: str, model, tokenizer, **options) -> dict:
     Every task also takes progress=True (tqdm bars). Options that are None fall back to the defaults.
     """
     if name not in _TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)}")
+        raise EvaluationError(f"unknown task {name!r}; choose one of {', '.join(TASK_NAMES)}")
     options = {k: v for k, v in options.items() if v is not None}
+    check_options(**options)
     return _TASKS[name](model, tokenizer, **options)
+
+
+COUNTS = ("seq_len", "batch_size", "max_batches", "needles", "context_len", "samples", "queries")
+
+
+def check_options(**options) -> None:
+    """Refuse a count below 1 (a window of 0 tokens, a batch count of 0 that would divide by zero), before any work:
+    a caller may check the options before it loads the model."""
+    for name in COUNTS:
+        value = options.get(name)
+        if value is not None and value < 1:
+            raise EvaluationError(f"{name} is {value}: give a positive number")
+
+
+def evaluate_ppl(model, tokenizer, texts=None, seq_len=256, batch_size=4, max_batches=None, progress=True) -> dict:
+    """`perplexity`, with forward tokens per second and λ per layer (`lambda_statistics` over the first text's first
+    `seq_len` tokens; [] for a model without differential attention)."""
+    started = time.perf_counter()
+    result = run_task(
+        "ppl", model, tokenizer, texts=texts, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches,
+        progress=progress,
+    )
+    result["tokens_per_second"] = result["tokens"] / (time.perf_counter() - started)
+    sample = torch.tensor([tokenizer(texts[0] if texts else "def main():\n    return 0\n").input_ids[:seq_len]])
+    result["lambda"] = lambda_statistics(model, sample)
+    return result
 
 
 def _fmt(value) -> str:

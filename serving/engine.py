@@ -13,6 +13,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from modeling_diff_conversion.loading import motif_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation import BaseStreamer
 from transformers.generation.continuous_batching.utils import WorkloadHints
@@ -56,6 +57,9 @@ class Engine:
         """`model`: a folder, a Hub id or a .gguf file (`name`: as errors call it)."""
         folder, _, gguf_file = model.rpartition("/") if model.endswith(".gguf") else (model, "", None)
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        motif = motif_config(folder or ".", gguf_file, name or model)  # a Motif-2.6B folder loads as its V1 model
+        if motif is not None:
+            kwargs["config"] = motif
         try:
             loaded = AutoModelForCausalLM.from_pretrained(
                 folder or ".", dtype=arguments.dtype, device_map=arguments.device,

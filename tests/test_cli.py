@@ -57,7 +57,7 @@ def test_help_texts_exist():
 
 @pytest.mark.slow
 def test_train_happy_path_and_failures(models_dir, tmp_path):
-    from modeling_diff_cli.data import train_eval_texts
+    from modeling_diff_eval import train_eval_texts
     from modeling_diff_training import TokenBlocks
 
     result = cli(*tiny_train(models_dir / "diff", tmp_path / "trained", 3), "--logging_steps", 1)
@@ -94,8 +94,8 @@ def test_train_happy_path_and_failures(models_dir, tmp_path):
 
 @pytest.mark.slow
 def test_train_resumes_from_checkpoints(models_dir, tmp_path):
-    from modeling_diff_cli.common import load_model
-    from modeling_diff_cli.data import train_eval_texts
+    from modeling_diff_conversion import load_model
+    from modeling_diff_eval import train_eval_texts
     from modeling_diff_training import DiffTrainingArguments, train_model
     from modeling_diff_training.checkpoints import TrainedFrom
 
@@ -149,26 +149,53 @@ def test_train_trainer_options_take_effect(models_dir, tmp_path, monkeypatch):
 
 def test_train_old_spellings_still_work_with_one_deprecation_line_each(capsys):
     from modeling_diff_cli.main import build_parser
-    from modeling_diff_cli.train import parse_arguments
+    from modeling_diff_cli.train import parse
 
     old = ["--lr", "1e-3", "--batch-size", "3", "--grad-accum", "2", "--epochs", "2", "--gradient-checkpointing",
            "--force", "--warmup_ratio", "0.2"]
     args = build_parser().parse_args(["train", "m", "--output-dir", "d", "--seq-len", "64", "--save-steps", "7", *old])
-    model_args, data_args, training, output, fsdp, push = parse_arguments(args)
+    model_args, data_args, training, config_file = parse(args)
     assert (training.learning_rate, training.per_device_train_batch_size, training.gradient_accumulation_steps) == (
         1e-3, 3, 2)
     assert training.num_train_epochs == 2 and training.max_steps == -1  # epochs: no default step count
     assert training.activation_checkpointing and training.overwrite_output_dir and training.warmup_steps == 0.2
-    assert (model_args.model_name_or_path, data_args.seq_len, training.save_steps, output) == ("m", 64, 7, Path("d"))
+    assert (model_args.model_name_or_path, data_args.seq_len, training.save_steps, training.output_dir) == (
+        "m", 64, 7, "d")
+    assert config_file is None
     warnings = capsys.readouterr().err.strip().splitlines()
     assert len(warnings) == 7 and all("is deprecated" in w for w in warnings), warnings
     assert "warning: --lr is deprecated and goes away in the next release; use --learning_rate" in warnings
     # every option also in its dashed form, as HfArgumentParser takes it: the issue's example, dashed
     dashed = ["--output-dir", "d", "--lr-scheduler-type", "constant", "--warmup-ratio", "0.1",
               "--save-total-limit", "1"]
-    _, _, training, output, _, _ = parse_arguments(build_parser().parse_args(["train", "m", *dashed]))
-    assert (output, training.lr_scheduler_type.value, training.warmup_steps, training.save_total_limit) == (
-        Path("d"), "constant", 0.1, 1)
+    _, _, training, _ = parse(build_parser().parse_args(["train", "m", *dashed]))
+    assert (training.output_dir, training.lr_scheduler_type.value, training.warmup_steps, training.save_total_limit) == (
+        "d", "constant", 0.1, 1)
+
+
+@pytest.mark.parametrize(
+    "command, old, option, value",
+    [
+        (["convert", "s", "o"], "--force", "overwrite_output_dir", True),
+        (["demo"], "--force", "overwrite_output_dir", True),
+        (["demo"], "--lr", "learning_rate", 1e-3),
+        (["demo"], "--batch-size", "per_device_train_batch_size", 3),
+        (["demo"], "--eval-batches", "max_batches", 2),
+        (["eval", "m"], "--batch-size", "per_device_eval_batch_size", 3),
+    ],
+)
+def test_every_command_takes_the_old_spellings_with_one_deprecation_line(capsys, command, old, option, value):
+    """One spelling per option across commands (the Trainer's); the old one sets it and says what replaces it."""
+    from modeling_diff_cli.main import build_parser
+
+    given = [] if value is True else [str(value)]
+    assert getattr(build_parser().parse_args([*command, old, *given]), option) == value
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {old} is deprecated and goes away in the next release; use --{option}"
+    ]
+    for new in (f"--{option}", f"--{option.replace('_', '-')}"):  # the new name, as HfArgumentParser spells it
+        assert getattr(build_parser().parse_args([*command, new, *given]), option) == value
+    assert capsys.readouterr().err == ""
 
 
 def test_training_defaults_and_warmup_scale_with_epochs(tmp_path):
@@ -199,11 +226,11 @@ def test_train_reads_a_config_file(models_dir, tmp_path):
 
     assert_one_line_error(cli("train", config, "--max_steps", 3), "the only argument: put --max_steps")
     (tmp_path / "bad.json").write_text('{"output_dir": "x", "learning_rat": 1}')
-    assert_one_line_error(cli("train", tmp_path / "bad.json"), "unknown options learning_rat")
+    assert_one_line_error(cli("train", tmp_path / "bad.json"), "['learning_rat'] (the options are the names")
     assert not (tmp_path / "x").exists()
 
 
-def test_train_push_to_hub_uploads_the_trained_folder(models_dir, tmp_path, monkeypatch):
+def test_train_push_to_hub_uploads_the_trained_folder(models_dir, tmp_path, monkeypatch, capsys):
     calls = {}
 
     def fake_create_repo(self, repo_id, **kwargs):
@@ -219,15 +246,24 @@ def test_train_push_to_hub_uploads_the_trained_folder(models_dir, tmp_path, monk
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fake_create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", fake_create_commit)
-    extra = ["--push_to_hub", "--hub_model_id", "me/tiny-trained", "--hub_private_repo", "true", "--do_eval", "false"]
+    extra = ["--push_to_hub", "--hub_model_id", "me/tiny-trained", "--hub_private_repo", "true", "--do_eval", "false",
+             "--hub_token", "hf_" + "x" * 34]
     assert main([*tiny_train(models_dir / "diff", tmp_path / "out", 1), *extra]) == 0
+    # what the Trainer got otherwise than given, one line each, as training started
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        f"note: the Trainer's checkpoints go to {checkpoints_folder(tmp_path / 'out')}; the trained model to "
+        f"{tmp_path / 'out'}, at the end",
+        "note: --push_to_hub uploads the trained model to me/tiny-trained at the end, no checkpoint",
+        "note: --hub_token is kept off disk (the Trainer saves its arguments into every checkpoint)",
+    ]
     assert calls["repo"] == ("me/tiny-trained", True)
     assert calls["files"] == sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
     assert "model.safetensors" in calls["files"] and "trainer_state.json" in calls["files"]
 
 
 def test_distillation_loss_and_lambda_warmup(models_dir):
-    from modeling_diff_cli.common import load_model
+    from modeling_diff_conversion import load_model
     from modeling_diff_training import DistillationTrainer, LambdaWarmup
     from transformers import TrainingArguments
 
@@ -272,7 +308,7 @@ def test_train_with_distillation_cli(models_dir, tmp_path):
 
 @pytest.mark.slow
 def test_generate_streams_the_greedy_answer(models_dir, tmp_path):
-    from modeling_diff_cli.common import load_model
+    from modeling_diff_conversion import load_model
 
     result = cli("generate", models_dir / "diff", "--prompt", "def main():", "--max-new-tokens", 12)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -385,7 +421,7 @@ def test_ddp_training_with_two_cpu_processes(models_dir, tmp_path):
     assert result.stdout.count("saved the trained model") == 1  # rank 0 alone writes
     assert (tmp_path / "ddp" / "model.safetensors").exists()
     # one DDP job, not two lone processes: each step took 2 sequences from each of the 2 ranks
-    from modeling_diff_cli.data import train_eval_texts
+    from modeling_diff_eval import train_eval_texts
     from modeling_diff_training import TokenBlocks
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(models_dir / "diff")
@@ -436,20 +472,20 @@ def test_model_from_offline_hub_cache_with_remote_code_generates(models_dir, tmp
 
 @pytest.mark.slow
 def test_demo_end_to_end_with_tiny_settings(tmp_path):
-    """The user's --max-steps and --seq-len: no time budget, the Llama baseline fine-tuned alike."""
+    """The user's --max_steps and --seq_len: no time budget, the Llama baseline fine-tuned alike."""
     result = cli(
         "demo",
-        "--output-dir",
+        "--output_dir",
         tmp_path / "demo",
-        "--max-steps",
+        "--max_steps",
         2,
-        "--eval-batches",
+        "--max_batches",
         1,
-        "--seq-len",
+        "--seq_len",
         64,
-        "--batch-size",
+        "--per_device_train_batch_size",
         2,
-        "--max-new-tokens",
+        "--max_new_tokens",
         8,
         timeout=1200,
     )
@@ -460,7 +496,7 @@ def test_demo_end_to_end_with_tiny_settings(tmp_path):
     diff_answer = out.split("DiffTransformer :")[1].splitlines()[0].strip()
     assert llama_answer == diff_answer and llama_answer
     assert "plan: 2 step(s) of 2 x 64 tokens for DiffTransformer V2 and the Llama baseline" in out
-    assert "why: your --max-steps and --seq-len: no time budget" in out and "timing a training step" not in out
+    assert "why: your --max_steps and --seq_len: no time budget" in out and "timing a training step" not in out
     assert "the same fine-tuning for the source Llama" in out
     assert "diff-transformer push" in out
     demo = tmp_path / "demo"
@@ -516,7 +552,7 @@ def test_convert_force_never_touches_a_source(models_dir, tmp_path, capsys):
         (tmp_path / "link", parent / "llama", "is the input"),  # a symlink to the source is the source
         (parent / "llama", tmp_path / "link", "is the input"),
     ):
-        assert f"{relation} {source}" in error_line(["convert", source, output, "--force", "--no-verify"], capsys)
+        assert f"{relation} {source}" in error_line(["convert", source, output, "--overwrite_output_dir", "--no-verify"], capsys)
     assert tree_hash(tmp_path) == before
 
 
@@ -653,7 +689,7 @@ def test_train_refuses_a_dataset_that_is_not_text(models_dir, tmp_path, capsys):
         dataset = tmp_path / name
         assert main([*tiny_train(models_dir / "diff", tmp_path / "out", 1), "--dataset", str(dataset)]) == 2
         assert f"error: {dataset} is not a text file" in capsys.readouterr().err
-    from modeling_diff_cli.data import load_texts
+    from modeling_diff_eval import load_texts
 
     assert len(load_texts(str(tmp_path / "ok.txt"))) == 200  # a few undecodable bytes in a text file pass
     assert not (tmp_path / "out").exists()

@@ -170,7 +170,7 @@ def test_refusals_leave_nothing_behind(tmp_path):
         convert(str(tmp_path / "llama"), str(tmp_path / "out"), variant="v1", progress=False)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    with pytest.raises(ConversionError, match="--force"):
+    with pytest.raises(ConversionError, match="--overwrite_output_dir"):
         convert(str(tmp_path / "llama"), str(tmp_path / "full"), progress=False)
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     (tmp_path / "noconfig").mkdir()
@@ -234,7 +234,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
 
 
 def test_smollm2_gguf_to_v2_keeps_the_chat_answer(tmp_path):
-    from modeling_diff_cli.common import embedded_smollm2
+    from modeling_diff_conversion.loading import embedded_smollm2
 
     report = convert(str(embedded_smollm2()), str(tmp_path / "smol"), progress=False)
     v = report.verification

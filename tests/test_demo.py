@@ -7,7 +7,9 @@ import pytest
 import torch
 from helpers import assert_one_line_error, make_model
 from helpers import run_cli as cli
-from modeling_diff_cli.demo import (
+from modeling_diff_cli.main import main
+from modeling_diff_training import DiffTrainingArguments
+from modeling_diff_training.budget import (
     AFTER_TRAINING_SECONDS,
     FEWEST_STEPS,
     FULL_SEQ_LEN,
@@ -19,8 +21,6 @@ from modeling_diff_cli.demo import (
     measure_step_seconds,
     plan_fine_tuning,
 )
-from modeling_diff_cli.main import main
-from modeling_diff_training import DiffTrainingArguments
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -124,9 +124,9 @@ def test_the_step_probe_leaves_the_weights_alone(tmp_path, bf16):
     "flags, message",
     [
         (["--full", "--time-budget", "5"], "--full runs the full fine-tuning however long it takes"),
-        (["--max-steps", "5", "--time-budget", "5"], "--max-steps choose the work, --time-budget lets"),
-        (["--time-budget", "0"], "--time-budget is 0 minutes"),
-        (["--seq-len", "0"], "--seq-len is 0"),
+        (["--max-steps", "5", "--time-budget", "5"], "--max_steps choose the work, --time_budget lets"),
+        (["--time-budget", "0"], "--time_budget is 0 minutes"),
+        (["--seq-len", "0"], "--seq_len is 0"),
     ],
 )
 def test_contradicting_or_bad_flags_fail_before_any_work(tmp_path, capsys, flags, message):
@@ -146,9 +146,9 @@ def test_a_spent_budget_runs_the_whole_demo_with_the_fewest_steps(tmp_path):
         tmp_path / "demo",
         "--time-budget",
         0.05,
-        "--eval-batches",
+        "--max_batches",
         1,
-        "--batch-size",
+        "--per_device_train_batch_size",
         2,
         "--max-new-tokens",
         8,

@@ -8,10 +8,11 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from helpers import add_to_hub_cache, run_without_the_package, tiny_tokenizer
+from helpers import add_to_hub_cache, run_without_the_package, tiny_tokenizer, tree_hash
 from modeling_diff_cli.main import main
 from modeling_diff_conversion import ConversionError, convert
-from modeling_diff_conversion.motif import TensorReader, import_cache
+from modeling_diff_conversion.loading import load_model
+from modeling_diff_conversion.motif import TensorReader
 from modeling_diff_conversion.motif_reference import attention, causal_lm_logits, lambda_init, poly_norm
 from safetensors.torch import load_file, save_file
 from tokenizers import decoders
@@ -339,9 +340,27 @@ def test_hub_id_import_names_its_source_and_licence(tmp_path, monkeypatch):
 # The CLI takes a Motif folder where it takes any model
 
 
+@pytest.mark.parametrize("layout", ["mha", "gqa4-llama3-bias"])
+def test_a_motif_folder_loads_in_memory_as_its_import(tmp_path, monkeypatch, layout):
+    """`load_model` (what every command loads through) builds the translated config and loads Motif's own tensors:
+    the logits equal those of the folder `convert` writes, and nothing is written anywhere."""
+    heads, kv, tied, keys = LAYOUTS[layout]
+    save_motif(tmp_path / "motif", heads, kv, tied, **keys)
+    convert(str(tmp_path / "motif"), str(tmp_path / "converted"), verify_output=False, progress=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    before = tree_hash(tmp_path)
+    tokenizer = tiny_tokenizer()
+    loaded, _ = load_model(str(tmp_path / "motif"), tokenizer=tokenizer)
+    assert tree_hash(tmp_path) == before and not (tmp_path / "hf").exists()
+    converted, _ = load_model(str(tmp_path / "converted"), tokenizer=tokenizer)
+    assert type(loaded) is DiffTransformerForCausalLM and loaded.config.lambda_init_layer_offset == 1
+    ids = torch.randint(3, 120, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, converted(ids).logits)
+
+
 @pytest.fixture
-def motif_with_chat_tokenizer(tmp_path, monkeypatch):
-    monkeypatch.setenv("MODELING_DIFF_CACHE", str(tmp_path / "cache"))
+def motif_with_chat_tokenizer(tmp_path):
     tokenizer = tiny_tokenizer()
     tokenizer.backend_tokenizer.decoder = decoders.ByteLevel()
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -351,7 +370,6 @@ def motif_with_chat_tokenizer(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_cli_convert_generate_train_and_serve_a_motif_folder(motif_with_chat_tokenizer, tmp_path, capsys):
-    from modeling_diff_cli.common import load_model
     from modeling_diff_cli.generate import prompt_ids
     from benchmarks.harness.servers import start_server
     from openai import OpenAI
@@ -359,21 +377,20 @@ def test_cli_convert_generate_train_and_serve_a_motif_folder(motif_with_chat_tok
     motif = motif_with_chat_tokenizer
     assert main(["convert", str(motif), str(tmp_path / "converted")]) == 0
     assert "PASS (same function)" in capsys.readouterr().out
+    before = tree_hash(motif.parent)
 
-    # generate: the folder is imported once into the cache, then used like any V1 model
+    # generate: the folder loads as the V1 model it is, in memory
     assert main(["generate", str(motif), "--prompt", "def main():", "--max-new-tokens", "8"]) == 0
     printed = capsys.readouterr()
-    assert "is a Motif-2.6B checkpoint; importing it" in printed.err
-    (imported,) = import_cache().iterdir()
     model, tokenizer = load_model(str(tmp_path / "converted"))
     ids = tokenizer("def main():", return_tensors="pt").input_ids
     expected = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert printed.out.strip() == tokenizer.decode(expected[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    assert tree_hash(motif.parent) == before  # nothing written
 
     argv = ["train", str(motif), "--output_dir", str(tmp_path / "trained"), "--max_steps", "2", "--seq_len", "32",
             "--per_device_train_batch_size", "2"]
     assert main(argv) == 0
-    assert "importing it" not in capsys.readouterr().err  # the import is reused
     trained = DiffTransformerForCausalLM.from_pretrained(tmp_path / "trained")
     assert trained.config.hidden_act == "poly_norm" and trained.config.lambda_init_layer_offset == 1
     assert not torch.equal(trained.model.layers[0].mlp.act_fn.weight, model.model.layers[0].mlp.act_fn.weight)
@@ -382,16 +399,13 @@ def test_cli_convert_generate_train_and_serve_a_motif_folder(motif_with_chat_tok
     ids = prompt_ids(tokenizer, question, chat=True)
     answer = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     with start_server(motif, "--num-blocks", "16", timeout=180) as (base, _process):
-        # the server serves the import under its folder's name (as it serves a Hub id under its snapshot's)
         reply = OpenAI(base_url=f"{base}/v1", api_key="unused").chat.completions.create(
-            model=str(imported), messages=[{"role": "user", "content": question}], max_tokens=8, temperature=0
+            model=str(motif), messages=[{"role": "user", "content": question}], max_tokens=8, temperature=0
         )
     assert reply.choices[0].message.content == tokenizer.decode(answer[0, ids.shape[1] :], skip_special_tokens=True)
-    assert list(import_cache().iterdir()) == [imported]
 
 
-def test_cli_refuses_a_grouped_motif_folder_in_one_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("MODELING_DIFF_CACHE", str(tmp_path / "cache"))
+def test_cli_refuses_a_grouped_motif_folder_in_one_line(tmp_path, capsys):
     config = save_motif(tmp_path / "motif", 8, 4)
     (tmp_path / "motif" / "config.json").write_text(json.dumps(config | {"num_noise_heads": 2}))
     for argv in (["convert", str(tmp_path / "motif"), str(tmp_path / "out")],
@@ -399,5 +413,5 @@ def test_cli_refuses_a_grouped_motif_folder_in_one_line(tmp_path, capsys, monkey
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and "grouped differential attention" in err[0]
-    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+    assert not (tmp_path / "out").exists()
 

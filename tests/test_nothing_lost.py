@@ -131,7 +131,7 @@ def test_1_force_replaces_only_an_output_this_tool_wrote(models_dir, tiny_train,
     monkeypatch.chdir(work)
     before = tree_hash(tmp_path)
     for output, says in (
-        (docs, f"{docs} was not written by diff-transformer (it has no .diff-transformer.json): --force replaces "
+        (docs, f"{docs} was not written by diff-transformer (it has no .diff-transformer.json): --overwrite_output_dir replaces "
                "only an earlier output of this tool"),
         (".", ". is the working directory: name a new folder for the output"),
         ("~", "~ is the home directory"),
@@ -139,7 +139,7 @@ def test_1_force_replaces_only_an_output_this_tool_wrote(models_dir, tiny_train,
         (tmp_path / "file.txt", "is a file, not an output folder"),
         (tmp_path / "link", f"is a symlink (to {tmp_path / 'earlier'})"),
     ):
-        assert says in error_line(["convert", llama, output, "--force", "--no-verify"], capsys)
+        assert says in error_line(["convert", llama, output, "--overwrite_output_dir", "--no-verify"], capsys)
     assert "--overwrite_output_dir replaces only an earlier output of this tool" in error_line(
         [*tiny_train(models_dir / "diff", docs, 1), "--overwrite_output_dir"], capsys)
     assert tree_hash(tmp_path) == before
@@ -148,13 +148,13 @@ def test_1_force_replaces_only_an_output_this_tool_wrote(models_dir, tiny_train,
     earlier = tmp_path / "earlier"
     (earlier / "notes.txt").write_text("mine")
     assert "holds what diff-transformer did not write there (notes.txt)" in error_line(
-        ["convert", llama, earlier, "--force", "--no-verify"], capsys)
+        ["convert", llama, earlier, "--overwrite_output_dir", "--no-verify"], capsys)
     (earlier / "notes.txt").unlink()
     card = (earlier / "README.md").read_bytes()
     (earlier / "README.md").write_bytes(card + b"\nmy own notes\n")
-    assert "(README.md (changed since))" in error_line(["convert", llama, earlier, "--force", "--no-verify"], capsys)
+    assert "(README.md (changed since))" in error_line(["convert", llama, earlier, "--overwrite_output_dir", "--no-verify"], capsys)
     (earlier / "README.md").write_bytes(card)
-    assert main(["convert", str(llama), str(earlier), "--force", "--no-verify"]) == 0  # the tool's own: replaced
+    assert main(["convert", str(llama), str(earlier), "--overwrite_output_dir", "--no-verify"]) == 0  # the tool's own: replaced
     assert json.loads((earlier / ".diff-transformer.json").read_text())["written_by"] == "diff-transformer convert"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs", "earlier", "file.txt", "home", "link", "work"]
 
@@ -277,7 +277,7 @@ def test_5_replacing_an_output_is_atomic(models_dir, tiny_train, tmp_path, monke
     before = tree_hash(tmp_path)
     undeletable_says = "immutable or append-only" if os.geteuid() == 0 else "read-only for this user"
     with undeletable(earlier / "config.json"), model_never_loads(monkeypatch):  # found before any work
-        error = error_line(["convert", llama, earlier, "--force", "--no-verify"], capsys)
+        error = error_line(["convert", llama, earlier, "--overwrite_output_dir", "--no-verify"], capsys)
         assert f"{earlier} cannot be replaced: " in error and undeletable_says in error
         assert undeletable_says in error_line(
             [*tiny_train(models_dir / "diff", earlier, 20), "--overwrite_output_dir"], capsys)
@@ -394,7 +394,7 @@ def test_9_inputs_and_outputs_are_compared_by_file_identity(models_dir, tmp_path
     with bind_mount(source, tmp_path / "mnt") as mounted:
         if mounted:  # the source itself, under another path
             for output, says in ((tmp_path / "mnt", "is the input"), (tmp_path / "mnt" / "o", "is inside the input")):
-                assert says in error_line(["convert", source, output, "--force", "--no-verify"], capsys)
+                assert says in error_line(["convert", source, output, "--overwrite_output_dir", "--no-verify"], capsys)
     assert tree_hash(source) == before
     if not mounted:
         pytest.skip("mount --bind needs root: the hard-link case ran")
@@ -455,8 +455,8 @@ def test_10_generate_refuses_prompts_past_the_context_and_temperatures_that_cann
     with model_never_loads(monkeypatch):
         for extra, says in (
             (["--temperature", "nan"], "--temperature is nan"),
-            (["--top-p", "0"], "--top-p is 0.0"),
-            (["--max-new-tokens", "0"], "--max-new-tokens is 0"),
+            (["--top-p", "0"], "--top_p is 0.0"),
+            (["--max-new-tokens", "0"], "--max_new_tokens is 0"),
         ):
             assert says in error_line(["generate", models_dir / "diff", "--prompt", "hello", *extra], capsys)
     short = tmp_path / "short"
@@ -467,15 +467,16 @@ def test_10_generate_refuses_prompts_past_the_context_and_temperatures_that_cann
         ["generate", short, "--prompt", "word " * 40], capsys)
     assert main(["generate", str(short), "--prompt", "def main", "--max-new-tokens", "40"]) == 0
     warning = capsys.readouterr().err
-    assert "and --max-new-tokens 40 run past the model's context of 16 tokens: generating" in warning
+    assert "and --max_new_tokens 40 run past the model's context of 16 tokens: generating" in warning
 
 
 def test_10_eval_refuses_zero_batches(models_dir, tmp_path, monkeypatch, capsys):
     # the old code loaded the model and divided by zero
-    assert "--max-batches is 0: give a positive number" in error_line(
+    assert "max_batches is 0: give a positive number" in error_line(
         ["eval", models_dir / "diff", "--max-batches", "0"], capsys)
     with model_never_loads(monkeypatch):
-        assert "--batch-size is 0" in error_line(["eval", models_dir / "diff", "--batch-size", "0"], capsys)
+        eval_batch = ["eval", models_dir / "diff", "--per_device_eval_batch_size", "0"]
+        assert "batch_size is 0" in error_line(eval_batch, capsys)
     (tmp_path / "short.txt").write_text("Five words and no more.")
     assert "error: the texts hold 3 tokens, fewer than one window of 64" == error_line(
         ["eval", models_dir / "diff", "--dataset", tmp_path / "short.txt", "--seq-len", "64"], capsys)

@@ -19,8 +19,6 @@ from modeling_diff_training import (
     DiffTrainingArguments,
     TokenBlocks,
     add_lora_adapters,
-    lambda_parameters,
-    save_lora_adapter,
     train_model,
 )
 from peft import AutoPeftModelForCausalLM
@@ -174,24 +172,30 @@ def test_fsdp_training_matches_one_process_and_saves_a_plain_model(models, block
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_lora_adapter_reloads_with_its_lambda_parameters(models, blocks, tmp_path, version):
+    """The λ modules (V1's head_norm, V2's lambda_proj) train in full through PEFT's modules_to_save, and PEFT's own
+    save_pretrained / AutoPeftModelForCausalLM keep them."""
     base = AutoModelForCausalLM.from_pretrained(models / version)
-    lambdas = {name: param.detach().clone() for name, param in lambda_parameters(base)}
+    lambdas = {name: param.detach().clone() for name, param in base.named_parameters() if ".lambda_" in name}
     tokenizer = tiny_tokenizer()
     model = add_lora_adapters(base, r=8, alpha=16)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n or ".lambda_" in n for n in trainable)
+    assert trainable and all("lora_" in n or ".modules_to_save." in n for n in trainable)
+    assert {n.split(".modules_to_save.default.")[1] for n in trainable if ".modules_to_save." in n} == (
+        {"lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2", "weight"} if version == "v1" else {"weight"}
+    )
     args = DiffTrainingArguments(
         output_dir=str(tmp_path), max_steps=6, learning_rate=1e-2, per_device_train_batch_size=4, save_strategy="no",
         disable_tqdm=True,
     )
     train_model(model, tokenizer, python_docs_texts()[:40], args, seq_len=32)
     model.eval()
-    save_lora_adapter(model, tmp_path / "adapter")
+    model.save_pretrained(tmp_path / "adapter")
 
     reloaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
     assert torch.equal(model(blocks).logits, reloaded(blocks).logits)
+    merged = reloaded.merge_and_unload()
     for name, before in lambdas.items():
-        after = reloaded.get_parameter(f"base_model.model.{name}")
+        after = merged.get_parameter(name)
         assert (after - before).abs().max() > 1e-4, name  # trained, and restored from the adapter file
     assert any(".lambda_" in k for k in load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
 

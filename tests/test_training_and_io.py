@@ -1,7 +1,9 @@
 """Training (Trainer, gradient accumulation, checkpointing) and I/O (safetensors, trust_remote_code)."""
 
+import ast
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,35 +126,71 @@ def test_saved_folder_loads_with_trust_remote_code_without_the_package(tmp_path,
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
 
 
-LAYERS = {  # folder: the project packages its code may import (the import graph reads top-down)
+LAYERS = {  # folder: the project packages its code may import (docs/design.md, "Layers", draws them)
     "modeling_diff": set(),
     "conversion": {"modeling_diff"},
-    "training": {"modeling_diff"},
     "evaluation": {"modeling_diff"},
+    "training": {"modeling_diff", "modeling_diff_conversion", "modeling_diff_eval"},
+    "serving": {"modeling_diff", "modeling_diff_conversion"},
 }
 PROJECT_PACKAGES = {
-    "modeling_diff", "modeling_diff_conversion", "modeling_diff_training", "modeling_diff_eval", "modeling_diff_cli"
+    "modeling_diff", "modeling_diff_conversion", "modeling_diff_training", "modeling_diff_eval", "modeling_diff_cli",
+    "modeling_diff_serving",
 }
+ROOT = Path(__file__).parent.parent
+
+
+def project_imports(path: Path) -> set[str]:
+    """The project packages a Python file imports (absolute imports, wherever they sit in the file)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names & PROJECT_PACKAGES
 
 
 @pytest.mark.parametrize("folder", sorted(LAYERS))
 def test_library_packages_import_only_the_layers_below(folder):
-    """model <- conversion / training / evaluation <- CLI: no library package imports the CLI or a sibling."""
-    import ast
-    from pathlib import Path
+    """model <- conversion, evaluation <- training, serving <- CLI: no library imports the CLI or a layer above."""
+    for path in sorted((ROOT / folder).glob("*.py")):
+        assert project_imports(path) <= LAYERS[folder], f"{path.name} imports {project_imports(path) - LAYERS[folder]}"
 
-    allowed = LAYERS[folder]
-    for path in sorted((Path(__file__).parent.parent / folder).glob("*.py")):
+
+PACKAGE_OF = {"conversion": "modeling_diff_conversion", "evaluation": "modeling_diff_eval",
+              "training": "modeling_diff_training", "serving": "modeling_diff_serving", "cli": "modeling_diff_cli"}
+
+
+@pytest.mark.parametrize("folder", sorted(PACKAGE_OF))
+def test_modules_import_without_a_cycle(folder):
+    """Inside a package, a module never imports one that imports it back (in functions too): a call leaves a module
+    and does not return to it, the flow docs/design.md draws."""
+    modules = {path.stem: path for path in (ROOT / folder).glob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        graph[name] = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                names = [node.module]
-            else:
-                continue
-            for name in names:
-                top = name.split(".")[0]
-                assert top not in PROJECT_PACKAGES or top in allowed, f"{path.name} imports {name}"
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                graph[name] |= {node.module} if node.module else {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(PACKAGE_OF[folder] + "."):
+                graph[name].add(node.module.split(".")[1])
+        graph[name] &= set(modules) - {"__init__"}
+
+    def visit(name, path):
+        assert name not in path, f"import cycle: {' -> '.join([*path, name])}"
+        for other in graph[name]:
+            visit(other, [*path, name])
+
+    for name in graph:
+        visit(name, [])
+
+
+def test_no_benchmark_imports_the_cli():
+    """Benchmarks and studies call the libraries; the CLI only parses and calls them (a benchmark may still run the
+    `diff-transformer` command in a subprocess, to measure the command itself)."""
+    for path in sorted((ROOT / "benchmarks").rglob("*.py")):
+        assert "modeling_diff_cli" not in project_imports(path), f"{path.relative_to(ROOT)} imports the CLI"
 
 
 def test_a_bf16_train_model_leaves_a_float32_model(tmp_path):

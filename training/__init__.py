@@ -9,30 +9,33 @@ args = DiffTrainingArguments(output_dir="checkpoints", max_steps=200, learning_r
 trainer = train_model(model, tokenizer, train_texts, args, eval_texts=held_out_texts, lambda_warmup_steps=50)
 trainer.save_model("my-fine-tuned-model")
 
-The pieces are usable on their own with any Trainer: `TokenBlocks` (packed causal-LM blocks), `LambdaWarmup` (a
-callback), `DistillationTrainer` (LM loss + KL to a teacher), the LoRA helpers and the FSDP2 helpers.
+`TrainingRun` is a whole `diff-transformer train` run (checked options, resumable checkpoints beside the output, an
+atomic save, FSDP2, LoRA, the Hub upload). The pieces are usable on their own with any Trainer: `TokenBlocks`
+(packed causal-LM blocks), `LambdaWarmup` (a callback), `DistillationTrainer` (LM loss + KL to a teacher), the LoRA
+helpers, the FSDP2 helpers (`fsdp`) and the time-budget planner (`budget`).
 """
 
 from .arguments import DataArguments, DiffTrainingArguments, ModelArguments, TrainingError
 from .data import TokenBlocks, check_fits_in_memory
-from .lora import LORA_TARGET_MODULES, add_lora_adapters, lambda_parameters, save_lora_adapter
+from .lora import LAMBDA_MODULES, LORA_TARGET_MODULES, add_lora_adapters
+from .run import TrainingRun
 from .trainer import DistillationTrainer, LambdaWarmup, build_trainer, run_training, token_blocks, train_model
 
 __all__ = [
     "DataArguments",
     "DiffTrainingArguments",
     "DistillationTrainer",
+    "LAMBDA_MODULES",
     "LORA_TARGET_MODULES",
     "LambdaWarmup",
     "ModelArguments",
     "TokenBlocks",
     "TrainingError",
+    "TrainingRun",
     "add_lora_adapters",
     "build_trainer",
     "check_fits_in_memory",
-    "lambda_parameters",
     "run_training",
-    "save_lora_adapter",
     "token_blocks",
     "train_model",
 ]

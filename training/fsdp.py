@@ -6,23 +6,25 @@ from pathlib import Path
 
 import torch
 
+from .arguments import TrainingError
 
-def load_fsdp_model(folder: str | Path):
-    """A causal LM sharded with FSDP2 over this torchrun job's processes at load time.
+
+def load_fsdp_model(model: str, tokenizer=None):
+    """(a causal LM sharded with FSDP2 over this torchrun job's processes at load time, its tokenizer), from a folder
+    or Hub id (`tokenizer`: when the caller has loaded it already).
 
     transformers shards it (`DistributedConfig(fsdp_size=...)`, each decoder layer one unit: the config's
     `base_model_fsdp_plan`, i.e. the model's `_no_split_modules`), and the Trainer trains it as it is; it needs
     `save_strategy="no"` (transformers cannot checkpoint the optimizer state of a model it sharded at load time).
     accelerate's `TrainingArguments(fsdp=...)` route would do nothing on CPU: it enables FSDP only for accelerators.
     """
-    from transformers import AutoModelForCausalLM
+    from modeling_diff_conversion.loading import load_model, resolve_model_path
     from transformers.distributed import DistributedConfig
 
-    import modeling_diff  # noqa: F401  (registers diff_transformer with the Auto classes)
-
-    return AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32, distributed_config=DistributedConfig(fsdp_size=int(os.environ["WORLD_SIZE"]))
-    )
+    if resolve_model_path(model)[1]:
+        raise TrainingError("--fsdp needs a model folder, not a .gguf file: convert the model to a folder first")
+    distributed = DistributedConfig(fsdp_size=int(os.environ["WORLD_SIZE"]))
+    return load_model(model, tokenizer=tokenizer, distributed_config=distributed)
 
 
 def gather_fsdp_weights(trainer) -> dict:

@@ -106,7 +106,7 @@ def converted_v2(source, diff_classes=None):
 
 def smollm2_models(args) -> dict:
     """SmolLM2-135M-Instruct from the embedded GGUF and its V2 conversion (checked to give the same logits)."""
-    from modeling_diff_cli.common import embedded_smollm2
+    from modeling_diff_conversion.loading import embedded_smollm2
     from modeling_diff_conversion import open_source
 
     source = open_source(str(embedded_smollm2()))

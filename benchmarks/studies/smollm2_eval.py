@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import torch
-from modeling_diff_cli.common import embedded_smollm2, load_model
-from modeling_diff_cli.evaluate import evaluate_ppl
+from modeling_diff_conversion.loading import embedded_smollm2, load_model
+from modeling_diff_eval import evaluate_ppl
 from modeling_diff_conversion import convert
 from modeling_diff_eval.tasks import run_task
 

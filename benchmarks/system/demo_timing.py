@@ -64,7 +64,7 @@ def full_run(args, info: dict) -> str:
 def steps_run(args, info: dict) -> str:
     """Interleaved float32 / bf16-autocast (/ bf16 on 1 thread) training steps of SmolLM2-135M; the markdown."""
     import torch
-    from modeling_diff_cli.common import embedded_smollm2, load_model  # the demo's own loader
+    from modeling_diff_conversion.loading import embedded_smollm2, load_model  # the demo's own loader
 
     model, _ = load_model(str(embedded_smollm2()))
     model.train()
@@ -115,7 +115,7 @@ def matmul_flops(config, tokens: int) -> float:
 def breakdown_run(args, info: dict) -> str:
     """Forward / backward / AdamW seconds of one training step of SmolLM2-135M, on one thread's CPU clock."""
     import torch
-    from modeling_diff_cli.common import embedded_smollm2, load_model  # the demo's own loader
+    from modeling_diff_conversion.loading import embedded_smollm2, load_model  # the demo's own loader
 
     torch.set_num_threads(1)
     model, _ = load_model(str(embedded_smollm2()))

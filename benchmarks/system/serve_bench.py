@@ -27,8 +27,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from modeling_diff_cli.common import embedded_smollm2, load_model
 from modeling_diff_conversion import convert
+from modeling_diff_conversion.loading import embedded_smollm2, load_model
 
 from benchmarks.harness import report
 from benchmarks.harness.servers import serve_in_background
