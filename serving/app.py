@@ -2,16 +2,19 @@
 OpenAI's `error.message`)."""
 
 import asyncio
+import hmac
 import json
 import logging
 import os
 import time
 import uuid
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
+from .config import ServeArguments
 from .engine import Answer, Engine, ModelStopped
 from .schemas import ChatRequest, CompletionRequest, ResponseRequest, problem
 
@@ -37,13 +40,27 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def build_app(engine: Engine, name: str) -> FastAPI:
+def build_app(engine: Engine, name: str, arguments: ServeArguments) -> FastAPI:
     """The app serving `engine`'s model as `name` (the model as the server was given it: a folder, a Hub id, a
     .gguf); a request may name it so, without a trailing slash, or by any path to it or to the folder it was loaded
     from (a Hub id's snapshot, an import)."""
-    app = FastAPI(title="diff-transformer serve", docs_url=None, redoc_url=None, openapi_url=None)
+    key = arguments.api_key.encode() if arguments.api_key is not None else None
     created, served = int(time.time()), name.rstrip("/")
     paths = {os.path.realpath(where) for where in (name, engine.source) if where and os.path.exists(where)}
+
+    async def authorized(request: Request) -> None:
+        """Every route but /health needs `Authorization: Bearer KEY` (the scheme in any case, the key compared in
+        constant time), checked before the body is read."""
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if key is not None and request.url.path != "/health" and not (
+            scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("latin-1"), key)
+        ):
+            raise APIError(401, "Missing or wrong API key: send the header `Authorization: Bearer KEY`.",
+                           {"WWW-Authenticate": "Bearer"})
+
+    app = FastAPI(title="diff-transformer serve", docs_url=None, redoc_url=None, openapi_url=None,
+                  dependencies=[Depends(authorized)])
+    app.add_exception_handler(APIError, lambda request, error: error.response())
 
     def serves(model: str | None) -> bool:
         if model is None or model in (name, served):
@@ -75,24 +92,32 @@ def build_app(engine: Engine, name: str) -> FastAPI:
         except Exception as failure:
             raise APIError(422, f"The chat template cannot render these messages ({first_line(failure)}).")
 
-    async def respond(request: Request, schema, reply_class):
-        try:
-            body, prompt = await asyncio.to_thread(prepared, schema, await request.body())
-            answer = engine.answer(prompt, body.settings(), fit(engine, prompt, body.max_new_tokens()), body.stop)
-            reply = reply_class(served, created, len(prompt), answer)
-            if body.stream:
-                usage = (body.stream_options or {}).get("include_usage", False)
-                return StreamingResponse(reply.events(usage), media_type="text/event-stream")
-            text = await unless_the_client_leaves(request, reply.text())
-            return Response(status_code=499) if text is None else reply.whole(text)
-        except APIError as error:
-            return error.response()
-        except ModelStopped as stopped:
-            return APIError(503, f"The model stopped serving ({stopped}); the server is exiting.").response()
-        except Exception as failure:  # a fault of the server or the model, not of the request
-            debug = logger.isEnabledFor(logging.DEBUG)
-            logger.error("%s failed: %s", request.url.path, first_line(failure), exc_info=debug)
-            return APIError(500, f"The model failed on this request ({first_line(failure)}).").response()
+    def endpoint(schema, reply_class):
+        async def respond(request: Request):
+            try:
+                raw = await read_body(request, arguments.max_request_bytes, arguments.request_timeout)
+                body, prompt = await asyncio.to_thread(prepared, schema, raw)
+                answer = engine.answer(prompt, body.settings(), fit(engine, prompt, body.max_new_tokens()), body.stop)
+                reply = reply_class(served, created, len(prompt), answer)
+                if body.stream:
+                    usage = (body.stream_options or {}).get("include_usage", False)
+                    return StreamingResponse(reply.events(usage), media_type="text/event-stream")
+                text = await unless_the_client_leaves(request, reply.text())
+                return Response(status_code=499) if text is None else reply.whole(text)
+            except APIError as error:
+                return error.response()
+            except ModelStopped as stopped:
+                return APIError(503, f"The model stopped serving ({stopped}); the server is exiting.").response()
+            except Exception as failure:  # a fault of the server or the model, not of the request
+                debug = logger.isEnabledFor(logging.DEBUG)
+                logger.error("%s failed: %s", request.url.path, first_line(failure), exc_info=debug)
+                return APIError(500, f"The model failed on this request ({first_line(failure)}).").response()
+
+        return respond
+
+    app.post("/v1/chat/completions")(endpoint(ChatRequest, ChatReply))
+    app.post("/v1/completions")(endpoint(CompletionRequest, CompletionReply))
+    app.post("/v1/responses")(endpoint(ResponseRequest, ResponsesReply))
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
@@ -104,19 +129,30 @@ def build_app(engine: Engine, name: str) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{"id": served, "object": "model", "created": created, "owned_by": "user"}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await respond(request, ChatRequest, ChatReply)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await respond(request, CompletionRequest, CompletionReply)
-
-    @app.post("/v1/responses")
-    async def responses(request: Request):
-        return await respond(request, ResponseRequest, ResponsesReply)
-
     return app
+
+
+async def read_body(request: Request, max_bytes: int, timeout: float) -> bytes:
+    """The request's body: HTTP 413 when it is larger than `max_bytes` (at once when its Content-Length says so),
+    408 when it has not arrived within `timeout` seconds."""
+    too_large = APIError(413, f"The request body is larger than this server's limit of {max_bytes} bytes.")
+    if (length := request.headers.get("content-length", "")).isdigit() and int(length) > max_bytes:
+        raise too_large
+
+    async def whole_body() -> bytes:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                raise too_large
+        return bytes(body)
+
+    try:
+        return await asyncio.wait_for(whole_body(), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"The request body did not arrive within {timeout:g} s.")
+    except ClientDisconnect:
+        raise APIError(400, "The client left before its request's body arrived.")  # read by no one
 
 
 def fit(engine: Engine, prompt: list[int], asked: int | None) -> int:

@@ -1,8 +1,7 @@
-"""Running the app: uvicorn on a socket bound before the model loads, behind a `Guard`, and an exit status for a
-supervisor."""
+"""Running the app: uvicorn on a socket bound before the model loads, with a deadline per connection, and an exit
+status for a supervisor."""
 
 import asyncio
-import hmac
 import logging
 import socket
 import sys
@@ -10,7 +9,7 @@ import sys
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .app import APIError, build_app
+from .app import build_app
 from .config import ServeArguments, ServingError
 from .engine import Engine
 
@@ -54,7 +53,7 @@ def serve(engine: Engine, name: str, arguments: ServeArguments, sock: socket.soc
     batching = "continuous batching" if engine.manager is not None else "one request at a time"
     print(f"serving {name} at http://{arguments.host}:{arguments.port}/v1 ({batching}). Ctrl-C stops it.", flush=True)
     server = uvicorn.Server(uvicorn.Config(
-        Guard(build_app(engine, name), arguments), http=TimedConnection, log_level=arguments.log_level,
+        build_app(engine, name, arguments), http=TimedConnection, log_level=arguments.log_level,
         timeout_keep_alive=arguments.request_timeout,  # TimedConnection's deadline
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, callback_notify=stop_if_the_model_stopped, timeout_notify=1,
     ))
@@ -69,67 +68,6 @@ def serve(engine: Engine, name: str, arguments: ServeArguments, sock: socket.soc
               "to restart the server", file=sys.stderr)
         return EXIT_MODEL_STOPPED
     return 0
-
-
-class Guard:
-    """What a request must get right before the app sees it (an ASGI middleware):
-
-    - every route but /health needs `Authorization: Bearer KEY` (the scheme in any case; HTTP 401 before the body is
-      read; the key compared in constant time);
-    - a body over --max-request-bytes gets HTTP 413, at once when its Content-Length says so;
-    - the body must arrive within --request-timeout seconds (HTTP 408).
-    """
-
-    def __init__(self, app, arguments: ServeArguments):
-        self.app, self.max_bytes, self.timeout = app, arguments.max_request_bytes, arguments.request_timeout
-        self.key = arguments.api_key.encode() if arguments.api_key is not None else None
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        try:
-            body = await self.read(scope, receive)
-        except APIError as refused:
-            return await refused.response()(scope, receive, send)
-        replayed = False
-
-        async def replay_then_receive():
-            nonlocal replayed
-            if replayed:
-                return await receive()  # the client leaving
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay_then_receive, send)
-
-    async def read(self, scope, receive) -> bytes:
-        """The request's body, or APIError."""
-        headers = dict(scope["headers"])
-        if self.key is not None and scope["path"] != "/health":
-            scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
-                raise APIError(401, "Missing or wrong API key: send the header `Authorization: Bearer KEY`.",
-                               {"WWW-Authenticate": "Bearer"})
-        too_large = APIError(413, f"The request body is larger than this server's limit of {self.max_bytes} bytes.")
-        if headers.get(b"content-length", b"").isdigit() and int(headers[b"content-length"]) > self.max_bytes:
-            raise too_large
-
-        async def whole_body() -> bytes:
-            body, more = bytearray(), True
-            while more:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise APIError(400, "The client left before its request's body arrived.")  # read by no one
-                body += message.get("body", b"")
-                more = message.get("more_body", False)
-                if len(body) > self.max_bytes:
-                    raise too_large
-            return bytes(body)
-
-        try:
-            return await asyncio.wait_for(whole_body(), self.timeout)
-        except asyncio.TimeoutError:
-            raise APIError(408, f"The request body did not arrive within {self.timeout:g} s.")
 
 
 class TimedConnection(H11Protocol):
