@@ -65,10 +65,8 @@ def build_app(engine: Engine, name: str, arguments: ServeArguments) -> FastAPI:
     def serves(model: str | None) -> bool:
         if model is None or model in (name, served):
             return True
-        if "\0" in model or len(model) > 4096:  # PATH_MAX
-            return False
-        try:
-            return os.path.realpath(os.path.expanduser(model)) in paths
+        try:  # PATH_MAX; a NUL byte is a ValueError
+            return len(model) <= 4096 and os.path.realpath(os.path.expanduser(model)) in paths
         except (OSError, ValueError):
             return False
 
@@ -102,7 +100,7 @@ def build_app(engine: Engine, name: str, arguments: ServeArguments) -> FastAPI:
                 if body.stream:
                     usage = (body.stream_options or {}).get("include_usage", False)
                     return StreamingResponse(reply.events(usage), media_type="text/event-stream")
-                text = await unless_the_client_leaves(request, reply.text())
+                text = await unless_the_client_leaves(request, reply.answer.text())
                 return Response(status_code=499) if text is None else reply.whole(text)
             except APIError as error:
                 return error.response()
@@ -195,9 +193,6 @@ class CompletionReply:
         self.model, self.created, self.prompt_tokens, self.answer = model, created, prompt_tokens, answer
         self.id = self.id_prefix + uuid.uuid4().hex
 
-    async def text(self) -> str:
-        return "".join([piece async for piece in self.answer])
-
     def usage(self) -> dict:
         prompt, done = self.prompt_tokens, self.answer.completion_tokens
         return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
@@ -224,6 +219,7 @@ class CompletionReply:
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     async def events(self, usage: bool):
+        """The stream as server-sent events; a failure ends it with an error event."""
         try:
             async for data in self.stream(usage):
                 yield self.event(data)

@@ -1,10 +1,7 @@
-"""The model behind the server, answering each request where its settings are honoured exactly.
-
-With continuous batching (transformers' `init_continuous_batching`: a paged KV cache, a thread of its own), the batch
-decodes greedily with no logits processor, so that a greedy request in it answers exactly what `generate()` answers.
-Any other request (it samples, sets a penalty or a logit bias, ...) runs alone with `generate()` and its own settings,
-on a thread of its own, each of its forwards taking turns with the batch's.
-"""
+"""The model behind the server. With continuous batching (transformers' `init_continuous_batching`: a paged KV cache,
+a thread of its own), the batch decodes greedily with no logits processor, so that a greedy request in it answers
+exactly what `generate()` answers; any other request (it samples, sets a penalty or a logit bias) runs alone with
+`generate()` and its own settings, on a thread of its own, each of its forwards taking turns with the batch's."""
 
 import asyncio
 import contextlib
@@ -224,6 +221,9 @@ class Answer:
                     return  # closing `tokens` cancels the generation
         if text := self.cut(self.decoded(flush=True), final=True):
             yield text
+
+    async def text(self) -> str:
+        return "".join([piece async for piece in self])
 
     def decoded(self, flush: bool = False) -> str:
         sent = self.tokenizer.decode(self.ids[self.start : self.read], skip_special_tokens=True)
