@@ -310,7 +310,7 @@ HOSTILE_BODIES = {  # endpoint, body, expected status, a word of the detail
         "/v1/chat/completions", {**CHAT, "chat_template_kwargs": {"conversations": []}}, 422, "conversations"
     ),
     "generation_config (gone)": (
-        "/v1/chat/completions", {**CHAT, "generation_config": json.dumps({"do_sample": True})}, 422, "generation_config"
+        "/v1/chat/completions", {**CHAT, "generation_config": '{"do_sample": true}'}, 422, "generation_config"
     ),
     "responses input type": ("/v1/responses", {"input": 3}, 422, "input"),
     "responses bad item": ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "x"}]}]}, 422, "type"),
