@@ -7,7 +7,6 @@ before the model loads; if the model's batch dies, the server exits with status 
 """
 
 import importlib.util
-import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -21,7 +20,6 @@ ARGUMENT_CLASSES = (ServeArguments,)  # main.py makes a flag of each field (--po
 
 def add_arguments(parser):
     parser.add_argument("model", help="model to serve: a folder, a Hub id or a .gguf file")
-    parser.add_argument("--enable-admin-endpoints", action="store_true", help="ignored: /reset, /load_model are gone")
 
 
 def run(args) -> int:
@@ -30,8 +28,6 @@ def run(args) -> int:
     from modeling_diff_serving.engine import Engine
     from modeling_diff_serving.server import GRACEFUL_SHUTDOWN_S, bind, serve
 
-    if args.enable_admin_endpoints:
-        print("warning: --enable-admin-endpoints is ignored: the server has no /reset or /load_model", file=sys.stderr)
     try:
         arguments = ServeArguments(**{option.name: getattr(args, option.name) for option in fields(ServeArguments)})
         with bind(arguments.host, arguments.port) as sock:  # a taken port fails before the model loads

@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 API_KEY_VARIABLE = "DIFF_TRANSFORMER_API_KEY"
-LOG_LEVELS = ("debug", "info", "warning", "error")
 CPU_CACHE_SHARE = 0.05  # of the memory left after loading: 1.1 GB on a 24 GB machine (SmolLM2-135M: ~25K tokens)
 CPU_MAX_BATCH_TOKENS = 1024
 
@@ -49,21 +48,26 @@ class ServeArguments:
             raise ServingError(f"--port must be between 1 and 65535, not {self.port}")
         if self.max_memory_percent is not None and not 0 < self.max_memory_percent <= 1:
             raise ServingError(f"--max-memory-percent must be above 0 and at most 1, not {self.max_memory_percent}")
-        for flag, value, smallest in (("--max-batch-tokens", self.max_batch_tokens, 1),
-                                      ("--num-blocks", self.num_blocks, 1), ("--max-model-len", self.max_model_len, 2),
-                                      ("--max-request-bytes", self.max_request_bytes, 1024),
-                                      ("--request-timeout", self.request_timeout, 0.1)):
-            if value is not None and not value >= smallest:  # `not >=`: NaN too
-                raise ServingError(f"{flag} must be at least {smallest}, not {value}")
-        if self.log_level not in LOG_LEVELS:
-            raise ServingError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
+        for name, smallest in (("max_batch_tokens", 1), ("num_blocks", 1), ("max_model_len", 2),
+                               ("max_request_bytes", 1024), ("request_timeout", 0.1)):
+            if (value := getattr(self, name)) is not None and not value >= smallest:  # `not >=`: NaN too
+                raise ServingError(f"--{name.replace('_', '-')} must be at least {smallest}, not {value}")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ServingError(f"--log-level must be one of debug, info, warning, error, not {self.log_level!r}")
         if self.api_key is not None and not self.api_key.strip():
             raise ServingError("--api-key is empty: give a key, or leave the flag out to serve without one")
         self.api_key = self.api_key or os.environ.get(API_KEY_VARIABLE) or None
         if self.continuous_batching and self.attn_implementation == "eager":
             raise ServingError("--attn-implementation eager cannot run with continuous batching (it would switch the "
                                "model to paged attention): use sdpa, or add --no-continuous-batching")
-        self.device = resolve_device(self.device)
+        kind, _, index = self.device.partition(":")
+        if kind not in ("auto", "cpu", "cuda", "mps") or (index and not (index.isascii() and index.isdigit())):
+            raise ServingError(f"--device must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}")
+        if kind == "auto":  # the first available
+            import torch
+
+            kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        self.device = f"cuda:{index or 0}" if kind == "cuda" else kind
 
     def batching_config(self):
         """transformers' ContinuousBatchingConfig, or None. On CPU, a paged cache of 5% of the free memory
@@ -78,15 +82,3 @@ class ServeArguments:
         max_batch_tokens = self.max_batch_tokens or (CPU_MAX_BATCH_TOKENS if cpu else None)
         return ContinuousBatchingConfig(max_batch_tokens=max_batch_tokens, max_memory_percent=share,
                                         num_blocks=self.num_blocks)
-
-
-def resolve_device(device: str) -> str:
-    """cpu, cuda:N or mps for --device (auto: the first available), or ServingError."""
-    import torch
-
-    kind, _, index = device.partition(":")
-    if kind not in ("auto", "cpu", "cuda", "mps") or (index and not (index.isascii() and index.isdigit())):
-        raise ServingError(f"--device must be auto, cpu, cuda, cuda:N or mps, not {device!r}")
-    if kind == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    return f"cuda:{index or 0}" if kind == "cuda" else kind

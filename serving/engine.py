@@ -1,15 +1,12 @@
-"""The model behind the server, answering each request where its settings are honoured exactly.
-
-With continuous batching (transformers' `init_continuous_batching`: a paged KV cache, a thread of its own), the batch
-decodes greedily with no logits processor, so that a greedy request in it answers exactly what `generate()` answers.
-Any other request (it samples, sets a penalty or a logit bias, ...) runs alone with `generate()` and its own settings,
-on a thread of its own, each of its forwards taking turns with the batch's (`BatchTurns`).
-"""
+"""The model behind the server. With continuous batching (transformers' `init_continuous_batching`: a paged KV cache,
+a thread of its own), the batch decodes greedily with no logits processor, so that a greedy request in it answers
+exactly what `generate()` answers; any other request (it samples, sets a penalty or a logit bias) runs alone with
+`generate()` and its own settings, on a thread of its own, each of its forwards taking turns with the batch's."""
 
 import asyncio
 import contextlib
-import itertools
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -37,20 +34,22 @@ class ModelStopped(RuntimeError):
 
 
 class Engine:
-    """The model and its tokenizer; `answer()` streams an answer from the batch or from `generate()`."""
+    """The model and its tokenizer (loaded from `source`); `answer()` streams an answer from the batch or from
+    `generate()`."""
 
-    def __init__(self, model, tokenizer, context_length: int, batching=None):
-        self.model, self.tokenizer, self.context_length = model, tokenizer, context_length
+    def __init__(self, model, tokenizer, context_length: int, batching=None, source: str | None = None):
+        self.model, self.tokenizer, self.context_length, self.source = model, tokenizer, context_length, source
         self.vocab_size = model.config.get_text_config().vocab_size
         eos = model.generation_config.eos_token_id
-        self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        self.alone = ThreadPoolExecutor(1, thread_name_prefix="generate")
-        self.request_ids = itertools.count()
-        self.batch_matches_generate = set(model.generation_config.to_diff_dict()) <= BATCH_NEUTRAL_SETTINGS
-        self.manager = None if batching is None else start_greedy_batching(model, batching, context_length)
-        self.turns = None if self.manager is None else BatchTurns(model, self.manager)
+        self.eos = set(eos) if isinstance(eos, list) else {eos}
         self.failure = None  # why the batch died, once it has
-        self.source = None  # the folder or file the model was loaded from
+        self.local = threading.local()  # on the thread that answers alone: the batch's pause it holds
+        self.alone = ThreadPoolExecutor(1, "generate", lambda: setattr(self.local, "pause", contextlib.ExitStack()))
+        self.manager = None
+        if batching is not None and set(model.generation_config.to_diff_dict()) <= BATCH_NEUTRAL_SETTINGS:
+            self.manager = start_greedy_batching(model, batching, context_length)
+            model.register_forward_pre_hook(self.pause_the_batch)
+            model.register_forward_hook(self.resume_the_batch, always_call=True)
 
     @classmethod
     def load(cls, model: str, arguments: ServeArguments, name: str | None = None) -> "Engine":
@@ -72,9 +71,7 @@ class Engine:
         if arguments.max_model_len is not None and context is not None and arguments.max_model_len > context:
             raise ServingError(f"--max-model-len {arguments.max_model_len} is above the model's context ({context})")
         tokenizer = AutoTokenizer.from_pretrained(folder or ".", **kwargs)
-        engine = cls(loaded.eval(), tokenizer, arguments.max_model_len or context, arguments.batching_config())
-        engine.source = model
-        return engine
+        return cls(loaded.eval(), tokenizer, arguments.max_model_len or context, arguments.batching_config(), model)
 
     @property
     def alive(self) -> bool:
@@ -90,15 +87,14 @@ class Engine:
         if not settings.get("do_sample", self.model.generation_config.do_sample):  # greedy
             settings = {name: value for name, value in settings.items() if name not in SAMPLING_SETTINGS}
             settings["do_sample"] = False
-        if self.manager is not None and self.batch_matches_generate and set(settings) == {"do_sample"}:
+        if self.manager is not None and set(settings) == {"do_sample"}:
             tokens = self.batched(prompt, max_new_tokens)
         else:
             tokens = self.generated_alone(prompt, {**settings, "max_new_tokens": max_new_tokens})
         return Answer(tokens, self.tokenizer, self.eos, stop)
 
     async def batched(self, prompt: list[int], max_new_tokens: int):
-        outputs = asyncio.Queue()
-        request_id = f"request-{next(self.request_ids)}"
+        outputs, request_id = asyncio.Queue(), uuid.uuid4().hex
         self.manager.register_result_handler(request_id, outputs.put_nowait)
         added = self.manager.add_request(prompt, request_id=request_id, max_new_tokens=max_new_tokens, streaming=True)
         if added is None:
@@ -124,32 +120,41 @@ class Engine:
 
     async def generated_alone(self, prompt: list[int], settings: dict):
         loop = asyncio.get_running_loop()
-        outputs, stopped = asyncio.Queue(), threading.Event()
-        streamer = TokenStreamer(lambda tokens: loop.call_soon_threadsafe(outputs.put_nowait, tokens))
-        job = loop.run_in_executor(self.alone, self.generate, prompt, settings, streamer, stopped)
+        outputs = asyncio.Queue()
+        stream = Stream(lambda tokens: loop.call_soon_threadsafe(outputs.put_nowait, tokens))
+        job = loop.run_in_executor(self.alone, self.generate, prompt, settings, stream)
         job.add_done_callback(lambda job: job.cancelled() or job.exception())  # read, when nobody awaits it
         try:
             while (tokens := await outputs.get()) is not None:
                 yield tokens
             await job  # raises generate()'s error, if any
         finally:
-            stopped.set()
+            stream.stopped.set()
 
-    def generate(self, prompt: list[int], settings: dict, streamer: BaseStreamer, stopped: threading.Event) -> None:
-        """generate() on the thread for requests answered alone. A seed is reproducible: the only user of the random
-        numbers while it runs (the batch draws none)."""
+    def generate(self, prompt: list[int], settings: dict, stream: "Stream") -> None:
+        """generate() on the thread that answers alone. A seed is reproducible: the only user of the random numbers
+        while it runs (the batch draws none)."""
         try:
-            if stopped.is_set():  # its client left while it waited
+            if stream.stopped.is_set():  # its client left while it waited
                 return
-            settings = dict(settings)
             if (seed := settings.pop("seed", None)) is not None:
                 torch.manual_seed(seed)
             input_ids = torch.tensor([prompt], device=self.model.device)  # [1, prompt]
-            with self.turns.taken() if self.turns is not None else contextlib.nullcontext():
-                self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                                    stopping_criteria=StoppingCriteriaList([Stopped(stopped)]), **settings)
+            self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=stream,
+                                stopping_criteria=StoppingCriteriaList([stream]), **settings)
         finally:
-            streamer.end()
+            stream.end()
+
+    def pause_the_batch(self, module, args) -> None:
+        """Before each forward on the thread that answers alone: pause the batch (transformers' `manager.pause()`),
+        so that the two take turns. They must not run at once: a forward sets `config.is_causal` for its duration
+        (transformers' `merge_with_config_defaults`), the batch's to False."""
+        if (pause := getattr(self.local, "pause", None)) is not None:
+            pause.enter_context(self.manager.pause())
+
+    def resume_the_batch(self, module, args, output) -> None:
+        if (pause := getattr(self.local, "pause", None)) is not None:
+            pause.close()
 
 
 def start_greedy_batching(model, batching, context_length: int):
@@ -174,39 +179,12 @@ def start_greedy_batching(model, batching, context_length: int):
     return manager
 
 
-class BatchTurns:
-    """Forward hooks that pause the batch (transformers' `manager.pause()`) for each forward of a request answered
-    alone, so that the two take turns. They must not run at once: a forward sets `config.is_causal` for its duration
-    (transformers' `merge_with_config_defaults`), the batch's to False."""
-
-    def __init__(self, model, manager):
-        self.manager, self.local = manager, threading.local()  # the pauses of the thread answering alone
-        model.register_forward_pre_hook(self.pause)
-        model.register_forward_hook(self.resume, always_call=True)
-
-    @contextlib.contextmanager
-    def taken(self):
-        self.local.pauses = contextlib.ExitStack()
-        try:
-            yield
-        finally:
-            self.local.pauses.close()
-            del self.local.pauses
-
-    def pause(self, module, args) -> None:
-        if getattr(self.local, "pauses", None) is not None:  # not in the batch's thread
-            self.local.pauses.enter_context(self.manager.pause())
-
-    def resume(self, module, args, output) -> None:
-        if getattr(self.local, "pauses", None) is not None:
-            self.local.pauses.close()
-
-
-class TokenStreamer(BaseStreamer):
-    """generate()'s streamer, handing each step's new token ids to `send`, then None."""
+class Stream(BaseStreamer, StoppingCriteria):
+    """generate()'s streamer, handing each step's new token ids to `send` (then None), and its stopping criterion,
+    ending it once `stopped` is set (its client left, or its answer reached a stop string)."""
 
     def __init__(self, send):
-        self.send, self.prompt_seen, self.ended = send, False, False
+        self.send, self.prompt_seen, self.stopped = send, False, threading.Event()
 
     def put(self, value: torch.Tensor) -> None:
         if self.prompt_seen:  # generate() puts the prompt first
@@ -214,19 +192,10 @@ class TokenStreamer(BaseStreamer):
         self.prompt_seen = True
 
     def end(self) -> None:
-        if not self.ended:
-            self.ended = True
-            self.send(None)
-
-
-class Stopped(StoppingCriteria):
-    """Ends generate() once `event` is set (its client left, or its answer reached a stop string)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
+        self.send(None)
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        return torch.full((input_ids.shape[0],), self.stopped.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class Answer:
@@ -256,6 +225,9 @@ class Answer:
                     return  # closing `tokens` cancels the generation
         if text := self.cut(self.decoded(flush=True), final=True):
             yield text
+
+    async def text(self) -> str:
+        return "".join([piece async for piece in self])
 
     def decoded(self, flush: bool = False) -> str:
         sent = self.tokenizer.decode(self.ids[self.start : self.read], skip_special_tokens=True)
