@@ -268,3 +268,15 @@ def test_scale_out_flags_fail_cleanly(models, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith(message) and len(err.splitlines()) == 1, err
     assert not any(tmp_path.iterdir())
+
+
+def test_lora_without_peft_is_refused_before_the_model_loads(models, tmp_path, capsys, monkeypatch):
+    """Where PEFT is not installed (the package's plain install), --lora says which extra to install, before work."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else find_spec(name, *a))
+    monkeypatch.setattr("modeling_diff_training.run.load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    assert main(train_args(models / "v1", tmp_path / "out", "--lora")) == 2
+    assert capsys.readouterr().err.strip() == "error: --lora needs PEFT: pip install 'modeling-diff[lora]'"
+    assert not any(tmp_path.iterdir())

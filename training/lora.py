@@ -20,7 +20,7 @@ def add_lora_adapters(model, r: int = 16, alpha: float = 32):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise TrainingError("LoRA needs PEFT: pip install peft")
+        raise TrainingError("--lora needs PEFT: pip install 'modeling-diff[lora]'")
 
     config = LoraConfig(
         task_type="CAUSAL_LM",

@@ -16,6 +16,7 @@ path and size before any model loads; `--fsdp` shards at load time; `--push_to_h
 
 import contextlib
 import dataclasses
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -243,6 +244,8 @@ def check_options(model_args: ModelArguments, fsdp) -> None:
         )
     if model_args.lora and model_args.distill_from:
         raise TrainingError("--lora with --distill-from is not supported")
+    if model_args.lora and importlib.util.find_spec("peft") is None:
+        raise TrainingError("--lora needs PEFT: pip install 'modeling-diff[lora]'")
 
 
 def model_name(model: str) -> str:
