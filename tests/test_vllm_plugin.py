@@ -45,9 +45,9 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low
 
 # name: (diff_version, query heads, KV heads, hidden, extra config); head_dim = hidden / heads is 32 or 64
 TINY = {
-    "v1-mha": (1, 4, 4, 128, {}),
+    "v1-mha": (1, 4, 4, 128, {"lambda_init_layer_offset": 1}),  # Motif's λ_init schedule
     "v1-gqa": (1, 8, 2, 256, {"tie_word_embeddings": True, "lambda_scale": 0.5, "lambda_init": 0.3,
-                              "rope_parameters": LLAMA3_ROPE}),
+                              "head_norm_eps": 0.05, "rope_parameters": LLAMA3_ROPE}),
     "v2-mha": (2, 4, 2, 128, {"lambda_scale": 0.5}),  # one KV head per differential head
     "v2-gqa": (2, 8, 2, 512, {"tie_word_embeddings": True, "rope_parameters": LLAMA3_ROPE}),
 }

@@ -162,7 +162,8 @@ class DiffTransformerV1Attention(nn.Module):
         self.lambda_k1 = nn.Parameter(torch.zeros(d))
         self.lambda_q2 = nn.Parameter(torch.zeros(d))
         self.lambda_k2 = nn.Parameter(torch.zeros(d))
-        self.subln = DiffTransformerHeadNorm(2 * d, self.lambda_init, config.rms_norm_eps)
+        head_norm_eps = config.rms_norm_eps if config.head_norm_eps is None else config.head_norm_eps
+        self.subln = DiffTransformerHeadNorm(2 * d, self.lambda_init, head_norm_eps)
 
     def lambda_full(self) -> torch.Tensor:
         """The layer's scalar λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, × lambda_scale, in float32."""
