@@ -38,6 +38,20 @@ def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str):
     assert "Traceback" not in result.stderr
 
 
+def error_line(argv: list, capsys) -> str:
+    """`diff-transformer ARGV` in this process, as `assert_one_line_error` checks it in a subprocess: status 2,
+    exactly one `error:` line on stderr and no traceback; returns that line."""
+    from modeling_diff_cli.main import main
+
+    capsys.readouterr()  # what earlier steps printed
+    status = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert status == 2, err[-2000:]
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
 def add_to_hub_cache(cache_dir: Path, repo_id: str, folder: Path, commit: str = "0" * 40) -> Path:
     """Copy `folder` as the `main` snapshot of model repo `repo_id` under `cache_dir`; returns the snapshot path."""
     repo = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))

@@ -18,6 +18,7 @@ The tests in the suite's own process check the shipped files with transformers' 
 transformers in the range).
 """
 
+import fcntl
 import json
 import os
 import shutil
@@ -76,15 +77,19 @@ def clean_venv() -> Path:
     default = Path.home() / ".cache" / "modeling-diff" / f"clean-venv-{version}"
     venv = Path(os.environ.get("MODELING_DIFF_CLEAN_VENV", default))
     python = venv / "bin" / "python"
-    if not (venv / "complete").exists():
-        shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-        # torch alone first and pinned: the local CPU wheel (an unpinned torch would pull GBs of CUDA packages)
-        for packages in (CLEAN_PACKAGES[:1], CLEAN_PACKAGES):
-            result = subprocess.run(pip + packages, capture_output=True, text=True, timeout=900)
-            assert result.returncode == 0, f"building the clean venv at {venv} failed:\n{result.stderr[-3000:]}"
-        (venv / "complete").write_text(" ".join(CLEAN_PACKAGES))
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    # one builder at a time: pytest-xdist workers (or two runs) that need it together wait for the first to finish
+    with open(venv.parent / f"{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (venv / "complete").exists():
+            shutil.rmtree(venv, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+            # torch alone first and pinned: the local CPU wheel (an unpinned torch would pull GBs of CUDA packages)
+            for packages in (CLEAN_PACKAGES[:1], CLEAN_PACKAGES):
+                result = subprocess.run(pip + packages, capture_output=True, text=True, timeout=900)
+                assert result.returncode == 0, f"building the clean venv at {venv} failed:\n{result.stderr[-3000:]}"
+            (venv / "complete").write_text(" ".join(CLEAN_PACKAGES))
     return python
 
 
