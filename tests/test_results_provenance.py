@@ -17,8 +17,6 @@ HASH = r"[0-9a-f]{7,40}"
 # commit was recorded), "a clone of main at <hash>" (a log that says where it ran)
 MARKDOWN_COMMIT = re.compile(rf"(?:\bcommit\b[\s*:`]*|\bcommitted in |\bclone of main at )({HASH})\b", re.IGNORECASE)
 MARKDOWN_MACHINE = re.compile(r"\bmachine\b\**:", re.IGNORECASE)
-# results the server's rebuild (issue 28) writes again; their header then names commit and machine like the others
-REWRITTEN_ELSEWHERE = {"serve_bench"}  # serve_load: rewritten (issue 31)
 
 
 def json_commits(data: dict) -> list[str]:
@@ -45,9 +43,7 @@ def full_history() -> bool:
 
 
 def files(params=FILES):
-    return [pytest.param(path, id=str(path.relative_to(RESULTS)),
-                         marks=[pytest.mark.xfail(reason="rewritten by the server's rebuild", strict=True)]
-                         if path.parent.name in REWRITTEN_ELSEWHERE else []) for path in params]
+    return [pytest.param(path, id=str(path.relative_to(RESULTS))) for path in params]
 
 
 def test_there_are_results_files():
@@ -70,8 +66,7 @@ def test_results_file_names_its_commit_and_machine(path):
 @pytest.mark.skipif(not full_history(), reason="needs git and the repository's full history")
 def test_named_commits_exist():
     """A results file cites commits of this history (not a typo, not a commit that a rebase dropped)."""
-    named = sorted({commit for path in FILES if path.parent.name not in REWRITTEN_ELSEWHERE
-                    for commit in commits_of(path)})
+    named = sorted({commit for path in FILES for commit in commits_of(path)})
     assert named
     missing = [commit for commit in named if subprocess.run(
         ["git", "-C", str(ROOT), "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True, check=False
