@@ -2,7 +2,7 @@
 #
 # Differential attention follows Ye et al., "Differential Transformer" (ICLR 2025, arXiv 2410.05258) and
 # DIFF V2 (microsoft/unilm, Diff-Transformer/Diff-Transformer-V2); PolyNorm follows Zhuo et al. (arXiv 2411.03884) as
-# Motif-2.6B uses it. The decoder block is vLLM's Llama block.
+# Motif-2.6B uses it. The decoder layer is vLLM's Llama layer, written out with these attentions and MLPs.
 #
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
