@@ -7,7 +7,8 @@ models and computes the references with `generate()`; one worker process in the 
 runs every `LLM` job; one OpenAI server answers the server tests.
 
 Each DiffTransformer is checked next to a Llama with the same numbers (heads, KV heads, head_dim, hidden, layers,
-vocab, weights drawn alike): greedy tokens must equal `generate()`'s, and the chosen tokens' log-probs must be as
+vocab, weights drawn alike; for the imported Motif-2.6B-format checkpoints, a Llama with the same widths): greedy
+tokens must equal `generate()`'s, and the chosen tokens' log-probs must be as
 close to `generate()`'s as vLLM's own Llama's are (`assert_as_close_as_llama`). A plugin that drops λ or the per-head
 norm is run too, to show that these checks catch it.
 """
@@ -51,12 +52,20 @@ TINY = {
     "v2-mha": (2, 4, 2, 128, {"lambda_scale": 0.5}),  # one KV head per differential head
     "v2-gqa": (2, 8, 2, 512, {"tie_word_embeddings": True, "rope_parameters": LLAMA3_ROPE}),
 }
+# name: `save_motif`'s layout (tests/test_motif.py): a Motif-2.6B-format checkpoint (PolyNorm MLP with non-trivial
+# weights and bias, λ_init shifted by one layer, a head-norm epsilon of its own) imported by `convert`; head_dim 16, so
+# V1 attends with 32-wide heads
+MOTIF = {
+    "motif": {"heads": 4, "kv": 4, "use_bias": True},  # 2 KV groups; q/k/v/o and MLP biases
+    "motif-gqa-tied": {"heads": 8, "kv": 4, "tied": True},
+}
 # vLLM's default path on CPU compiles the model (torch.compile, inductor: 10 s for a tiny model, a minute for SmolLM2);
 # one model of each variant takes it (V1 here, V2 in the server), the others run eagerly
-COMPILED = ["v1-mha"]
-BFLOAT16 = ["v1-mha", "v2-mha"]  # also served in bfloat16 (the same weights cast; references from bf16 `generate()`)
+COMPILED = ["v1-mha", "motif"]
+BFLOAT16 = ["v1-mha", "v2-mha", "motif"]  # also served in bfloat16 (the same weights cast; references from bf16 `generate()`)
 BFLOAT16_FLOOR = 0.1  # bf16 keeps 8 bits of mantissa: log-probs of the Llama control move by ~5e-2
-TENSOR_PARALLEL = ["v1-mha", "v2-gqa"]  # 2 KV groups / 2 KV heads: TP=2 splits them
+# 2 KV groups / 2 KV heads: TP=2 splits them (and Motif's PolyNorm MLP: its mean spans both ranks)
+TENSOR_PARALLEL = ["v1-mha", "v2-gqa", "motif"]
 SABOTAGE = {"v1-no-lambda": "v1-mha", "v1-no-head-norm": "v1-mha", "v2-no-lambda": "v2-mha"}
 
 
@@ -81,18 +90,43 @@ def tiny_pair(name: str, folder: Path) -> dict[str, Path]:
         ("llama", lambda: LlamaForCausalLM(LlamaConfig(**common))),
     ):
         torch.manual_seed(0)
-        built = model().eval()
-        with torch.no_grad():  # peaked maps (λ and the norm matter) and peaked next-token distributions
-            for layer in built.model.layers:
-                layer.self_attn.q_proj.weight.mul_(4.0)
-                layer.self_attn.k_proj.weight.mul_(4.0)
-                if common["tie_word_embeddings"]:  # the blocks, not the token's own embedding, lead the residual
-                    layer.self_attn.o_proj.weight.mul_(10.0)  # stream: the tied model does not repeat its input
-                    layer.mlp.down_proj.weight.mul_(10.0)
-            built.model.norm.weight.mul_(20.0)  # sharper logits, tied or untied
+        built = sharpened(model().eval())
         folders[kind] = folder / f"{name}-{kind}"
         built.save_pretrained(folders[kind])
     return folders
+
+
+def sharpened(model):
+    """Peaked maps (λ and the norm matter) and peaked next-token distributions, for a randomly initialised model."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+            if model.config.tie_word_embeddings:  # the blocks, not the token's own embedding, lead the residual
+                layer.self_attn.o_proj.weight.mul_(10.0)  # stream: the tied model does not repeat its input
+                layer.mlp.down_proj.weight.mul_(10.0)
+        model.model.norm.weight.mul_(20.0)  # sharper logits, tied or untied
+    return model
+
+
+def motif_pair(name: str, folder: Path) -> dict[str, Path]:
+    """The Motif-format checkpoint `name` imported by `convert`, and a Llama control with the same widths (heads of
+    2·head_dim, as V1 attends: the same KV bytes), biases and tying, saved."""
+    from modeling_diff_conversion import convert
+    from test_motif import save_motif
+
+    layout = MOTIF[name]
+    source = save_motif(folder / f"{name}-source", vocab=128, head_dim=16, **layout)
+    convert(str(folder / f"{name}-source"), str(folder / f"{name}-diff"), progress=False)
+    bias = layout.get("use_bias", False)
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=128, hidden_size=source["hidden_size"], intermediate_size=source["intermediate_size"],
+        num_hidden_layers=source["num_hidden_layers"], num_attention_heads=layout["heads"] // 2,
+        num_key_value_heads=layout["kv"] // 2, head_dim=32, attention_bias=bias, mlp_bias=bias,
+        tie_word_embeddings=layout.get("tied", False), max_position_embeddings=256, bos_token_id=1, eos_token_id=2))
+    sharpened(llama.eval()).save_pretrained(folder / f"{name}-llama")
+    return {"diff": folder / f"{name}-diff", "llama": folder / f"{name}-llama"}
 
 
 def smollm2_pair(folder: Path) -> dict[str, Path]:
@@ -168,13 +202,14 @@ def runs(venv_python, tmp_path_factory):
     """Every model, its references from `generate()`, and the vLLM worker's results for all of them."""
     work = tmp_path_factory.mktemp("vllm")
     folders = {name: tiny_pair(name, work) for name in TINY}
+    folders |= {name: motif_pair(name, work) for name in MOTIF}
     folders["smollm2"] = smollm2_pair(work)
     refs, jobs = {}, []
     tokenizer = AutoTokenizer.from_pretrained(folders["smollm2"]["llama"])
     texts = ["Here is a short story about a cat who lived in a lighthouse by the sea. Every night the cat climbed the "
              "stairs to watch the lamp turn, and every morning it", "def fibonacci(n):"]  # 35 tokens, 6 tokens
     for name, pair in folders.items():
-        ids = prompts(128) if name in TINY else [tokenizer(text).input_ids for text in texts]
+        ids = [tokenizer(text).input_ids for text in texts] if name == "smollm2" else prompts(128)
         for kind, folder in pair.items():
             refs[f"{name}-{kind}"] = reference(folder, ids)
             jobs.append({"name": f"{name}-{kind}", "model": str(folder), "prompts": ids, "max_tokens": MAX_TOKENS,
@@ -193,13 +228,16 @@ def runs(venv_python, tmp_path_factory):
     rope = DiffTransformerConfig.from_pretrained(folders["v2-mha"]["diff"])
     rope.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
     DiffTransformerForCausalLM(rope).save_pretrained(work / "dynamic-rope")
-    jobs += [{"name": "refused-head-size", "model": str(work / "head-dim-8"), "prompts": [[5]], "max_tokens": 1},
-             {"name": "refused-rope", "model": str(work / "dynamic-rope"), "prompts": [[5]], "max_tokens": 1}]
+    gelu = DiffTransformerConfig.from_pretrained(folders["v2-mha"]["diff"])
+    gelu.hidden_act = "gelu"
+    DiffTransformerForCausalLM(gelu).save_pretrained(work / "gelu")
+    jobs += [{"name": f"refused-{kind}", "model": str(work / kind), "prompts": [[5]], "max_tokens": 1}
+             for kind in ("head-dim-8", "dynamic-rope", "gelu")]
     results, _ = run_worker(venv_python, jobs, work)
     return {"folders": folders, "refs": refs, "results": results, "work": work}
 
 
-@pytest.mark.parametrize("name", [*TINY, "smollm2"])
+@pytest.mark.parametrize("name", [*TINY, *MOTIF, "smollm2"])
 def test_vllm_greedy_equals_generate_as_closely_as_llama(runs, name):
     """vLLM's greedy tokens equal `generate()`'s; log-probs as close as vLLM's own Llama with the same numbers."""
     refs, results = runs["refs"], runs["results"]
@@ -238,9 +276,11 @@ def test_the_comparison_catches_a_plugin_without_lambda_or_head_norm(runs, sabot
 
 
 @pytest.mark.parametrize("job, sentence", [
-    ("refused-head-size", "DiffTransformer V1 (head_dim 8, keys and values k1‖k2 of 2·8) attends with 16-wide heads, "
+    ("refused-head-dim-8", "DiffTransformer V1 (head_dim 8, keys and values k1‖k2 of 2·8) attends with 16-wide heads, "
                           "which vLLM's CPU_ATTN attention backend does not support"),
-    ("refused-rope", "rope_type='dynamic' is not served by the DiffTransformer vLLM plugin"),
+    ("refused-dynamic-rope", "rope_type='dynamic' is not served by the DiffTransformer vLLM plugin"),
+    ("refused-gelu", "hidden_act='gelu' is not served by the DiffTransformer vLLM plugin: it serves ['silu', "
+                     "'poly_norm']."),
 ])
 def test_a_config_the_plugin_cannot_serve_is_refused_with_its_sentence(runs, job, sentence):
     result = runs["results"][job]

@@ -1,7 +1,8 @@
 # Copyright 2026 The modeling_diff authors. All rights reserved.
 #
 # Differential attention follows Ye et al., "Differential Transformer" (ICLR 2025, arXiv 2410.05258) and
-# DIFF V2 (microsoft/unilm, Diff-Transformer/Diff-Transformer-V2). The decoder block is vLLM's Llama block.
+# DIFF V2 (microsoft/unilm, Diff-Transformer/Diff-Transformer-V2); PolyNorm follows Zhuo et al. (arXiv 2411.03884) as
+# Motif-2.6B uses it. The decoder layer is vLLM's Llama layer, written out with these attentions and MLPs.
 #
 # Licensed under the Apache License, Version 2.0 (the "License");
 # you may not use this file except in compliance with the License.
@@ -28,40 +29,60 @@ prefix caching), with the same head layout and the same checkpoint names:
 - V2: one `Attention` call with 2·heads query heads of head_dim on the KV heads; out_h = a_2h − σ(W_λ x)_h · a_2h+1
   (× `lambda_scale`); `o_proj` reads heads · head_dim.
 
+The MLP is vLLM's `LlamaMLP` for `hidden_act="silu"`. For `hidden_act="poly_norm"` (Motif-2.6B imported by
+`modeling_diff_conversion`) it is down(PolyNorm(gate(x)) · up(x)), PolyNorm(x) = w0·n(x³) + w1·n(x²) + w2·n(x) + b,
+n(u) = u / sqrt(mean(u²) + 1e-6) over the intermediate dimension, in float32; its weights load from the checkpoint's
+`mlp.act_fn.weight` (3) and `mlp.act_fn.bias` (1).
+
 Tensor parallelism (vLLM's parallel linear layers): q/k/v are split by heads, so each rank holds a contiguous block
 of query heads and the KV heads they read; `o_proj` is split by its input (those heads' outputs) and all-reduced.
 A differential head stays whole on one rank exactly when the KV units divide by the TP size: V1's KV groups
 (k1‖k2 and their 2·head_dim value), V2's KV heads. V1's λ vectors and head norm are replicated; V2's `lambda_proj`
-is split by output rows, one per differential head, with those heads.
+is split by output rows, one per differential head, with those heads. The MLP is split as Llama's (gate and up by
+output rows, down by input columns); PolyNorm's mean runs over the whole intermediate dimension, so each rank's sums
+of u² are all-reduced before the division; its four weights are replicated.
 """
 
 import torch
 from torch import nn
 from vllm.config import CacheConfig, VllmConfig
-from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
 from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from vllm.model_executor.models.llama import LlamaForCausalLM, LlamaMLP
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 
 # RoPE types whose vLLM implementation equals transformers' at every position (the others are refused at start:
 # transformers' "dynamic" rescales with the sequence length, vLLM's with the maximum length, for one)
 ROPE_TYPES = ("default", "linear", "llama3")
+# MLP activations: vLLM's Llama MLP (SiLU) and Motif-2.6B's PolyNorm
+ACTIVATIONS = ("silu", "poly_norm")
 
 
 def check_servable(config, tp_size: int) -> None:
-    """Raise a one-sentence `ValueError` naming the limit when this plugin cannot serve `config` on `tp_size` ranks."""
+    """Raise a one-sentence `ValueError` naming the limit when this plugin cannot serve `config` on `tp_size` ranks:
+    a RoPE type whose vLLM implementation differs from transformers', an activation other than SiLU and PolyNorm, or a
+    TP size that would split a differential head from its keys."""
     rope_type = (config.rope_parameters or {}).get("rope_type", "default")
     if rope_type not in ROPE_TYPES:
         raise ValueError(
             f"rope_type={rope_type!r} is not served by the DiffTransformer vLLM plugin: it serves {list(ROPE_TYPES)}, "
             "whose vLLM rotary embeddings equal transformers'."
         )
-    if config.hidden_act != "silu":
-        raise ValueError(f"hidden_act={config.hidden_act!r} is not served: vLLM's Llama block takes only 'silu'.")
+    if config.hidden_act not in ACTIVATIONS:
+        raise ValueError(
+            f"hidden_act={config.hidden_act!r} is not served by the DiffTransformer vLLM plugin: it serves "
+            f"{list(ACTIVATIONS)}."
+        )
     if config.diff_version == 1:  # a KV group: k1‖k2 and its 2·head_dim value
         units, what = config.num_key_value_heads // 2, "KV groups (num_key_value_heads / 2)"
     else:  # a KV head and the query-head pairs that read it
@@ -267,17 +288,125 @@ class DiffTransformerV2Attention(nn.Module):
         return output
 
 
-class DiffTransformerDecoderLayer(LlamaDecoderLayer):
-    """vLLM's Llama decoder layer with this config's differential attention."""
+class DiffTransformerPolyNorm(nn.Module):
+    """PolyNorm(x) = w0·n(x³) + w1·n(x²) + w2·n(x) + b, n(u) = u / sqrt(mean(u²) + eps), in float32; checkpoint names
+    `mlp.act_fn.weight` and `mlp.act_fn.bias`. The mean is over all `intermediate_size` columns; under tensor
+    parallelism each rank holds a slice of them, so the sums of u² are all-reduced across the TP group."""
+
+    def __init__(self, intermediate_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((3,), 1 / 3))
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.intermediate_size = intermediate_size  # across all ranks
+        self.tp_size = get_tensor_model_parallel_world_size()
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.float()
+        powers = torch.stack((x**3, x**2, x))  # (3, T, intermediate / tp)
+        sum_squares = powers.pow(2).sum(-1, keepdim=True)  # (3, T, 1)
+        if self.tp_size > 1:
+            sum_squares = tensor_model_parallel_all_reduce(sum_squares)
+        normed = powers * torch.rsqrt(sum_squares / self.intermediate_size + self.variance_epsilon)
+        weight, bias = self.weight.float(), self.bias.float()
+        output = weight[0] * normed[0] + weight[1] * normed[1] + weight[2] * normed[2] + bias
+        return output.to(hidden_states.dtype)
+
+
+class DiffTransformerPolyNormMLP(nn.Module):
+    """down(PolyNorm(gate(x)) · up(x)) with vLLM's parallel layers, split as `LlamaMLP` splits its own."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        quant_config: QuantizationConfig | None = None,
+        bias: bool = False,
+        prefix: str = "",
+    ) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            input_size=hidden_size,
+            output_sizes=[intermediate_size] * 2,
+            bias=bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.gate_up_proj",
+        )
+        self.down_proj = RowParallelLinear(
+            input_size=intermediate_size,
+            output_size=hidden_size,
+            bias=bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.down_proj",
+        )
+        self.act_fn = DiffTransformerPolyNorm(intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)
+        gate, up = gate_up.chunk(2, dim=-1)  # (T, intermediate / tp) each
+        x, _ = self.down_proj(self.act_fn(gate) * up)
+        return x
+
+
+class DiffTransformerDecoderLayer(nn.Module):
+    """vLLM's Llama decoder layer with this config's differential attention, and PolyNorm's MLP for
+    `hidden_act="poly_norm"` (vLLM's `LlamaDecoderLayer` builds a SiLU `LlamaMLP` whatever the config says)."""
 
     def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None) -> None:
+        super().__init__()
         config = config or vllm_config.model_config.hf_config
+        quant_config = vllm_config.quant_config
         attention = DiffTransformerV1Attention if config.diff_version == 1 else DiffTransformerV2Attention
-        super().__init__(vllm_config=vllm_config, prefix=prefix, config=config, attn_layer_type=attention)
+        self.self_attn = attention(
+            config=config,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            max_position_embeddings=config.max_position_embeddings,
+            quant_config=quant_config,
+            bias=config.attention_bias,  # q, k, v and o alike
+            bias_o_proj=config.attention_bias,
+            cache_config=vllm_config.cache_config,
+            prefix=f"{prefix}.self_attn",
+        )
+        if config.hidden_act == "poly_norm":
+            self.mlp = DiffTransformerPolyNormMLP(
+                hidden_size=config.hidden_size,
+                intermediate_size=config.intermediate_size,
+                quant_config=quant_config,
+                bias=config.mlp_bias,
+                prefix=f"{prefix}.mlp",
+            )
+        else:  # "silu": `check_servable` refused the others
+            self.mlp = LlamaMLP(
+                hidden_size=config.hidden_size,
+                intermediate_size=config.intermediate_size,
+                hidden_act=config.hidden_act,
+                quant_config=quant_config,
+                bias=config.mlp_bias,
+                prefix=f"{prefix}.mlp",
+            )
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # vLLM's RMSNorm adds the residual and normalizes in one step, returning both
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        hidden_states = self.mlp(hidden_states)
+        return hidden_states, residual
 
 
 class DiffTransformerForCausalLM(LlamaForCausalLM):
-    """vLLM's Llama causal LM (embedding, norms, MLP, LM head, tied or not) over DiffTransformer decoder layers."""
+    """vLLM's Llama causal LM (embedding, final norm, LM head, tied or not, weight loading) over DiffTransformer
+    decoder layers."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         check_servable(vllm_config.model_config.hf_config, vllm_config.parallel_config.tensor_parallel_size)
