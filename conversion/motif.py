@@ -33,6 +33,7 @@ from .source import (
     _read_shard,
     check_config_sizes,
     download_snapshot,
+    expected_shapes,
 )
 from .verify import VerificationResult, _inputs, verification_dtype
 from .writing import (
@@ -177,44 +178,16 @@ def motif_target_config(raw: dict, where: str = "config.json") -> DiffTransforme
 
 
 def motif_expected_shapes(config: DiffTransformerConfig) -> dict[str, tuple]:
-    """Every tensor a Motif-2.6B checkpoint of this (translated) config holds, under Motif's names, with its shape."""
-    h, d, inter = config.hidden_size, config.head_dim, config.intermediate_size
-    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
-    shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, h)
+    """Every tensor a Motif-2.6B checkpoint of this (translated) config holds, under Motif's names, with its shape:
+    a Llama's (biases included) and, per layer, the four λ vectors, the head norm's gain and PolyNorm's weights."""
+    shapes = expected_shapes(config)
+    d = config.head_dim
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
-        shapes.update(
-            {
-                p + "input_layernorm.weight": (h,),
-                p + "post_attention_layernorm.weight": (h,),
-                p + "self_attn.q_proj.weight": (q, h),
-                p + "self_attn.k_proj.weight": (kv, h),
-                p + "self_attn.v_proj.weight": (kv, h),
-                p + "self_attn.o_proj.weight": (h, q),
-                p + "self_attn.subln.weight": (2 * d,),
-                p + "mlp.gate_proj.weight": (inter, h),
-                p + "mlp.up_proj.weight": (inter, h),
-                p + "mlp.down_proj.weight": (h, inter),
-                **{p + f"self_attn.lambda_{n}": (d,) for n in ("q1", "k1", "q2", "k2")},
-            }
-        )
+        shapes[p + "self_attn.subln.weight"] = (2 * d,)
+        shapes.update({p + f"self_attn.lambda_{n}": (d,) for n in ("q1", "k1", "q2", "k2")})
         if config.hidden_act == "poly_norm":
             shapes.update({p + "mlp.act_fn.weight": (3,), p + "mlp.act_fn.bias": (1,)})
-        if config.attention_bias:
-            shapes.update(
-                {
-                    p + "self_attn.q_proj.bias": (q,),
-                    p + "self_attn.k_proj.bias": (kv,),
-                    p + "self_attn.v_proj.bias": (kv,),
-                    p + "self_attn.o_proj.bias": (h,),
-                }
-            )
-        if config.mlp_bias:
-            shapes.update(
-                {p + "mlp.gate_proj.bias": (inter,), p + "mlp.up_proj.bias": (inter,), p + "mlp.down_proj.bias": (h,)}
-            )
     return shapes
 
 

@@ -331,3 +331,43 @@ def _gguf_provenance(path: Path) -> tuple[str | None, str | None]:
         return text("general.license"), (f"{org}/{stem}" if org else None)
     except Exception:  # provenance is a nicety for the model card, never a reason to fail
         return None, None
+
+
+def expected_shapes(cfg) -> dict[str, tuple]:
+    """Every tensor a Llama/DiffLlama checkpoint with config `cfg` must contain, with its shape."""
+    h, d = cfg.hidden_size, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    q, kv, inter = cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.intermediate_size
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (q, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, q),
+                p + "mlp.gate_proj.weight": (inter, h),
+                p + "mlp.up_proj.weight": (inter, h),
+                p + "mlp.down_proj.weight": (h, inter),
+            }
+        )
+        if getattr(cfg, "attention_bias", False):
+            shapes.update(
+                {
+                    p + "self_attn.q_proj.bias": (q,),
+                    p + "self_attn.k_proj.bias": (kv,),
+                    p + "self_attn.v_proj.bias": (kv,),
+                    p + "self_attn.o_proj.bias": (h,),
+                }
+            )
+        if getattr(cfg, "mlp_bias", False):
+            shapes.update(
+                {p + "mlp.gate_proj.bias": (inter,), p + "mlp.up_proj.bias": (inter,), p + "mlp.down_proj.bias": (h,)}
+            )
+        if cfg.model_type == "diffllama":
+            shapes.update({p + f"self_attn.lambda_{n}": (d,) for n in ("q1", "k1", "q2", "k2")})
+    return shapes
