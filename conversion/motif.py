@@ -35,7 +35,7 @@ from .source import (
     download_snapshot,
     expected_shapes,
 )
-from .verify import VerificationResult, _inputs, verification_dtype
+from .verify import _inputs, compare_runs, verification_dtype
 from .writing import (
     DTYPES,
     ConversionReport,
@@ -521,21 +521,6 @@ def verify_motif(src: MotifSource, converted_dir: Path, n_params: int, round_to:
     tokens = generated[0, prompt.shape[1] :]
     del model
 
-    max_diff = max((a - b).abs().max().item() for a, b in zip(ref_logits, logits))
-    agree = sum((a.argmax(-1) == b.argmax(-1)).sum().item() for a, b in zip(ref_logits, logits))
-    total = sum(a.shape[0] for a in ref_logits)
-    scale = max(a.abs().max().item() for a in ref_logits)
-    tolerance = (1e-4 if dtype == torch.float32 else 2e-2) * max(1.0, scale)
-    decode = (lambda t: tokenizer.decode(t, skip_special_tokens=True).strip()) if tokenizer is not None else str
-    return VerificationResult(
-        max_abs_logit_diff=max_diff,
-        greedy_agreement=agree / total,
-        greedy_identical=torch.equal(ref_tokens, tokens),
-        source_ppl=ref_ppl,
-        converted_ppl=ppl,
-        tolerance=tolerance,
-        preserves_function=True,
-        dtype=str(dtype).replace("torch.", ""),
-        source_answer=decode(ref_tokens),
-        converted_answer=decode(tokens),
+    return compare_runs(
+        (ref_logits, ref_ppl, ref_tokens), (logits, ppl, tokens), dtype, tokenizer, preserves_function=True
     )

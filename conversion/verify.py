@@ -130,6 +130,16 @@ def verify(
     del model
     gc.collect()
 
+    return compare_runs(
+        (src_logits, src_ppl, src_tokens), (logits, ppl, tokens), dtype, tokenizer, preserves_function
+    )
+
+
+def compare_runs(source_run, converted_run, dtype: torch.dtype, tokenizer, preserves_function: bool):
+    """The `VerificationResult` of two runs on the same inputs, each (logits per sequence, perplexity, greedy
+    tokens): the source's (or a reference's) and the converted model's."""
+    src_logits, src_ppl, src_tokens = source_run
+    logits, ppl, tokens = converted_run
     max_diff = max((a - b).abs().max().item() for a, b in zip(src_logits, logits))
     agree = sum((a.argmax(-1) == b.argmax(-1)).sum().item() for a, b in zip(src_logits, logits))
     total = sum(a.shape[0] for a in src_logits)
