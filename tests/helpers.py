@@ -38,14 +38,19 @@ def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str):
     assert "Traceback" not in result.stderr
 
 
-def error_line(argv: list, capsys) -> str:
-    """`diff-transformer ARGV` in this process, as `assert_one_line_error` checks it in a subprocess: status 2,
-    exactly one `error:` line on stderr and no traceback; returns that line."""
+def outcome(argv: list, capsys) -> tuple[int, str]:
+    """`diff-transformer ARGV` in this process: (exit status, stderr)."""
     from modeling_diff_cli.main import main
 
     capsys.readouterr()  # what earlier steps printed
     status = main([str(a) for a in argv])
-    err = capsys.readouterr().err
+    return status, capsys.readouterr().err
+
+
+def error_line(argv: list, capsys, ran=None) -> str:
+    """`diff-transformer ARGV` in this process (or the `outcome` it `ran` to), as `assert_one_line_error` checks it
+    in a subprocess: status 2, exactly one `error:` line on stderr and no traceback; returns that line."""
+    status, err = ran or outcome(argv, capsys)
     assert status == 2, err[-2000:]
     lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err, err[-2000:]

@@ -520,14 +520,6 @@ def test_demo_fails_cleanly_on_a_bad_dataset(tmp_path, capsys):
 # ------------------------------------------------------------------------------------- bad input, lost data (issue)
 
 
-def error_line(argv: list, capsys) -> str:
-    """Run `diff-transformer ARGV` in this process: exit status 2 and one `error:` line, which is returned."""
-    assert main([str(a) for a in argv]) == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
 def test_convert_force_never_touches_a_source(models_dir, tmp_path, capsys):
     import shutil
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from helpers import save_tiny_models, tree_hash, undeletable
+from helpers import error_line, outcome, save_tiny_models, tree_hash, undeletable
 from modeling_diff_cli.main import main
 from modeling_diff_training.checkpoints import checkpoints_folder
 from transformers import AutoModelForCausalLM, Trainer
@@ -41,23 +41,6 @@ def tiny_train(models_dir):
                 "--per_device_train_batch_size", "2", "--dataset", str(corpus), *map(str, extra)]
 
     return argv
-
-
-def outcome(argv: list, capsys) -> tuple[int, str]:
-    """`diff-transformer ARGV` in this process: (exit status, stderr)."""
-    capsys.readouterr()
-    status = main([str(a) for a in argv])
-    return status, capsys.readouterr().err
-
-
-def error_line(argv: list, capsys, ran=None) -> str:
-    """`diff-transformer ARGV` in this process (or the `outcome` it `ran` to): exit status 2 and exactly one `error:`
-    line, which is returned."""
-    status, err = ran or outcome(argv, capsys)
-    assert status == 2, err[-2000:]
-    lines = [line for line in err.split("\n") if line.startswith("error:")]
-    assert len(lines) == 1, err[-2000:]
-    return lines[0]
 
 
 @contextlib.contextmanager
